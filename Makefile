@@ -1,0 +1,37 @@
+# The two set-up commands of the README:
+#   make demo   builds .venv (Python from .python-version) and runs the demo on SQLite
+#   make test   builds .venv and runs the suite on SQLite, then on PostgreSQL
+# The second supported stack: make test DJANGO=5.2 PY=3.11.7
+PY      ?= $(shell cat .python-version)
+DJANGO  ?= 6.1
+VENV    ?= $(if $(filter 6.1,$(DJANGO)),.venv,.venv-django$(DJANGO))
+PYTHON  := $(shell PYENV_VERSION=$(PY) pyenv which python 2>/dev/null || command -v python$(basename $(PY)) || command -v python3)
+PYTEST_ARGS ?=
+export KEYJOBS_TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/keyjobs
+
+.PHONY: demo test test-sqlite test-postgres bench venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]' 'Django~=$(DJANGO).0'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/python manage.py demo
+
+test: test-sqlite test-postgres
+
+test-sqlite: venv
+	KEYJOBS_TEST_DB=sqlite $(VENV)/bin/python -W error -m pytest $(PYTEST_ARGS)
+
+test-postgres: venv
+	KEYJOBS_TEST_DB=postgres $(VENV)/bin/python -W error -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(VENV)/bin/python -m bench
+
+clean:
+	rm -rf .venv .venv-django* var
