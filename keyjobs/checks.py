@@ -1,0 +1,46 @@
+"""System checks for settings that would break keyjobs' guarantees."""
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Tags, Warning, register
+from django.db import connections
+
+from .conf import conf
+
+
+@register(Tags.database, Tags.compatibility)
+def check_sqlite_for_workers(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Warn when a SQLite database would make several runner processes unsafe or slow."""
+    alias = conf.DATABASE
+    if alias not in settings.DATABASES or connections[alias].vendor != "sqlite":
+        return []
+    options = settings.DATABASES[alias].get("OPTIONS", {})
+    messages: list[CheckMessage] = []
+    if str(options.get("transaction_mode", "")).upper() != "IMMEDIATE":
+        messages.append(
+            Warning(
+                f"DATABASES[{alias!r}] is SQLite without OPTIONS['transaction_mode'] = 'IMMEDIATE'.",
+                hint="Runners and delay() then take SQLite's write lock midway through a transaction, "
+                "and concurrent ones fail with 'database is locked'. Set 'transaction_mode': 'IMMEDIATE'.",
+                id="keyjobs.W001",
+            )
+        )
+    if "journal_mode=wal" not in str(options.get("init_command", "")).lower().replace(" ", ""):
+        messages.append(
+            Warning(
+                f"DATABASES[{alias!r}] is SQLite without WAL journaling.",
+                hint="Without WAL, readers (the admin, delay() callers) block runners and the other way round. "
+                "Set OPTIONS['init_command'] = 'PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL'.",
+                id="keyjobs.W002",
+            )
+        )
+    if float(options.get("timeout", 5)) < 10:
+        messages.append(
+            Warning(
+                f"DATABASES[{alias!r}] is SQLite with a lock timeout under 10 seconds.",
+                hint="Several runner processes queue for SQLite's single write lock; set OPTIONS['timeout'] = 20.",
+                id="keyjobs.W003",
+            )
+        )
+    return messages

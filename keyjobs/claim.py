@@ -1,0 +1,167 @@
+"""Claiming: a runner takes registered invocations whose key is free, in key order.
+
+Blocked work is examined once, then parked (REROUTED) or dropped
+(CONCURRENCY_CONTROLLED_FINAL), never cycled through the queue: a parked
+invocation stays out of every claim until the invocation holding its key
+leaves the owned states, and ``wake_next`` registers it again in that same
+transaction.
+
+Why parking cannot lose a wake-up: a runner parks an invocation only while
+holding row locks on the owners of its key. The owner's final transition
+locks the owner's own row first, so either it commits before the parker looks
+(and the parker sees the key free), or it waits for the parker's commit and
+then sees the parked row when it wakes the next one. ``wake_orphans`` is the
+safety net for a runner that died in between.
+"""
+
+import logging
+from django.db import IntegrityError, connections, transaction
+from django.db.models import Exists, OuterRef, Q
+
+from . import registry, wakeups
+from .exceptions import TaskNotFound
+from .models import Invocation, Runner
+from .status import OWNED, Status
+from .transitions import move
+
+logger = logging.getLogger("keyjobs.worker")
+
+#: How many registered invocations one claim looks at, so that blocked ones
+#: met on the way are parked in the same transaction.
+SCAN = 16
+
+
+def claim(runner: Runner, *, using: str, queues: list[str] | None = None, limit: int = 1, thread: int | None = None) -> list[Invocation]:
+    """Claim up to ``limit`` runnable invocations for ``runner`` (now PENDING); park or drop blocked ones."""
+    claimed: list[int] = []
+    features = connections[using].features
+    with transaction.atomic(using=using):
+        candidates = list(
+            Invocation.objects.using(using)
+            .claimable(queues)
+            .select_for_update(skip_locked=True, of=("self",), no_key=features.has_select_for_no_key_update)
+            .only("pk", "task_name", "running_key", "priority", "queue")[: max(limit, SCAN)]
+        )
+        busy: set[tuple[str, str]] = set()
+        for candidate in candidates:
+            if len(claimed) >= limit:
+                break
+            try:
+                task = registry.get(candidate.task_name)
+            except TaskNotFound as exc:
+                move([candidate.pk], Status.FAILED, using=using, runner=runner, note="task not found",
+                     values={"error": str(exc)})
+                continue
+            if candidate.running_key is None:
+                if _take(candidate, runner, thread, 0, using):
+                    claimed.append(candidate.pk)
+                continue
+            key = (candidate.task_name, candidate.running_key)
+            if key in busy or not _try_claim(candidate, task.running_limit, runner, thread, using):
+                busy.add(key)
+                _block(candidate, task.reroute_on_concurrency_control, runner, using)
+                continue
+            claimed.append(candidate.pk)
+    if not claimed:
+        return []
+    return list(Invocation.objects.using(using).filter(pk__in=claimed).order_by("-priority", "pk"))
+
+
+def _try_claim(candidate: Invocation, limit: int, runner: Runner, thread: int | None, using: str) -> bool:
+    """Claim ``candidate`` if its key has room and nothing of its key is ahead of it."""
+    features = connections[using].features
+    same_key = Invocation.objects.using(using).of_running_key(candidate.task_name, candidate.running_key)
+    for _ in range(3):
+        # Locking the owners is what makes parking safe: see the module docstring.
+        taken = set(
+            same_key.owned()
+            .select_for_update(of=("self",), no_key=features.has_select_for_no_key_update)
+            .values_list("slot", flat=True)
+        )
+        free = [slot for slot in range(limit) if slot not in taken]
+        if not free:
+            return False
+        ahead = (
+            same_key.waiting()
+            .exclude(pk=candidate.pk)
+            .filter(Q(priority__gt=candidate.priority) | Q(priority=candidate.priority, pk__lt=candidate.pk))
+            .order_by("-priority", "pk")
+            .values_list("pk", "status")
+            .first()
+        )
+        if ahead is not None:
+            if ahead[1] == Status.REROUTED:
+                # Parked with its key free: its waker died. Its turn has come.
+                wake_next(candidate.task_name, candidate.running_key, using=using, runner=runner)
+            return False
+        try:
+            return _take(candidate, runner, thread, free[0], using)
+        except IntegrityError:
+            # Another runner took the key between our look and our claim: look again.
+            continue
+    return False
+
+
+def _take(candidate: Invocation, runner: Runner, thread: int | None, slot: int, using: str) -> bool:
+    return bool(
+        move([candidate.pk], Status.PENDING, using=using, only_from={Status.REGISTERED}, runner=runner,
+             runner_thread=thread, values={"runner": runner, "runner_thread": thread, "slot": slot})
+    )
+
+
+def _block(candidate: Invocation, reroute: bool, runner: Runner, using: str) -> None:
+    if reroute:
+        move([candidate.pk], Status.REROUTED, using=using, only_from={Status.REGISTERED}, runner=runner,
+             note="its key was busy: parked until it frees")
+    else:
+        move([candidate.pk], Status.CONCURRENCY_CONTROLLED_FINAL, using=using, only_from={Status.REGISTERED},
+             runner=runner, note="its key was busy: dropped")
+
+
+def wake_next(task_name: str, running_key: str | None, *, using: str, runner: Runner | None = None) -> list[int]:
+    """Register again as many parked invocations of a key as it has room for; return their ids.
+
+    Call it in the transaction that frees a place of the key.
+    """
+    if running_key is None:
+        return []
+    try:
+        limit = registry.get(task_name).running_limit
+    except TaskNotFound:
+        limit = 1
+    same_key = Invocation.objects.using(using).of_running_key(task_name, running_key)
+    counts = same_key.filter(status__in=[*OWNED, Status.REGISTERED]).count()
+    room = limit - counts
+    if room <= 0:
+        return []
+    parked = list(
+        same_key.filter(status=Status.REROUTED).order_by("-priority", "pk").values_list("pk", "queue")[:room]
+    )
+    woken = move([pk for pk, _ in parked], Status.REGISTERED, using=using, only_from={Status.REROUTED},
+                 runner=runner, note="its key freed: its turn")
+    for queue in {queue for pk, queue in parked if pk in woken}:
+        wakeups.notify(using, queue)
+    return woken
+
+
+def wake_orphans(*, using: str, runner: Runner | None = None) -> list[int]:
+    """Wake parked invocations whose key nobody holds or waits to take (their waker died)."""
+    live = Invocation.objects.using(using).filter(
+        task_name=OuterRef("task_name"),
+        running_key=OuterRef("running_key"),
+        status__in=[*OWNED, Status.REGISTERED],
+    )
+    keys = (
+        Invocation.objects.using(using)
+        .filter(status=Status.REROUTED)
+        .exclude(Exists(live))
+        .values_list("task_name", "running_key")
+        .distinct()
+    )
+    woken: list[int] = []
+    for task_name, running_key in keys:
+        with transaction.atomic(using=using):
+            woken += wake_next(task_name, running_key, using=using, runner=runner)
+    if woken:
+        logger.info("keyjobs: woke %d parked invocation(s) whose key was free", len(woken))
+    return woken

@@ -1,0 +1,41 @@
+"""keyjobs' settings, read lazily so that override_settings works in tests.
+
+Every setting is optional; the defaults suit a laptop on SQLite.
+"""
+
+from django.conf import settings
+
+
+class Settings:
+    @property
+    def DATABASE(self) -> str:
+        """The database alias that holds invocations (``KEYJOBS_DATABASE``)."""
+        return getattr(settings, "KEYJOBS_DATABASE", "default")
+
+    @property
+    def DEFAULT_QUEUE(self) -> str:
+        """The queue of a task that names none (``KEYJOBS_DEFAULT_QUEUE``)."""
+        return getattr(settings, "KEYJOBS_DEFAULT_QUEUE", "default")
+
+    @property
+    def POLL_INTERVAL(self) -> float | None:
+        """Seconds an idle runner waits before looking for work unprompted.
+
+        ``KEYJOBS_POLL_INTERVAL``; None picks 1.0 on PostgreSQL, where
+        LISTEN/NOTIFY wakes runners and polling is only the safety net, and
+        0.05 elsewhere, where polling is how new work is found.
+        """
+        return getattr(settings, "KEYJOBS_POLL_INTERVAL", None)
+
+    @property
+    def HEARTBEAT_INTERVAL(self) -> float:
+        """Seconds between two heartbeats of a runner (``KEYJOBS_HEARTBEAT_INTERVAL``)."""
+        return getattr(settings, "KEYJOBS_HEARTBEAT_INTERVAL", 5.0)
+
+    @property
+    def AUTODISCOVER(self) -> bool:
+        """Import every installed app's ``tasks`` module at start-up (``KEYJOBS_AUTODISCOVER``)."""
+        return getattr(settings, "KEYJOBS_AUTODISCOVER", True)
+
+
+conf = Settings()

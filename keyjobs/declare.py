@@ -1,0 +1,207 @@
+"""Declaring a task: ``@task(...)`` validates its options at import time and registers it.
+
+A declared task stays a plain function (calling it runs it inline); ``delay()``
+hands a call to the workers instead.
+"""
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+from . import registry
+from .concurrency import ConcurrencyControlType, Mode, make_key
+from .conf import conf
+from .exceptions import TaskDeclarationError
+
+if TYPE_CHECKING:
+    from .models import Invocation
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+MAX_NAME_LENGTH = 200
+MAX_QUEUE_LENGTH = 100
+PRIORITY_RANGE = range(-(2**31), 2**31)
+
+
+class Task(Generic[P, R]):
+    """A function declared with ``@task``: call it to run it here, ``delay()`` it to run it on a worker."""
+
+    def __init__(
+        self,
+        func: Callable[P, R],
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        running_concurrency: ConcurrencyControlType | str = Mode.DISABLED,
+        registration_concurrency: ConcurrencyControlType | str = Mode.DISABLED,
+        key_arguments: Iterable[str] | str = (),
+        reroute_on_concurrency_control: bool = True,
+    ) -> None:
+        where = f"@task on {getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)!s}"
+        if not inspect.isfunction(func):
+            raise TaskDeclarationError(f"{where}: a task must be a function, not {type(func).__name__}")
+        if name is None:
+            if "<" in func.__qualname__:
+                raise TaskDeclarationError(
+                    f"{where}: a task must be a module-level function, so that a worker process can import it"
+                )
+            name = f"{func.__module__}.{func.__qualname__}"
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
+            raise TaskDeclarationError(f"{where}: name must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
+        try:
+            running = Mode.parse(running_concurrency, option="running_concurrency")
+            registration = Mode.parse(registration_concurrency, option="registration_concurrency")
+        except TypeError as exc:
+            raise TaskDeclarationError(f"{where}: {exc}") from None
+        keys = (key_arguments,) if isinstance(key_arguments, str) else tuple(key_arguments)
+        signature = inspect.signature(func)
+        self._check_keys(where, signature, keys, running, registration)
+        if not isinstance(reroute_on_concurrency_control, bool):
+            raise TaskDeclarationError(f"{where}: reroute_on_concurrency_control must be True or False")
+        self.func = func
+        self.name = name
+        self.signature = signature
+        self.running_concurrency = running
+        self.registration_concurrency = registration
+        self.key_arguments = keys
+        self.reroute_on_concurrency_control = reroute_on_concurrency_control
+        #: How many invocations of one key a runner may own at once.
+        self.running_limit = 1
+        self._queue = _check_queue(where, queue)
+        self.priority = _check_priority(where, priority)
+        self.is_async = inspect.iscoroutinefunction(func)
+        functools.update_wrapper(self, func)
+        registry.register(self)
+
+    @staticmethod
+    def _check_keys(
+        where: str,
+        signature: inspect.Signature,
+        keys: tuple[str, ...],
+        running: ConcurrencyControlType,
+        registration: ConcurrencyControlType,
+    ) -> None:
+        uses_keys = Mode.KEYS in (running, registration)
+        if uses_keys and not keys:
+            raise TaskDeclarationError(f"{where}: Mode.KEYS needs key_arguments=(...) naming the arguments that form the key")
+        if keys and not uses_keys:
+            raise TaskDeclarationError(
+                f"{where}: key_arguments={keys!r} has no effect unless running_concurrency or "
+                "registration_concurrency is Mode.KEYS"
+            )
+        for key in keys:
+            parameter = signature.parameters.get(key)
+            if not isinstance(key, str) or parameter is None:
+                raise TaskDeclarationError(
+                    f"{where}: key argument {key!r} is not a parameter of the function "
+                    f"(its parameters are {', '.join(signature.parameters) or 'none'})"
+                )
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                raise TaskDeclarationError(f"{where}: key argument {key!r} cannot be a *args or **kwargs parameter")
+        if len(set(keys)) != len(keys):
+            raise TaskDeclarationError(f"{where}: key_arguments={keys!r} names an argument twice")
+
+    @property
+    def queue(self) -> str:
+        return self._queue or conf.DEFAULT_QUEUE
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    def keys_for(self, arguments: Mapping[str, Any]) -> tuple[str | None, str | None]:
+        """Return the (running, registration) keys of a call's bound arguments."""
+        return (
+            make_key(self.running_concurrency, arguments, self.key_arguments),
+            make_key(self.registration_concurrency, arguments, self.key_arguments),
+        )
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> "Invocation":
+        """Register a call for a worker to run, in the caller's transaction, and return its invocation."""
+        return self.using().delay(*args, **kwargs)
+
+    def delay_many(self, calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]] | Mapping[str, Any]]) -> list["Invocation"]:
+        """Register many calls at once: each an ``(args, kwargs)`` pair or a dict of keyword arguments."""
+        return self.using().delay_many(calls)
+
+    def using(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        run_after: datetime | timedelta | None = None,
+    ) -> "Options":
+        """Return this task with enqueue options overridden, for ``.delay()``."""
+        where = f"{self.name}.using()"
+        return Options(
+            self,
+            queue=_check_queue(where, queue) or self.queue,
+            priority=self.priority if priority is None else _check_priority(where, priority),
+            run_after=run_after,
+        )
+
+
+class Options:
+    """A task with its enqueue options fixed: what ``Task.using()`` returns."""
+
+    def __init__(self, task: Task[Any, Any], *, queue: str, priority: int, run_after: datetime | timedelta | None) -> None:
+        if run_after is not None and not isinstance(run_after, (datetime, timedelta)):
+            raise TaskDeclarationError(f"{task.name}.using(): run_after must be a datetime or a timedelta")
+        self.task = task
+        self.queue = queue
+        self.priority = priority
+        self.run_after = run_after
+
+    def delay(self, *args: Any, **kwargs: Any) -> "Invocation":
+        """Register a call for a worker to run, in the caller's transaction, and return its invocation."""
+        from .enqueue import enqueue
+
+        return enqueue(self, args, kwargs)
+
+    def delay_many(self, calls: Iterable[Any]) -> list["Invocation"]:
+        """Register many calls at once: each an ``(args, kwargs)`` pair or a dict of keyword arguments."""
+        from .enqueue import enqueue_many
+
+        return enqueue_many(self, calls)
+
+
+def _check_queue(where: str, queue: object) -> str | None:
+    if queue is None:
+        return None
+    if not isinstance(queue, str) or not queue or len(queue) > MAX_QUEUE_LENGTH or "," in queue:
+        raise TaskDeclarationError(
+            f"{where}: queue={queue!r} must be a non-empty string of at most {MAX_QUEUE_LENGTH} characters without commas"
+        )
+    return queue
+
+
+def _check_priority(where: str, priority: object) -> int:
+    if not isinstance(priority, int) or isinstance(priority, bool) or priority not in PRIORITY_RANGE:
+        raise TaskDeclarationError(f"{where}: priority={priority!r} must be an integer (higher runs first)")
+    return priority
+
+
+@overload
+def task(func: Callable[P, R], /) -> Task[P, R]: ...
+@overload
+def task(
+    *,
+    name: str | None = None,
+    queue: str | None = None,
+    priority: int = 0,
+    running_concurrency: ConcurrencyControlType | str = Mode.DISABLED,
+    registration_concurrency: ConcurrencyControlType | str = Mode.DISABLED,
+    key_arguments: Iterable[str] | str = (),
+    reroute_on_concurrency_control: bool = True,
+) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+def task(func: Any = None, /, **options: Any) -> Any:
+    """Declare a task: ``@task`` or ``@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))``."""
+    if func is not None:
+        return Task(func, **options)
+    return lambda f: Task(f, **options)

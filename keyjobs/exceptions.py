@@ -1,0 +1,46 @@
+"""Exceptions raised to the users of keyjobs."""
+
+
+class KeyjobsError(Exception):
+    """Base class of every keyjobs error."""
+
+
+class TaskDeclarationError(KeyjobsError, TypeError):
+    """A @task(...) declaration is invalid (raised at import time)."""
+
+
+class ArgumentError(KeyjobsError, TypeError):
+    """delay() was called with arguments the task cannot accept or store."""
+
+
+class TaskNotFound(KeyjobsError, LookupError):
+    """No task is registered under this name."""
+
+
+class InvalidTransition(KeyjobsError):
+    """A status change the lifecycle does not allow."""
+
+
+class NotOwner(KeyjobsError):
+    """A runner tried to change an invocation it no longer owns."""
+
+
+class ResultUnavailable(KeyjobsError):
+    """The result of an invocation was asked for, but it has none."""
+
+
+class InvocationFailed(ResultUnavailable):
+    """The invocation ended FAILED; ``error`` and ``traceback`` say why."""
+
+    def __init__(self, message: str, *, error: str = "", traceback: str = "") -> None:
+        super().__init__(message)
+        self.error = error
+        self.traceback = traceback
+
+
+class InvocationDropped(ResultUnavailable):
+    """The invocation ended CONCURRENCY_CONTROLLED_FINAL: it never ran."""
+
+
+class InvocationNotFinished(ResultUnavailable):
+    """The invocation has not reached a final status yet."""

@@ -1,0 +1,49 @@
+import argparse
+import logging
+
+from django.core.management.base import BaseCommand, CommandError
+
+from keyjobs.worker import Worker
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def queue_list(text: str) -> list[str]:
+    queues = [queue.strip() for queue in text.split(",")]
+    if not all(queues):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty queue name; write a,b,c")
+    return queues
+
+
+class Command(BaseCommand):
+    help = "Run keyjobs invocations: a pool of threads that claim, run and record them until stopped."
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--threads", type=positive_int, default=1, help="Runner threads (default 1).")
+        parser.add_argument("--queues", type=queue_list, default=[], help="Comma-separated queues (default: all).")
+        parser.add_argument("--burst", action="store_true", help="Exit once nothing is left to run.")
+        parser.add_argument("--database", default=None, help="Database alias (default KEYJOBS_DATABASE).")
+
+    def handle(self, *args: object, threads: int, queues: list[str], burst: bool, database: str | None,
+               verbosity: int, **options: object) -> None:
+        if not logging.getLogger("keyjobs").handlers:
+            handler = logging.StreamHandler(self.stderr._out)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            logging.getLogger("keyjobs").addHandler(handler)
+        logging.getLogger("keyjobs").setLevel(logging.DEBUG if verbosity > 1 else
+                                              logging.INFO if verbosity == 1 else logging.WARNING)
+        from django.conf import settings
+
+        if database is not None and database not in settings.DATABASES:
+            raise CommandError(f"--database {database!r} is not in settings.DATABASES")
+        worker = Worker(threads=threads, queues=queues, burst=burst, using=database)
+        worker.install_signal_handlers()
+        worker.run()

@@ -1,0 +1,200 @@
+"""Invocations, their history, and the runners that execute them.
+
+The two partial unique constraints on Invocation are the final arbiter of the
+per-key rules: whatever the application code does, the database refuses a
+second owned invocation of a running key, and a second waiting invocation of a
+registration key.
+"""
+
+import time
+from typing import Any
+
+from django.db import models
+from django.db.models import Q
+from django.db.models.functions import Now
+from django.utils.translation import gettext_lazy as _
+
+from .concurrency import key_label
+from .exceptions import InvocationDropped, InvocationFailed, InvocationNotFinished
+from .status import FINAL, OWNED, WAITING, Status
+
+
+class InvocationQuerySet(models.QuerySet["Invocation"]):
+    def waiting(self) -> "InvocationQuerySet":
+        return self.filter(status__in=WAITING)
+
+    def owned(self) -> "InvocationQuerySet":
+        return self.filter(status__in=OWNED)
+
+    def finished(self) -> "InvocationQuerySet":
+        return self.filter(status__in=FINAL)
+
+    def claimable(self, queues: list[str] | None = None) -> "InvocationQuerySet":
+        """Registered and due, in the order a runner should take them."""
+        qs = self.filter(status=Status.REGISTERED).filter(Q(run_after__isnull=True) | Q(run_after__lte=Now()))
+        if queues:
+            qs = qs.filter(queue__in=queues)
+        return qs.order_by("-priority", "id")
+
+    def of_running_key(self, task_name: str, running_key: str) -> "InvocationQuerySet":
+        return self.filter(task_name=task_name, running_key=running_key)
+
+
+class Invocation(models.Model):
+    """One call of a task, from delay() to its final status."""
+
+    task_name = models.CharField(_("task"), max_length=200)
+    queue = models.CharField(max_length=100)
+    priority = models.IntegerField(default=0, help_text=_("Higher runs first."))
+    args = models.JSONField(default=list)
+    kwargs = models.JSONField(default=dict)
+    running_key = models.CharField(
+        max_length=255, null=True, blank=True, help_text=_("Owned invocations of one running key are limited.")
+    )
+    registration_key = models.CharField(
+        max_length=255, null=True, blank=True, help_text=_("Waiting invocations of one registration key are merged.")
+    )
+    #: Which of the key's running places an owned invocation holds; 0 while the limit is one per key.
+    slot = models.PositiveSmallIntegerField(default=0)
+    status = models.CharField(max_length=32, choices=Status.choices, default=Status.REGISTERED)
+    runner = models.ForeignKey(
+        "Runner", null=True, blank=True, on_delete=models.SET_NULL, related_name="invocations",
+        help_text=_("The runner that owns it, or last owned it."),
+    )
+    runner_thread = models.PositiveSmallIntegerField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    return_value = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    created_at = models.DateTimeField(db_default=Now())
+    run_after = models.DateTimeField(null=True, blank=True, help_text=_("Not claimed before this time."))
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = InvocationQuerySet.as_manager()
+
+    #: Set on the instance delay() returns: True when registration concurrency
+    #: returned an existing waiting invocation instead of creating one.
+    reused = False
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["task_name", "running_key", "slot"],
+                condition=Q(status__in=sorted(map(str, OWNED))) & Q(running_key__isnull=False),
+                name="keyjobs_one_owner_per_running_key",
+            ),
+            models.UniqueConstraint(
+                fields=["task_name", "registration_key"],
+                condition=Q(status__in=sorted(map(str, WAITING))) & Q(registration_key__isnull=False),
+                name="keyjobs_one_waiting_per_registration_key",
+            ),
+        ]
+        indexes = [
+            # The claim: registered work in queue order.
+            models.Index(
+                "queue", models.F("priority").desc(), "id",
+                condition=Q(status=str(Status.REGISTERED)), name="keyjobs_claim",
+            ),
+            # Who is ahead of a candidate in its key, and whom a freed key wakes.
+            models.Index(
+                "task_name", "running_key", models.F("priority").desc(), "id",
+                condition=Q(status__in=sorted(map(str, WAITING))) & Q(running_key__isnull=False),
+                name="keyjobs_waiting_by_key",
+            ),
+            models.Index(fields=["status", "finished_at"], name="keyjobs_status_finished"),
+            models.Index(fields=["created_at"], name="keyjobs_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.task_name}({self.key or ''}) {self.status}"
+
+    @property
+    def key(self) -> str:
+        """The key a person reads: the running key, else the registration key."""
+        return key_label(self.running_key or self.registration_key)
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL
+
+    @property
+    def result(self) -> Any:
+        """Return what the function returned; raise if it failed, was dropped or has not finished."""
+        if self.status == Status.SUCCESS:
+            return self.return_value
+        if self.status == Status.FAILED:
+            raise InvocationFailed(
+                f"invocation #{self.pk} of {self.task_name} failed: {self.error}",
+                error=self.error,
+                traceback=self.traceback,
+            )
+        if self.status == Status.CONCURRENCY_CONTROLLED_FINAL:
+            raise InvocationDropped(
+                f"invocation #{self.pk} of {self.task_name} was dropped by concurrency control and never ran"
+            )
+        raise InvocationNotFinished(f"invocation #{self.pk} of {self.task_name} is {self.status}, not finished")
+
+    def wait(self, timeout: float | None = None, *, interval: float = 0.02) -> str:
+        """Block until the invocation is final and return its status; TimeoutError past ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = interval
+        while True:
+            self.refresh_from_db(fields=["status", "return_value", "error", "traceback", "started_at", "finished_at"])
+            if self.is_final:
+                return self.status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"invocation #{self.pk} of {self.task_name} is still {self.status} after {timeout}s")
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+            pause = min(pause * 1.5, 0.5)
+
+
+class Event(models.Model):
+    """A line of an invocation's history, written in the same transaction as the change it records."""
+
+    class Kind(models.TextChoices):
+        # The invocation's status changed from from_status to to_status.
+        TRANSITION = "TRANSITION", _("Status change")
+        # A duplicate delay() was given this waiting invocation instead of a new one.
+        REUSED = "REUSED", _("Reused by a duplicate delay()")
+
+    invocation = models.ForeignKey(Invocation, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.TRANSITION)
+    from_status = models.CharField(max_length=32, choices=Status.choices, blank=True)
+    to_status = models.CharField(max_length=32, choices=Status.choices)
+    at = models.DateTimeField(db_default=Now())
+    runner = models.ForeignKey("Runner", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    runner_thread = models.PositiveSmallIntegerField(null=True, blank=True)
+    note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["at"], name="keyjobs_event_at")]
+
+    def __str__(self) -> str:
+        return f"#{self.invocation_id}: {self.from_status or '-'} -> {self.to_status}"
+
+
+class RunnerQuerySet(models.QuerySet["Runner"]):
+    def active(self) -> "RunnerQuerySet":
+        return self.filter(stopped_at__isnull=True)
+
+
+class Runner(models.Model):
+    """One ``runworker`` process: a pool of threads claiming and running invocations."""
+
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    threads = models.PositiveSmallIntegerField()
+    queues = models.CharField(max_length=1000, blank=True, help_text=_("Comma-separated; empty means every queue."))
+    started_at = models.DateTimeField(db_default=Now())
+    heartbeat_at = models.DateTimeField(db_default=Now())
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    objects = RunnerQuerySet.as_manager()
+
+    class Meta:
+        indexes = [models.Index(fields=["stopped_at", "heartbeat_at"], name="keyjobs_runner_alive")]
+
+    def __str__(self) -> str:
+        return f"runner {self.pk} ({self.host}:{self.pid})"

@@ -1,0 +1,99 @@
+"""The one place that writes an invocation's status.
+
+Every change is checked against the lifecycle in ``keyjobs.status``, made under
+``select_for_update`` inside a transaction, and recorded as an ``Event`` in
+that same transaction, so that no change can go unrecorded and the history is
+a plain ordered query.
+"""
+
+from collections.abc import Collection, Iterable
+from typing import Any
+
+from django.db import connections, transaction
+from django.db.models.functions import Now
+
+from .exceptions import InvalidTransition, NotOwner
+from .models import Event, Invocation, Runner
+from .status import Status, is_legal
+
+#: Fields stamped with the database's clock when an invocation enters a status.
+_STAMPS = {Status.RUNNING: "started_at", Status.SUCCESS: "finished_at", Status.FAILED: "finished_at",
+           Status.CONCURRENCY_CONTROLLED_FINAL: "finished_at"}
+
+
+def move(
+    ids: Iterable[int],
+    to: Status,
+    *,
+    using: str,
+    only_from: Collection[str] | None = None,
+    owner: Runner | None = None,
+    runner: Runner | None = None,
+    runner_thread: int | None = None,
+    note: str = "",
+    values: dict[str, Any] | None = None,
+) -> list[int]:
+    """Move the invocations ``ids`` to status ``to``; return the ids that moved.
+
+    ``only_from`` names the statuses a caller expects: an invocation found in
+    another one was moved by someone else first and is skipped, silently.
+    Outside ``only_from``, a change the lifecycle forbids raises
+    InvalidTransition. With ``owner``, an invocation that runner does not own
+    raises NotOwner. ``runner`` (default ``owner``) and ``runner_thread`` are
+    recorded on the event; ``values`` are written along with the status.
+    """
+    ids = list(ids)
+    if not ids:
+        return []
+    runner = runner or owner
+    with transaction.atomic(using=using):
+        rows = list(
+            Invocation.objects.using(using)
+            .select_for_update(of=("self",), no_key=connections[using].features.has_select_for_no_key_update)
+            .filter(pk__in=ids)
+            .order_by("pk")
+            .values_list("pk", "status", "runner_id")
+        )
+        moving: list[tuple[int, str]] = []
+        for pk, status, runner_id in rows:
+            if only_from is not None and status not in only_from:
+                continue
+            if not is_legal(status, to):
+                raise InvalidTransition(f"invocation #{pk} cannot go from {status} to {to}")
+            if owner is not None and runner_id != owner.pk:
+                raise NotOwner(f"invocation #{pk} is not owned by {owner} any more")
+            moving.append((pk, status))
+        if not moving:
+            return []
+        values = dict(values or {})
+        if to in _STAMPS:
+            values.setdefault(_STAMPS[to], Now())
+        Invocation.objects.using(using).filter(pk__in=[pk for pk, _ in moving]).update(status=to, **values)
+        Event.objects.using(using).bulk_create(
+            Event(
+                invocation_id=pk,
+                from_status=status,
+                to_status=to,
+                runner=runner,
+                runner_thread=runner_thread,
+                note=note,
+            )
+            for pk, status in moving
+        )
+    return [pk for pk, _ in moving]
+
+
+def move_one(invocation: Invocation | int, to: Status, **kwargs: Any) -> bool:
+    """Move one invocation (see ``move``); return whether it moved."""
+    pk = invocation.pk if isinstance(invocation, Invocation) else invocation
+    return bool(move([pk], to, **kwargs))
+
+
+def record_reuse(invocation: Invocation, *, using: str) -> None:
+    """Record that a duplicate delay() was given ``invocation`` instead of a new one."""
+    Event.objects.using(using).create(
+        invocation_id=invocation.pk,
+        kind=Event.Kind.REUSED,
+        from_status=invocation.status,
+        to_status=invocation.status,
+    )

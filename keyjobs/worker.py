@@ -1,0 +1,174 @@
+"""The worker: a runner row and a pool of threads that claim, execute and record invocations.
+
+Kept apart from the management command so that tests and embedding code can
+drive it directly.
+"""
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+
+from django.db import DatabaseError, close_old_connections, connections
+from django.db.models import Q
+from django.db.models.functions import Now
+
+from . import wakeups
+from .claim import claim, wake_orphans
+from .conf import conf
+from .execute import execute
+from .models import Invocation, Runner
+from .status import Status
+
+logger = logging.getLogger("keyjobs.worker")
+
+
+class Worker:
+    """Run invocations from ``queues`` (all when empty) on ``threads`` threads until stopped."""
+
+    def __init__(
+        self,
+        *,
+        threads: int = 1,
+        queues: list[str] | None = None,
+        burst: bool = False,
+        using: str | None = None,
+        poll_interval: float | None = None,
+    ) -> None:
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self.threads = threads
+        self.queues = list(queues or [])
+        self.burst = burst
+        self.using = using or conf.DATABASE
+        self.poll_interval = poll_interval if poll_interval is not None else wakeups.poll_interval(self.using)
+        self.runner: Runner | None = None
+        self.stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._work = threading.Condition()
+        self._busy = 0
+        self._signals = 0
+
+    # -- life cycle -------------------------------------------------------
+
+    def run(self) -> None:
+        """Register the runner, run until stopped (or, with burst, until nothing is left), then mark it stopped."""
+        self.runner = Runner.objects.using(self.using).create(
+            host=socket.gethostname(), pid=os.getpid(), threads=self.threads, queues=",".join(self.queues)
+        )
+        self.runner.refresh_from_db(fields=["started_at", "heartbeat_at"])
+        logger.info("keyjobs: %s started with %d thread(s) on %s", self.runner, self.threads,
+                    ", ".join(self.queues) or "every queue")
+        pool = [
+            threading.Thread(target=self._thread_main, args=(number,), name=f"keyjobs-runner-{number}", daemon=True)
+            for number in range(self.threads)
+        ]
+        housekeeping = threading.Thread(target=self._housekeeping, name="keyjobs-heartbeat", daemon=True)
+        listener = wakeups.start_listener(self.using, self._on_wake, self._stopped)
+        for thread in [*pool, housekeeping]:
+            thread.start()
+        try:
+            for thread in pool:
+                while thread.is_alive():
+                    thread.join(0.2)
+        finally:
+            self._stopped.set()
+            housekeeping.join()
+            if listener is not None:
+                listener.join(2)
+            Runner.objects.using(self.using).filter(pk=self.runner.pk).update(stopped_at=Now(), heartbeat_at=Now())
+            connections[self.using].close()
+            logger.info("keyjobs: %s stopped", self.runner)
+
+    def stop(self) -> None:
+        """Stop claiming; invocations already running finish first."""
+        self.stopping.set()
+        with self._work:
+            self._work.notify_all()
+
+    def install_signal_handlers(self) -> None:
+        """First SIGINT/SIGTERM: stop gracefully. Second: exit at once."""
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            logger.warning("keyjobs: second %s, exiting at once", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        logger.info("keyjobs: %s: finishing running invocations, then stopping (again to exit at once)",
+                    signal.Signals(signum).name)
+        self.stop()
+
+    # -- threads ----------------------------------------------------------
+
+    def _on_wake(self, queue: str) -> None:
+        if not self.queues or queue in self.queues:
+            with self._work:
+                self._work.notify()
+
+    def _thread_main(self, number: int) -> None:
+        assert self.runner is not None
+        pause = 0.1
+        try:
+            while not self.stopping.is_set():
+                close_old_connections()
+                try:
+                    batch = claim(self.runner, using=self.using, queues=self.queues, thread=number)
+                except DatabaseError as exc:
+                    logger.warning("keyjobs: thread %d could not claim (%s); retrying in %.1fs", number, exc, pause)
+                    connections[self.using].close()
+                    self.stopping.wait(pause)
+                    pause = min(pause * 2, 5.0)
+                    continue
+                pause = 0.1
+                if not batch:
+                    if self._idle(number):
+                        break
+                    continue
+                with self._work:
+                    self._busy += 1
+                    self._work.notify()  # there may be more: wake a colleague
+                try:
+                    for invocation in batch:
+                        execute(invocation, self.runner, using=self.using, thread=number)
+                finally:
+                    with self._work:
+                        self._busy -= 1
+        finally:
+            connections.close_all()
+
+    def _idle(self, number: int) -> bool:
+        """Wait for work; return True when this thread should end."""
+        with self._work:
+            if self.burst and self._busy == 0 and not self._work_left():
+                self.stop()
+                return True
+            self._work.wait(self.poll_interval)
+        return False
+
+    def _work_left(self) -> bool:
+        left = Invocation.objects.using(self.using).filter(
+            Q(status=Status.REROUTED) | Q(status=Status.REGISTERED, run_after__isnull=True)
+            | Q(status=Status.REGISTERED, run_after__lte=Now())
+        )
+        if self.queues:
+            left = left.filter(queue__in=self.queues)
+        return left.exists()
+
+    def _housekeeping(self) -> None:
+        assert self.runner is not None
+        while not self._stopped.wait(conf.HEARTBEAT_INTERVAL):
+            try:
+                close_old_connections()
+                Runner.objects.using(self.using).filter(pk=self.runner.pk).update(heartbeat_at=Now())
+                if wake_orphans(using=self.using, runner=self.runner):
+                    with self._work:
+                        self._work.notify_all()
+            except DatabaseError as exc:
+                logger.warning("keyjobs: heartbeat failed (%s)", exc)
+                connections[self.using].close()
+        connections.close_all()
