@@ -1,0 +1,31 @@
+"""Test settings: the demo site on the database named by KEYJOBS_TEST_DB (sqlite or postgres).
+
+Worker processes started by the tests get KEYJOBS_TEST_DB_NAME, the name of
+the test database the test run created, so that they open that one.
+"""
+
+import os
+import tempfile
+
+from demo_project.settings import *  # noqa: F403
+from demo_project.settings import env, sqlite_for_workers
+
+TEST_DB = os.environ.get("KEYJOBS_TEST_DB", "sqlite")
+if TEST_DB not in ("sqlite", "postgres"):
+    raise RuntimeError(f"KEYJOBS_TEST_DB={TEST_DB!r}: use sqlite or postgres")
+
+if TEST_DB == "postgres":
+    default = env.db_url_config(os.environ.get("KEYJOBS_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/keyjobs"))
+else:
+    # A file, not :memory:, so that worker processes can open it too.
+    path = os.environ.get("KEYJOBS_TEST_SQLITE", os.path.join(tempfile.gettempdir(), f"keyjobs-{os.getuid()}.sqlite3"))
+    default = sqlite_for_workers({"ENGINE": "django.db.backends.sqlite3", "NAME": path})
+    default["TEST"] = {"NAME": path}
+
+if "KEYJOBS_TEST_DB_NAME" in os.environ:
+    default["NAME"] = os.environ["KEYJOBS_TEST_DB_NAME"]
+
+DATABASES = {"default": default}
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+KEYJOBS_HEARTBEAT_INTERVAL = 1.0
