@@ -46,7 +46,9 @@ def move(
     if not ids:
         return []
     runner = runner or owner
-    with transaction.atomic(using=using):
+    # No savepoint: a caller that must survive a failed move (a lost race at a
+    # constraint) wraps it in one of its own.
+    with transaction.atomic(using=using, savepoint=False):
         rows = list(
             Invocation.objects.using(using)
             .select_for_update(of=("self",), no_key=connections[using].features.has_select_for_no_key_update)
@@ -55,31 +57,36 @@ def move(
             .values_list("pk", "status", "runner_id")
         )
         moving: list[tuple[int, str]] = []
+        refusal: Exception | None = None
         for pk, status, runner_id in rows:
             if only_from is not None and status not in only_from:
                 continue
             if not is_legal(status, to):
-                raise InvalidTransition(f"invocation #{pk} cannot go from {status} to {to}")
-            if owner is not None and runner_id != owner.pk:
-                raise NotOwner(f"invocation #{pk} is not owned by {owner} any more")
+                refusal = InvalidTransition(f"invocation #{pk} cannot go from {status} to {to}")
+            elif owner is not None and runner_id != owner.pk:
+                refusal = NotOwner(f"invocation #{pk} is not owned by {owner} any more")
             moving.append((pk, status))
-        if not moving:
-            return []
-        values = dict(values or {})
-        if to in _STAMPS:
-            values.setdefault(_STAMPS[to], Now())
-        Invocation.objects.using(using).filter(pk__in=[pk for pk, _ in moving]).update(status=to, **values)
-        Event.objects.using(using).bulk_create(
-            Event(
-                invocation_id=pk,
-                from_status=status,
-                to_status=to,
-                runner=runner,
-                runner_thread=runner_thread,
-                note=note,
+        if refusal is not None or not moving:
+            moving = []
+        else:
+            values = dict(values or {})
+            if to in _STAMPS:
+                values.setdefault(_STAMPS[to], Now())
+            Invocation.objects.using(using).filter(pk__in=[pk for pk, _ in moving]).update(status=to, **values)
+            Event.objects.using(using).bulk_create(
+                Event(
+                    invocation_id=pk,
+                    from_status=status,
+                    to_status=to,
+                    runner=runner,
+                    runner_thread=runner_thread,
+                    note=note,
+                )
+                for pk, status in moving
             )
-            for pk, status in moving
-        )
+    # Raised once the block is left with nothing written, so that the caller's transaction stays usable.
+    if refusal is not None:
+        raise refusal
     return [pk for pk, _ in moving]
 
 
