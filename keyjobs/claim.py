@@ -26,45 +26,61 @@ from .transitions import move
 
 logger = logging.getLogger("keyjobs.worker")
 
-#: How many registered invocations one claim looks at, so that blocked ones
-#: met on the way are parked in the same transaction.
+#: How many registered invocations one claim decides at most, blocked ones included.
 SCAN = 16
 
 
 def claim(runner: Runner, *, using: str, queues: list[str] | None = None, limit: int = 1, thread: int | None = None) -> list[Invocation]:
-    """Claim up to ``limit`` runnable invocations for ``runner`` (now PENDING); park or drop blocked ones."""
-    claimed: list[int] = []
+    """Claim up to ``limit`` runnable invocations for ``runner`` (now PENDING); park or drop blocked ones.
+
+    Each candidate is decided in a transaction of its own, so that a claim
+    holds the owner locks of one key at a time, briefly: a claim that held many
+    would make the owners' final transitions queue behind it.
+    """
+    claimed: list[Invocation] = []
+    for _ in range(SCAN):
+        if len(claimed) >= limit:
+            break
+        outcome = _claim_next(runner, using=using, queues=queues, thread=thread)
+        if outcome is None:
+            break
+        if outcome:
+            claimed.append(outcome)
+    return claimed
+
+
+def _claim_next(
+    runner: Runner, *, using: str, queues: list[str] | None, thread: int | None
+) -> Invocation | bool | None:
+    """Decide the next registered invocation: return it if claimed, False if it was blocked or failed, None if there was none."""
     features = connections[using].features
     with transaction.atomic(using=using):
-        candidates = list(
+        candidate = (
             Invocation.objects.using(using)
             .claimable(queues)
             .select_for_update(skip_locked=True, of=("self",), no_key=features.has_select_for_no_key_update)
-            .only("pk", "task_name", "running_key", "priority", "queue")[: max(limit, SCAN)]
+            .first()
         )
-        busy: set[tuple[str, str]] = set()
-        for candidate in candidates:
-            if len(claimed) >= limit:
-                break
-            try:
-                task = registry.get(candidate.task_name)
-            except TaskNotFound as exc:
-                move([candidate.pk], Status.FAILED, using=using, runner=runner, note="task not found",
-                     values={"error": str(exc)})
-                continue
-            if candidate.running_key is None:
-                if _take(candidate, runner, thread, 0, using):
-                    claimed.append(candidate.pk)
-                continue
-            key = (candidate.task_name, candidate.running_key)
-            if key in busy or not _try_claim(candidate, task.running_limit, runner, thread, using):
-                busy.add(key)
-                _block(candidate, task.reroute_on_concurrency_control, runner, using)
-                continue
-            claimed.append(candidate.pk)
-    if not claimed:
-        return []
-    return list(Invocation.objects.using(using).filter(pk__in=claimed).order_by("-priority", "pk"))
+        if candidate is None:
+            return None
+        try:
+            task = registry.get(candidate.task_name)
+        except TaskNotFound as exc:
+            move([candidate.pk], Status.FAILED, using=using, runner=runner, note="task not found",
+                 values={"error": str(exc)})
+            return False
+        if candidate.running_key is None:
+            return candidate if _take(candidate, runner, thread, 0, using) else False
+        if _try_claim(candidate, task.running_limit, runner, thread, using):
+            return candidate
+        # Still under the locks taken on the key's owners: see the module docstring.
+        if task.reroute_on_concurrency_control:
+            move([candidate.pk], Status.REROUTED, using=using, only_from={Status.REGISTERED}, runner=runner,
+                 note="its key was busy: parked until it frees")
+        else:
+            move([candidate.pk], Status.CONCURRENCY_CONTROLLED_FINAL, using=using, only_from={Status.REGISTERED},
+                 runner=runner, note="its key was busy: dropped")
+        return False
 
 
 def _try_claim(candidate: Invocation, limit: int, runner: Runner, thread: int | None, using: str) -> bool:
@@ -86,16 +102,20 @@ def _try_claim(candidate: Invocation, limit: int, runner: Runner, thread: int | 
             .exclude(pk=candidate.pk)
             .filter(Q(priority__gt=candidate.priority) | Q(priority=candidate.priority, pk__lt=candidate.pk))
             .order_by("-priority", "pk")
-            .values_list("pk", "status")
+            .values_list("pk", "status", "queue")
             .first()
         )
         if ahead is not None:
-            if ahead[1] == Status.REROUTED:
-                # Parked with its key free: its waker died. Its turn has come.
-                wake_next(candidate.task_name, candidate.running_key, using=using, runner=runner)
+            pk, status, queue = ahead
+            if status == Status.REROUTED:
+                # Parked although its key has room: its waker died. It goes first, the candidate waits.
+                move([pk], Status.REGISTERED, using=using, only_from={Status.REROUTED}, runner=runner,
+                     note="its key was free: its turn")
+                wakeups.notify(using, queue)
             return False
         try:
-            return _take(candidate, runner, thread, free[0], using)
+            with transaction.atomic(using=using):  # a savepoint: losing the race must not end the claim
+                return _take(candidate, runner, thread, free[0], using)
         except IntegrityError:
             # Another runner took the key between our look and our claim: look again.
             continue
@@ -103,24 +123,21 @@ def _try_claim(candidate: Invocation, limit: int, runner: Runner, thread: int | 
 
 
 def _take(candidate: Invocation, runner: Runner, thread: int | None, slot: int, using: str) -> bool:
-    return bool(
-        move([candidate.pk], Status.PENDING, using=using, only_from={Status.REGISTERED}, runner=runner,
-             runner_thread=thread, values={"runner": runner, "runner_thread": thread, "slot": slot})
-    )
-
-
-def _block(candidate: Invocation, reroute: bool, runner: Runner, using: str) -> None:
-    if reroute:
-        move([candidate.pk], Status.REROUTED, using=using, only_from={Status.REGISTERED}, runner=runner,
-             note="its key was busy: parked until it frees")
-    else:
-        move([candidate.pk], Status.CONCURRENCY_CONTROLLED_FINAL, using=using, only_from={Status.REGISTERED},
-             runner=runner, note="its key was busy: dropped")
+    values = {"runner": runner, "runner_thread": thread, "slot": slot}
+    if not move([candidate.pk], Status.PENDING, using=using, only_from={Status.REGISTERED}, runner=runner,
+                runner_thread=thread, values=values):
+        return False
+    candidate.status = Status.PENDING
+    for name, value in values.items():
+        setattr(candidate, name, value)
+    return True
 
 
 def wake_next(task_name: str, running_key: str | None, *, using: str, runner: Runner | None = None) -> list[int]:
-    """Register again as many parked invocations of a key as it has room for; return their ids.
+    """Register again the parked invocations of a key whose turn has come; return their ids.
 
+    A key with room for n more owners should have its first n waiting
+    invocations, in key order, registered; any of them still parked is woken.
     Call it in the transaction that frees a place of the key.
     """
     if running_key is None:
@@ -130,13 +147,15 @@ def wake_next(task_name: str, running_key: str | None, *, using: str, runner: Ru
     except TaskNotFound:
         limit = 1
     same_key = Invocation.objects.using(using).of_running_key(task_name, running_key)
-    counts = same_key.filter(status__in=[*OWNED, Status.REGISTERED]).count()
-    room = limit - counts
+    room = limit - same_key.owned().count()
     if room <= 0:
         return []
-    parked = list(
-        same_key.filter(status=Status.REROUTED).order_by("-priority", "pk").values_list("pk", "queue")[:room]
+    next_up = list(
+        same_key.filter(status__in=[Status.REGISTERED, Status.REROUTED])
+        .order_by("-priority", "pk")
+        .values_list("pk", "status", "queue")[:room]
     )
+    parked = [(pk, queue) for pk, status, queue in next_up if status == Status.REROUTED]
     woken = move([pk for pk, _ in parked], Status.REGISTERED, using=using, only_from={Status.REROUTED},
                  runner=runner, note="its key freed: its turn")
     for queue in {queue for pk, queue in parked if pk in woken}:
