@@ -17,7 +17,7 @@ from django.db.models import F
 from . import registry, signals
 from .claim import wake_next
 from .enqueue import check_json
-from .exceptions import ArgumentError, KeyjobsError
+from .exceptions import KeyjobsError, NotOwner
 from .models import Invocation, Runner
 from .status import Status
 from .transitions import move
@@ -33,10 +33,13 @@ class Outcome:
 
 def start(invocation: Invocation, runner: Runner, *, using: str, thread: int | None = None) -> bool:
     """Mark a claimed invocation RUNNING; return False if ``runner`` no longer owns it."""
-    return bool(
-        move([invocation.pk], Status.RUNNING, using=using, only_from={Status.PENDING}, owner=runner,
-             runner_thread=thread, values={"attempts": F("attempts") + 1})
-    )
+    try:
+        return bool(
+            move([invocation.pk], Status.RUNNING, using=using, only_from={Status.PENDING}, owner=runner,
+                 runner_thread=thread, values={"attempts": F("attempts") + 1})
+        )
+    except NotOwner:
+        return False
 
 
 def call(invocation: Invocation) -> Outcome:
@@ -49,8 +52,6 @@ def call(invocation: Invocation) -> Outcome:
         else:
             value = task.func(*invocation.args, **invocation.kwargs)
         check_json(value, where=invocation.task_name, path="return value", kind="result")
-    except ArgumentError as exc:
-        return Outcome(Status.FAILED, {"error": str(exc), "traceback": ""})
     except KeyjobsError as exc:
         return Outcome(Status.FAILED, {"error": str(exc), "traceback": ""})
     except Exception as exc:
@@ -63,11 +64,14 @@ def call(invocation: Invocation) -> Outcome:
 
 def finish(invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None = None) -> bool:
     """Record ``outcome``, free the invocation's key and wake who waits for it; False if not owned any more."""
-    with transaction.atomic(using=using):
-        moved = move([invocation.pk], outcome.status, using=using, only_from={Status.RUNNING}, owner=runner,
-                     runner_thread=thread, values=outcome.values)
-        if moved:
-            wake_next(invocation.task_name, invocation.running_key, using=using, runner=runner)
+    try:
+        with transaction.atomic(using=using):
+            moved = move([invocation.pk], outcome.status, using=using, only_from={Status.RUNNING}, owner=runner,
+                         runner_thread=thread, values=outcome.values)
+            if moved:
+                wake_next(invocation.task_name, invocation.running_key, using=using, runner=runner)
+    except NotOwner:
+        return False
     if moved:
         signals.invocation_finished.send(sender=Invocation, invocation=invocation, status=outcome.status)
     return bool(moved)
@@ -76,6 +80,7 @@ def finish(invocation: Invocation, outcome: Outcome, runner: Runner, *, using: s
 def execute(invocation: Invocation, runner: Runner, *, using: str, thread: int | None = None) -> Status | None:
     """Start, call and finish one claimed invocation; return its final status, None if it was taken away."""
     if not start(invocation, runner, using=using, thread=thread):
+        logger.warning("keyjobs: invocation #%s was taken from %s before it started", invocation.pk, runner)
         return None
     outcome = call(invocation)
     if not finish(invocation, outcome, runner, using=using, thread=thread):

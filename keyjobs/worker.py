@@ -50,6 +50,7 @@ class Worker:
         self._stopped = threading.Event()
         self._work = threading.Condition()
         self._busy = 0
+        self._scout: int | None = None
         self._signals = 0
 
     # -- life cycle -------------------------------------------------------
@@ -113,9 +114,14 @@ class Worker:
     def _thread_main(self, number: int) -> None:
         assert self.runner is not None
         pause = 0.1
+        checked = time.monotonic()
         try:
             while not self.stopping.is_set():
-                close_old_connections()
+                # Not on every loop: with CONN_MAX_AGE = 0 (Django's default, meant for
+                # requests) it would reconnect for every invocation.
+                if time.monotonic() - checked > conf.HEARTBEAT_INTERVAL:
+                    close_old_connections()
+                    checked = time.monotonic()
                 try:
                     batch = claim(self.runner, using=self.using, queues=self.queues, thread=number)
                 except DatabaseError as exc:
@@ -142,12 +148,23 @@ class Worker:
             connections.close_all()
 
     def _idle(self, number: int) -> bool:
-        """Wait for work; return True when this thread should end."""
+        """Wait for work; return True when this thread should end.
+
+        One idle thread (the scout) looks again every poll interval; the others
+        wait for a wake-up, which a thread that found work passes on, so that an
+        idle pool costs the database one query per interval, not one per thread.
+        """
         with self._work:
             if self.burst and self._busy == 0 and not self._work_left():
                 self.stop()
                 return True
-            self._work.wait(self.poll_interval)
+            if self._scout is None:
+                self._scout = number
+            try:
+                self._work.wait(self.poll_interval if self._scout == number else max(self.poll_interval * 20, 1.0))
+            finally:
+                if self._scout == number:
+                    self._scout = None
         return False
 
     def _work_left(self) -> bool:
