@@ -44,14 +44,6 @@ class Task(Generic[P, R]):
         where = f"@task on {getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)!s}"
         if not inspect.isfunction(func):
             raise TaskDeclarationError(f"{where}: a task must be a function, not {type(func).__name__}")
-        if name is None:
-            if "<" in func.__qualname__:
-                raise TaskDeclarationError(
-                    f"{where}: a task must be a module-level function, so that a worker process can import it"
-                )
-            name = f"{func.__module__}.{func.__qualname__}"
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
-            raise TaskDeclarationError(f"{where}: name must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
         try:
             running = Mode.parse(running_concurrency, option="running_concurrency")
             registration = Mode.parse(registration_concurrency, option="registration_concurrency")
@@ -62,6 +54,16 @@ class Task(Generic[P, R]):
         self._check_keys(where, signature, keys, running, registration)
         if not isinstance(reroute_on_concurrency_control, bool):
             raise TaskDeclarationError(f"{where}: reroute_on_concurrency_control must be True or False")
+        queue = _check_queue(where, queue)
+        priority = _check_priority(where, priority)
+        if name is None:
+            if "<" in func.__qualname__:
+                raise TaskDeclarationError(
+                    f"{where}: a task must be a module-level function, so that a worker process can import it"
+                )
+            name = f"{func.__module__}.{func.__qualname__}"
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
+            raise TaskDeclarationError(f"{where}: name must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
         self.func = func
         self.name = name
         self.signature = signature
@@ -71,8 +73,8 @@ class Task(Generic[P, R]):
         self.reroute_on_concurrency_control = reroute_on_concurrency_control
         #: How many invocations of one key a runner may own at once.
         self.running_limit = 1
-        self._queue = _check_queue(where, queue)
-        self.priority = _check_priority(where, priority)
+        self._queue = queue
+        self.priority = priority
         self.is_async = inspect.iscoroutinefunction(func)
         functools.update_wrapper(self, func)
         registry.register(self)
@@ -187,6 +189,9 @@ def _check_priority(where: str, priority: object) -> int:
     return priority
 
 
+_OPTIONS = frozenset(inspect.signature(Task.__init__).parameters) - {"self", "func"}
+
+
 @overload
 def task(func: Callable[P, R], /) -> Task[P, R]: ...
 @overload
@@ -202,6 +207,11 @@ def task(
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 def task(func: Any = None, /, **options: Any) -> Any:
     """Declare a task: ``@task`` or ``@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))``."""
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise TaskDeclarationError(
+            f"@task got unknown option(s) {', '.join(unknown)}; the options are {', '.join(sorted(_OPTIONS))}"
+        )
     if func is not None:
         return Task(func, **options)
     return lambda f: Task(f, **options)
