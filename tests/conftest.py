@@ -95,8 +95,10 @@ class WorkerProcess:
         self.process.send_signal(signum)
 
     def kill(self) -> None:
+        """Kill the process if it still runs, and reap it."""
         if self.process.poll() is None:
             self.process.kill()
+        if not self.process.stdout.closed:
             self.process.communicate()
 
 

@@ -1,0 +1,159 @@
+import pytest
+
+from keyjobs import Status
+from keyjobs.claim import claim, wake_next, wake_orphans
+from keyjobs.execute import execute
+from keyjobs.models import Event, Invocation
+from tests import jobs
+from tests.factories import InvocationFactory, RunnerFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def runner():
+    return RunnerFactory()
+
+
+def claim_one(runner, **kwargs):
+    claimed = claim(runner, using="default", **kwargs)
+    return claimed[0] if claimed else None
+
+
+def statuses(*invocations):
+    return [Invocation.objects.get(pk=inv.pk).status for inv in invocations]
+
+
+def test_claim_takes_the_oldest_of_the_highest_priority(runner):
+    low = jobs.add.delay(1)
+    high = jobs.add.using(priority=5).delay(2)
+    later_high = jobs.add.using(priority=5).delay(3)
+    assert [claim_one(runner).pk for _ in range(3)] == [high.pk, later_high.pk, low.pk]
+
+
+def test_claim_records_the_owner(runner):
+    jobs.add.delay(1)
+    claimed = claim_one(runner, thread=2)
+    assert (claimed.status, claimed.runner_id, claimed.runner_thread) == (Status.PENDING, runner.pk, 2)
+
+
+def test_claim_only_serves_its_queues(runner):
+    jobs.add.using(queue="other").delay(1)
+    assert claim_one(runner, queues=["default"]) is None
+    assert claim_one(runner, queues=["other"]) is not None
+
+
+def test_claim_leaves_work_scheduled_for_later(runner):
+    from datetime import timedelta
+
+    jobs.add.using(run_after=timedelta(hours=1)).delay(1)
+    assert claim_one(runner) is None
+
+
+@pytest.mark.parametrize(
+    ("task", "first", "blocked", "free"),
+    [
+        (jobs.serial_per_task, ("acme",), ("globex",), None),
+        (jobs.serial_per_arguments, ("acme",), ("acme", "sync"), ("acme", "other")),
+        (jobs.keyed, ("acme", "a"), ("acme", "b"), ("globex", "a")),
+    ],
+    ids=["TASK", "ARGUMENTS", "KEYS"],
+)
+def test_running_concurrency_parks_what_its_busy_key_blocks(runner, task, first, blocked, free):
+    running = task.delay(*first)
+    waiting = task.delay(*blocked)
+    other = task.delay(*free) if free else None
+    assert claim_one(runner).pk == running.pk
+    next_claimed = claim_one(runner)
+    assert statuses(waiting) == [Status.REROUTED]
+    if other is not None:
+        assert next_claimed.pk == other.pk
+    else:
+        assert next_claimed is None
+
+
+def test_running_concurrency_disabled_runs_everything_at_once(runner):
+    for _ in range(3):
+        jobs.add.delay(1)
+    assert len(claim(runner, using="default", limit=3)) == 3
+
+
+def test_a_parked_invocation_is_not_looked_at_again_while_its_key_is_busy(runner):
+    jobs.keyed.delay("acme", "a")
+    jobs.keyed.delay("acme", "b")
+    claim_one(runner)
+    claim_one(runner)
+    parked_events = Event.objects.filter(to_status=Status.REROUTED).count()
+    for _ in range(3):
+        assert claim_one(runner) is None
+    assert Event.objects.filter(to_status=Status.REROUTED).count() == parked_events == 1
+
+
+def test_finishing_wakes_the_next_parked_invocation_of_the_key_in_order(runner):
+    calls = [jobs.keyed.delay("acme", op) for op in "abcd"]
+    order = []
+    while (claimed := claim_one(runner)) is not None:
+        order.append(claimed.kwargs.get("op") or claimed.args[1])
+        execute(claimed, runner, using="default")
+    assert order == list("abcd")
+    assert statuses(*calls) == [Status.SUCCESS] * 4
+
+
+def test_drop_policy_ends_blocked_work_without_running_it(runner):
+    running = jobs.keyed_drop.delay("acme", "a")
+    dropped = jobs.keyed_drop.delay("acme", "b")
+    other = jobs.keyed_drop.delay("globex", "a")
+    assert claim_one(runner).pk == running.pk
+    assert claim_one(runner).pk == other.pk
+    assert statuses(dropped) == [Status.CONCURRENCY_CONTROLLED_FINAL]
+    assert Invocation.objects.get(pk=dropped.pk).started_at is None
+
+
+def test_drop_policy_runs_work_whose_key_is_free(runner):
+    first = jobs.keyed_drop.delay("acme", "a")
+    execute(claim_one(runner), runner, using="default")
+    second = jobs.keyed_drop.delay("acme", "b")
+    execute(claim_one(runner), runner, using="default")
+    assert statuses(first, second) == [Status.SUCCESS, Status.SUCCESS]
+
+
+def test_registration_guard_frees_once_claimed_so_a_new_delay_waits_behind_the_running_one(runner):
+    first = jobs.refresh_once.delay("acme")
+    assert claim_one(runner).pk == first.pk
+    second = jobs.refresh_once.delay("acme")
+    third = jobs.refresh_once.delay("acme")
+    assert second.pk != first.pk and third.pk == second.pk and third.reused
+    assert claim_one(runner) is None
+    assert statuses(second) == [Status.REROUTED]
+
+
+def test_an_unknown_task_fails_and_the_claim_goes_on(runner):
+    lost = InvocationFactory(task_name="tests.jobs.renamed_long_ago")
+    kept = jobs.add.delay(1)
+    assert claim_one(runner).pk == kept.pk
+    lost.refresh_from_db()
+    assert lost.status == Status.FAILED
+    assert "no task named 'tests.jobs.renamed_long_ago'" in lost.error
+
+
+def test_an_orphaned_parked_invocation_is_woken(runner):
+    orphan = InvocationFactory(task_name="tests.jobs.keyed", running_key='{"account_id":"acme"}',
+                               status=Status.REROUTED, args=["acme", "a"])
+    assert wake_orphans(using="default") == [orphan.pk]
+    assert claim_one(runner).pk == orphan.pk
+
+
+def test_a_new_invocation_behind_an_orphan_wakes_it_and_waits_its_turn(runner):
+    orphan = InvocationFactory(task_name="tests.jobs.keyed", running_key='{"account_id":"acme"}',
+                               status=Status.REROUTED, args=["acme", "a"])
+    newer = jobs.keyed.delay("acme", "b")
+    assert claim_one(runner).pk == orphan.pk
+    assert statuses(orphan, newer) == [Status.PENDING, Status.REROUTED]
+
+
+def test_wake_next_respects_the_key_limit(runner):
+    jobs.keyed.delay("acme", "a")
+    jobs.keyed.delay("acme", "b")
+    claim_one(runner)
+    claim_one(runner)
+    assert wake_next("tests.jobs.keyed", '{"account_id":"acme"}', using="default") == []

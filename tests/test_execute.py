@@ -1,0 +1,72 @@
+import pytest
+
+from keyjobs import Status
+from keyjobs.claim import claim
+from keyjobs.execute import execute
+from keyjobs.models import Event, Invocation
+from keyjobs.transitions import move
+from tests import jobs
+from tests.factories import RunnerFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def runner():
+    return RunnerFactory()
+
+
+def run_one(task, *args, runner, **kwargs):
+    invocation = task.delay(*args, **kwargs)
+    [claimed] = claim(runner, using="default")
+    status = execute(claimed, runner, using="default", thread=0)
+    invocation.refresh_from_db()
+    return status, invocation
+
+
+def test_a_success_stores_the_return_value_and_the_whole_history(runner):
+    status, invocation = run_one(jobs.add, 2, runner=runner, b=3)
+    assert status == Status.SUCCESS and invocation.result == 5 and invocation.attempts == 1
+    assert list(Event.objects.filter(invocation=invocation).values_list("from_status", "to_status")) == [
+        ("REGISTERED", "PENDING"), ("PENDING", "RUNNING"), ("RUNNING", "SUCCESS")
+    ]
+    assert invocation.started_at <= invocation.finished_at
+
+
+def test_an_exception_is_recorded_with_its_traceback(runner):
+    status, invocation = run_one(jobs.boom, "<b>kaput</b>", runner=runner)
+    assert status == Status.FAILED
+    assert invocation.error == "ValueError: <b>kaput</b>"
+    assert 'raise ValueError(message)' in invocation.traceback
+
+
+def test_an_async_function_is_awaited(runner):
+    status, invocation = run_one(jobs.add_async, 2, 2, runner=runner)
+    assert (status, invocation.result) == (Status.SUCCESS, 4)
+
+
+def test_a_result_that_is_not_json_fails_the_invocation(runner):
+    status, invocation = run_one(jobs.not_json, runner=runner)
+    assert status == Status.FAILED
+    assert "result 'return value' is a builtins.set" in invocation.error
+
+
+def test_an_outcome_is_not_recorded_by_a_runner_that_lost_the_invocation(runner):
+    jobs.add.delay(1)
+    [claimed] = claim(runner, using="default")
+    thief = RunnerFactory()
+    Invocation.objects.filter(pk=claimed.pk).update(runner=thief)
+    assert execute(claimed, runner, using="default") is None
+    claimed.refresh_from_db()
+    assert claimed.status == Status.PENDING
+
+
+def test_finishing_frees_the_key_in_the_same_transaction_as_the_outcome(runner):
+    first = jobs.keyed.delay("acme", "a")
+    second = jobs.keyed.delay("acme", "b")
+    [claimed] = claim(runner, using="default")
+    assert claim(runner, using="default") == []
+    execute(claimed, runner, using="default")
+    wake = Event.objects.get(invocation=second, from_status="REROUTED")
+    done = Event.objects.get(invocation=first, to_status="SUCCESS")
+    assert wake.to_status == "REGISTERED" and wake.at == done.at or wake.pk == done.pk + 1
