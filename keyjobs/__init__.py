@@ -12,6 +12,7 @@ from .exceptions import (
     ResultUnavailable,
     TaskDeclarationError,
     TaskNotFound,
+    TimeLimitExceeded,
 )
 from .status import Status
 
@@ -29,5 +30,6 @@ __all__ = [
     "Task",
     "TaskDeclarationError",
     "TaskNotFound",
+    "TimeLimitExceeded",
     "task",
 ]

@@ -63,6 +63,10 @@ def _claim_next(
         )
         if candidate is None:
             return None
+        if candidate.status == Status.RETRY:
+            move([candidate.pk], Status.REGISTERED, using=using, only_from={Status.RETRY}, runner=runner,
+                 note="its retry delay is over")
+            candidate.status = Status.REGISTERED
         try:
             task = registry.get(candidate.task_name)
         except TaskNotFound as exc:
@@ -99,6 +103,7 @@ def _try_claim(candidate: Invocation, limit: int, runner: Runner, thread: int | 
             return False
         ahead = (
             same_key.waiting()
+            .due()  # work scheduled for later must not hold up the key until then
             .exclude(pk=candidate.pk)
             .filter(Q(priority__gt=candidate.priority) | Q(priority=candidate.priority, pk__lt=candidate.pk))
             .order_by("-priority", "pk")
@@ -151,7 +156,8 @@ def wake_next(task_name: str, running_key: str | None, *, using: str, runner: Ru
     if room <= 0:
         return []
     next_up = list(
-        same_key.filter(status__in=[Status.REGISTERED, Status.REROUTED])
+        same_key.waiting()
+        .due()
         .order_by("-priority", "pk")
         .values_list("pk", "status", "queue")[:room]
     )

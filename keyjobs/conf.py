@@ -33,6 +33,16 @@ class Settings:
         return getattr(settings, "KEYJOBS_HEARTBEAT_INTERVAL", 5.0)
 
     @property
+    def LEASE(self) -> float:
+        """Seconds without a heartbeat after which a runner counts as dead (``KEYJOBS_LEASE``).
+
+        Its invocations are then recovered by the other runners. Default: six
+        heartbeat intervals.
+        """
+        lease = getattr(settings, "KEYJOBS_LEASE", None)
+        return float(lease) if lease is not None else 6 * self.HEARTBEAT_INTERVAL
+
+    @property
     def AUTODISCOVER(self) -> bool:
         """Import every installed app's ``tasks`` module at start-up (``KEYJOBS_AUTODISCOVER``)."""
         return getattr(settings, "KEYJOBS_AUTODISCOVER", True)

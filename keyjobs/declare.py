@@ -6,6 +6,7 @@ hands a call to the workers instead.
 
 import functools
 import inspect
+import random
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
@@ -40,6 +41,11 @@ class Task(Generic[P, R]):
         registration_concurrency: ConcurrencyControlType | str = Mode.DISABLED,
         key_arguments: Iterable[str] | str = (),
         reroute_on_concurrency_control: bool = True,
+        max_retries: int = 0,
+        retry_for: tuple[type[BaseException], ...] | type[BaseException] = (Exception,),
+        retry_backoff: float = 1.0,
+        retry_backoff_max: float = 300.0,
+        timeout: float | None = None,
     ) -> None:
         where = f"@task on {getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)!s}"
         if not inspect.isfunction(func):
@@ -56,6 +62,9 @@ class Task(Generic[P, R]):
             raise TaskDeclarationError(f"{where}: reroute_on_concurrency_control must be True or False")
         queue = _check_queue(where, queue)
         priority = _check_priority(where, priority)
+        retries = _check_retries(where, max_retries, retry_for, retry_backoff, retry_backoff_max)
+        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
+            raise TaskDeclarationError(f"{where}: timeout={timeout!r} must be a number of seconds above 0, or None")
         if name is None:
             if "<" in func.__qualname__:
                 raise TaskDeclarationError(
@@ -76,6 +85,9 @@ class Task(Generic[P, R]):
         self._queue = queue
         self.priority = priority
         self.is_async = inspect.iscoroutinefunction(func)
+        self.max_retries, self.retry_for, self.retry_backoff, self.retry_backoff_max = retries
+        #: Seconds a run may take; None for no limit.
+        self.timeout = float(timeout) if timeout is not None else None
         functools.update_wrapper(self, func)
         registry.register(self)
 
@@ -116,6 +128,11 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
+
+    def retry_delay(self, attempt: int) -> float:
+        """Return the seconds to wait before attempt ``attempt + 1``: exponential, with full jitter above half."""
+        ceiling = min(self.retry_backoff_max, self.retry_backoff * 2 ** max(attempt - 1, 0))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def keys_for(self, arguments: Mapping[str, Any]) -> tuple[str | None, str | None]:
         """Return the (running, registration) keys of a call's bound arguments."""
@@ -173,6 +190,20 @@ class Options:
         return enqueue_many(self, calls)
 
 
+def _check_retries(
+    where: str, max_retries: object, retry_for: object, backoff: object, backoff_max: object
+) -> tuple[int, tuple[type[BaseException], ...], float, float]:
+    if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+        raise TaskDeclarationError(f"{where}: max_retries={max_retries!r} must be a whole number, 0 or more")
+    kinds = (retry_for,) if isinstance(retry_for, type) else retry_for
+    if not isinstance(kinds, tuple) or not all(isinstance(k, type) and issubclass(k, BaseException) for k in kinds):
+        raise TaskDeclarationError(f"{where}: retry_for={retry_for!r} must be an exception class or a tuple of them")
+    for name, value in (("retry_backoff", backoff), ("retry_backoff_max", backoff_max)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise TaskDeclarationError(f"{where}: {name}={value!r} must be a number of seconds, 0 or more")
+    return max_retries, kinds, float(backoff), float(backoff_max)  # type: ignore[arg-type]
+
+
 def _check_queue(where: str, queue: object) -> str | None:
     if queue is None:
         return None
@@ -204,6 +235,11 @@ def task(
     registration_concurrency: ConcurrencyControlType | str = Mode.DISABLED,
     key_arguments: Iterable[str] | str = (),
     reroute_on_concurrency_control: bool = True,
+    max_retries: int = 0,
+    retry_for: tuple[type[BaseException], ...] | type[BaseException] = (Exception,),
+    retry_backoff: float = 1.0,
+    retry_backoff_max: float = 300.0,
+    timeout: float | None = None,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 def task(func: Any = None, /, **options: Any) -> Any:
     """Declare a task: ``@task`` or ``@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))``."""

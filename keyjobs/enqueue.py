@@ -16,8 +16,8 @@ from django.utils import timezone
 from . import wakeups
 from .conf import conf
 from .exceptions import ArgumentError, KeyjobsError
-from .models import Invocation
-from .transitions import record_reuse
+from .models import Event, Invocation
+from .transitions import record
 
 if TYPE_CHECKING:
     from .declare import Options, Task
@@ -44,7 +44,7 @@ def enqueue(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -
                 .first()
             )
             if existing is not None:
-                record_reuse(existing, using=using)
+                record(existing, Event.Kind.REUSED, using=using)
                 existing.reused = True
                 return existing
             try:

@@ -44,3 +44,7 @@ class InvocationDropped(ResultUnavailable):
 
 class InvocationNotFinished(ResultUnavailable):
     """The invocation has not reached a final status yet."""
+
+
+class TimeLimitExceeded(KeyjobsError, TimeoutError):
+    """A run took longer than its task's ``timeout``."""

@@ -2,89 +2,165 @@
 
 The outcome is recorded in one transaction with the release of its key: the
 invocation leaves the owned states and the next parked invocation of its key
-is registered again, or neither happens.
+is registered again, or neither happens. Recording survives a database
+outage: it is retried until it lands, or until the invocation turns out to
+belong to another runner (which recovered it while this one was cut off).
 """
 
+import asyncio
 import logging
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
 from asgiref.sync import async_to_sync
-from django.db import transaction
+from django.db import DatabaseError, IntegrityError, connections, transaction
 from django.db.models import F
+from django.utils import timezone
 
 from . import registry, signals
 from .claim import wake_next
+from .declare import Task
 from .enqueue import check_json
-from .exceptions import KeyjobsError, NotOwner
+from .exceptions import KeyjobsError, NotOwner, TimeLimitExceeded
 from .models import Invocation, Runner
 from .status import Status
 from .transitions import move
 
 logger = logging.getLogger("keyjobs.worker")
 
+T = TypeVar("T")
+
 
 @dataclass
 class Outcome:
     status: Status
     values: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
 
 
 def start(invocation: Invocation, runner: Runner, *, using: str, thread: int | None = None) -> bool:
     """Mark a claimed invocation RUNNING; return False if ``runner`` no longer owns it."""
     try:
-        return bool(
-            move([invocation.pk], Status.RUNNING, using=using, only_from={Status.PENDING}, owner=runner,
-                 runner_thread=thread, values={"attempts": F("attempts") + 1})
-        )
+        moved = move([invocation.pk], Status.RUNNING, using=using, only_from={Status.PENDING}, owner=runner,
+                     runner_thread=thread, values={"attempts": F("attempts") + 1})
     except NotOwner:
         return False
+    if moved:
+        invocation.status = Status.RUNNING
+        invocation.attempts += 1
+    return bool(moved)
 
 
 def call(invocation: Invocation) -> Outcome:
     """Call the invocation's function; return what to record. Never raises for the task's own errors."""
+    task: Task[Any, Any] | None = None
+    began = time.monotonic()
     try:
         task = registry.get(invocation.task_name)
         signals.invocation_started.send(sender=task, invocation=invocation)
         if task.is_async:
-            value = async_to_sync(task.func)(*invocation.args, **invocation.kwargs)
+            value = async_to_sync(_call_async)(task, invocation)
         else:
             value = task.func(*invocation.args, **invocation.kwargs)
+        elapsed = time.monotonic() - began
+        if task.timeout is not None and elapsed > task.timeout:
+            raise TimeLimitExceeded(f"ran {elapsed:.1f}s, over its time limit of {task.timeout:g}s")
         check_json(value, where=invocation.task_name, path="return value", kind="result")
-    except KeyjobsError as exc:
-        return Outcome(Status.FAILED, {"error": str(exc), "traceback": ""})
     except Exception as exc:
-        return Outcome(
-            Status.FAILED,
-            {"error": f"{type(exc).__qualname__}: {exc}", "traceback": traceback.format_exc()},
-        )
+        failure = {
+            "error": str(exc) if isinstance(exc, KeyjobsError) else f"{type(exc).__qualname__}: {exc}",
+            "traceback": "" if isinstance(exc, KeyjobsError) and not isinstance(exc, TimeLimitExceeded)
+            else traceback.format_exc(),
+        }
+        if task is not None and isinstance(exc, task.retry_for) and invocation.attempts <= task.max_retries:
+            delay = task.retry_delay(invocation.attempts)
+            failure["run_after"] = timezone.now() + timedelta(seconds=delay)
+            return Outcome(Status.RETRY, failure, f"attempt {invocation.attempts} of {task.max_retries + 1} "
+                                                  f"failed; next in {delay:.1f}s")
+        return Outcome(Status.FAILED, failure)
     return Outcome(Status.SUCCESS, {"return_value": value})
 
 
-def finish(invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None = None) -> bool:
-    """Record ``outcome``, free the invocation's key and wake who waits for it; False if not owned any more."""
+async def _call_async(task: Task[Any, Any], invocation: Invocation) -> Any:
+    # A coroutine can really be stopped at its time limit, unlike a thread.
+    try:
+        return await asyncio.wait_for(task.func(*invocation.args, **invocation.kwargs), task.timeout)
+    except TimeoutError:
+        raise TimeLimitExceeded(f"cancelled at its time limit of {task.timeout:g}s") from None
+
+
+def finish(
+    invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None = None
+) -> Status | None:
+    """Record ``outcome``, free the invocation's key and wake who waits for it.
+
+    Return the status recorded (a retry refused by the registration guard is
+    recorded as FAILED), or None if ``runner`` does not own the invocation any more.
+    """
     try:
         with transaction.atomic(using=using):
-            moved = move([invocation.pk], outcome.status, using=using, only_from={Status.RUNNING}, owner=runner,
-                         runner_thread=thread, values=outcome.values)
+            if outcome.status == Status.RETRY:
+                try:
+                    with transaction.atomic(using=using):  # a savepoint: the registration guard may refuse
+                        moved = move([invocation.pk], Status.RETRY, using=using, only_from={Status.RUNNING},
+                                     owner=runner, runner_thread=thread, values=outcome.values, note=outcome.note)
+                except IntegrityError:
+                    # A duplicate registered while this one ran is waiting: it will make the same call.
+                    outcome = Outcome(Status.FAILED, {k: v for k, v in outcome.values.items() if k != "run_after"},
+                                      "not retried: a waiting duplicate takes its place")
+            if outcome.status != Status.RETRY:
+                moved = move([invocation.pk], outcome.status, using=using, only_from={Status.RUNNING}, owner=runner,
+                             runner_thread=thread, values=outcome.values, note=outcome.note)
             if moved:
                 wake_next(invocation.task_name, invocation.running_key, using=using, runner=runner)
     except NotOwner:
-        return False
-    if moved:
-        signals.invocation_finished.send(sender=Invocation, invocation=invocation, status=outcome.status)
-    return bool(moved)
+        return None
+    if not moved:
+        return None
+    invocation.status = outcome.status
+    signals.invocation_finished.send(sender=Invocation, invocation=invocation, status=outcome.status)
+    return outcome.status
 
 
-def execute(invocation: Invocation, runner: Runner, *, using: str, thread: int | None = None) -> Status | None:
+def durably(what: str, step: Callable[[], T], *, using: str, keep_trying: Callable[[], bool]) -> T | None:
+    """Run a database step until it succeeds, across connection losses; None once ``keep_trying()`` says stop."""
+    pause = 0.1
+    while True:
+        try:
+            return step()
+        except DatabaseError as exc:
+            connections[using].close()
+            if not keep_trying():
+                logger.error("keyjobs: gave up %s: %s", what, exc)
+                return None
+            logger.warning("keyjobs: could not %s (%s); retrying in %.1fs", what, exc, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
+def execute(
+    invocation: Invocation,
+    runner: Runner,
+    *,
+    using: str,
+    thread: int | None = None,
+    keep_trying: Callable[[], bool] = lambda: True,
+) -> Status | None:
     """Start, call and finish one claimed invocation; return its final status, None if it was taken away."""
-    if not start(invocation, runner, using=using, thread=thread):
+    started = durably(f"start #{invocation.pk}", lambda: start(invocation, runner, using=using, thread=thread),
+                      using=using, keep_trying=keep_trying)
+    if not started:
         logger.warning("keyjobs: invocation #%s was taken from %s before it started", invocation.pk, runner)
         return None
     outcome = call(invocation)
-    if not finish(invocation, outcome, runner, using=using, thread=thread):
+    finished = durably(f"record the outcome of #{invocation.pk}",
+                       lambda: finish(invocation, outcome, runner, using=using, thread=thread),
+                       using=using, keep_trying=keep_trying)
+    if not finished:
         logger.warning("keyjobs: invocation #%s was taken from %s while it ran; its outcome is discarded",
                        invocation.pk, runner)
-        return None
-    return outcome.status
+    return finished

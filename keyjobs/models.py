@@ -18,6 +18,9 @@ from .concurrency import key_label
 from .exceptions import InvocationDropped, InvocationFailed, InvocationNotFinished
 from .status import FINAL, OWNED, WAITING, Status
 
+#: What a claim looks at: registered work, and retries whose delay is over.
+CLAIMABLE = frozenset({Status.REGISTERED, Status.RETRY})
+
 
 class InvocationQuerySet(models.QuerySet["Invocation"]):
     def waiting(self) -> "InvocationQuerySet":
@@ -29,9 +32,12 @@ class InvocationQuerySet(models.QuerySet["Invocation"]):
     def finished(self) -> "InvocationQuerySet":
         return self.filter(status__in=FINAL)
 
+    def due(self) -> "InvocationQuerySet":
+        return self.filter(Q(run_after__isnull=True) | Q(run_after__lte=Now()))
+
     def claimable(self, queues: list[str] | None = None) -> "InvocationQuerySet":
-        """Registered and due, in the order a runner should take them."""
-        qs = self.filter(status=Status.REGISTERED).filter(Q(run_after__isnull=True) | Q(run_after__lte=Now()))
+        """Registered or retrying, and due, in the order a runner should take them."""
+        qs = self.filter(status__in=CLAIMABLE).due()
         if queues:
             qs = qs.filter(queue__in=queues)
         return qs.order_by("-priority", "id")
@@ -94,7 +100,7 @@ class Invocation(models.Model):
             # The claim: registered work in queue order.
             models.Index(
                 "queue", models.F("priority").desc(), "id",
-                condition=Q(status=str(Status.REGISTERED)), name="keyjobs_claim",
+                condition=Q(status__in=sorted(map(str, CLAIMABLE))), name="keyjobs_claim",
             ),
             # Who is ahead of a candidate in its key, and whom a freed key wakes.
             models.Index(
@@ -157,6 +163,8 @@ class Event(models.Model):
         TRANSITION = "TRANSITION", _("Status change")
         # A duplicate delay() was given this waiting invocation instead of a new one.
         REUSED = "REUSED", _("Reused by a duplicate delay()")
+        # It ran past its time limit; its key stays held until the run really stops.
+        OVERDUE = "OVERDUE", _("Past its time limit")
 
     invocation = models.ForeignKey(Invocation, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.TRANSITION)
@@ -190,6 +198,9 @@ class Runner(models.Model):
     started_at = models.DateTimeField(db_default=Now())
     heartbeat_at = models.DateTimeField(db_default=Now())
     stopped_at = models.DateTimeField(null=True, blank=True)
+    lost = models.BooleanField(
+        default=False, help_text=_("Declared dead by another runner after its heartbeat lapsed; its work was recovered.")
+    )
 
     objects = RunnerQuerySet.as_manager()
 

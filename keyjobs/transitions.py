@@ -96,11 +96,14 @@ def move_one(invocation: Invocation | int, to: Status, **kwargs: Any) -> bool:
     return bool(move([pk], to, **kwargs))
 
 
-def record_reuse(invocation: Invocation, *, using: str) -> None:
-    """Record that a duplicate delay() was given ``invocation`` instead of a new one."""
+def record(invocation: Invocation, kind: str, *, using: str, runner: Runner | None = None, note: str = "") -> None:
+    """Record an event that does not change the status (a reuse, a run past its time limit)."""
     Event.objects.using(using).create(
         invocation_id=invocation.pk,
-        kind=Event.Kind.REUSED,
+        kind=kind,
         from_status=invocation.status,
         to_status=invocation.status,
+        runner=runner,
+        runner_thread=invocation.runner_thread,
+        note=note,
     )

@@ -16,12 +16,15 @@ from django.db import DatabaseError, close_old_connections, connections
 from django.db.models import Q
 from django.db.models.functions import Now
 
-from . import wakeups
+from . import registry, wakeups
 from .claim import claim, wake_orphans
 from .conf import conf
+from .exceptions import TaskNotFound
 from .execute import execute
-from .models import Invocation, Runner
+from .models import Event, Invocation, Runner
+from .recovery import recover_lost_runners
 from .status import Status
+from .transitions import record
 
 logger = logging.getLogger("keyjobs.worker")
 
@@ -52,6 +55,11 @@ class Worker:
         self._busy = 0
         self._scout: int | None = None
         self._signals = 0
+        self.lease = conf.LEASE
+        #: Set when another runner declared this one lost and recovered its work.
+        self.lost = False
+        self._renewed = time.monotonic()
+        self._running: dict[int, tuple[Invocation, float, float | None]] = {}
 
     # -- life cycle -------------------------------------------------------
 
@@ -61,6 +69,8 @@ class Worker:
             host=socket.gethostname(), pid=os.getpid(), threads=self.threads, queues=",".join(self.queues)
         )
         self.runner.refresh_from_db(fields=["started_at", "heartbeat_at"])
+        self._renewed = time.monotonic()
+        recover_lost_runners(using=self.using, lease=self.lease, by=self.runner)
         logger.info("keyjobs: %s started with %d thread(s) on %s", self.runner, self.threads,
                     ", ".join(self.queues) or "every queue")
         pool = [
@@ -80,9 +90,10 @@ class Worker:
             housekeeping.join()
             if listener is not None:
                 listener.join(2)
-            Runner.objects.using(self.using).filter(pk=self.runner.pk).update(stopped_at=Now(), heartbeat_at=Now())
+            if not self.lost:
+                Runner.objects.using(self.using).filter(pk=self.runner.pk).update(stopped_at=Now(), heartbeat_at=Now())
             connections[self.using].close()
-            logger.info("keyjobs: %s stopped", self.runner)
+            logger.info("keyjobs: %s stopped%s", self.runner, " (lost its lease)" if self.lost else "")
 
     def stop(self) -> None:
         """Stop claiming; invocations already running finish first."""
@@ -117,6 +128,10 @@ class Worker:
         checked = time.monotonic()
         try:
             while not self.stopping.is_set():
+                if not self._holds_lease():
+                    # Cut off for longer than the lease: others may be recovering our work. Claim nothing.
+                    self.stopping.wait(self.poll_interval)
+                    continue
                 # Not on every loop: with CONN_MAX_AGE = 0 (Django's default, meant for
                 # requests) it would reconnect for every invocation.
                 if time.monotonic() - checked > conf.HEARTBEAT_INTERVAL:
@@ -140,7 +155,13 @@ class Worker:
                     self._work.notify()  # there may be more: wake a colleague
                 try:
                     for invocation in batch:
-                        execute(invocation, self.runner, using=self.using, thread=number)
+                        task_timeout = _timeout_of(invocation)
+                        self._running[number] = (invocation, time.monotonic(), task_timeout)
+                        try:
+                            execute(invocation, self.runner, using=self.using, thread=number,
+                                    keep_trying=lambda: not self.lost)
+                        finally:
+                            self._running.pop(number, None)
                 finally:
                     with self._work:
                         self._busy -= 1
@@ -168,24 +189,60 @@ class Worker:
         return False
 
     def _work_left(self) -> bool:
+        # Retries belong to the work at hand; work scheduled for later by the caller does not.
         left = Invocation.objects.using(self.using).filter(
-            Q(status=Status.REROUTED) | Q(status=Status.REGISTERED, run_after__isnull=True)
+            Q(status__in=[Status.REROUTED, Status.RETRY]) | Q(status=Status.REGISTERED, run_after__isnull=True)
             | Q(status=Status.REGISTERED, run_after__lte=Now())
         )
         if self.queues:
             left = left.filter(queue__in=self.queues)
         return left.exists()
 
+    def _holds_lease(self) -> bool:
+        return time.monotonic() - self._renewed < self.lease
+
     def _housekeeping(self) -> None:
+        """Heartbeat; recover the work of lost runners; wake orphaned parked work; flag overdue runs."""
         assert self.runner is not None
         while not self._stopped.wait(conf.HEARTBEAT_INTERVAL):
             try:
                 close_old_connections()
-                Runner.objects.using(self.using).filter(pk=self.runner.pk).update(heartbeat_at=Now())
-                if wake_orphans(using=self.using, runner=self.runner):
+                renewed = (
+                    Runner.objects.using(self.using)
+                    .filter(pk=self.runner.pk, stopped_at__isnull=True)
+                    .update(heartbeat_at=Now())
+                )
+                if not renewed:
+                    logger.error("keyjobs: %s was declared lost by another runner, which recovered its work; "
+                                 "stopping (outcomes of runs still in progress will be discarded)", self.runner)
+                    self.lost = True
+                    self.stop()
+                    continue
+                self._renewed = time.monotonic()
+                woken = recover_lost_runners(using=self.using, lease=self.lease, by=self.runner)
+                woken += wake_orphans(using=self.using, runner=self.runner)
+                if woken:
                     with self._work:
                         self._work.notify_all()
+                self._flag_overdue()
             except DatabaseError as exc:
-                logger.warning("keyjobs: heartbeat failed (%s)", exc)
+                logger.warning("keyjobs: heartbeat failed (%s); retrying", exc)
                 connections[self.using].close()
         connections.close_all()
+
+    def _flag_overdue(self) -> None:
+        for number, (invocation, began, limit) in list(self._running.items()):
+            if limit is None or time.monotonic() - began <= limit or getattr(invocation, "_flagged", False):
+                continue
+            invocation._flagged = True  # type: ignore[attr-defined]
+            note = (f"past its time limit of {limit:g}s; a thread cannot be stopped from outside, "
+                    "so its key stays held until the run returns, and it then ends FAILED")
+            logger.warning("keyjobs: invocation #%s on thread %d is %s", invocation.pk, number, note)
+            record(invocation, Event.Kind.OVERDUE, using=self.using, runner=self.runner, note=note)
+
+
+def _timeout_of(invocation: Invocation) -> float | None:
+    try:
+        return registry.get(invocation.task_name).timeout
+    except TaskNotFound:
+        return None

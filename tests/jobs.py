@@ -83,3 +83,47 @@ def sleep_then_return(seconds: float, marker: str) -> str:
     open(marker + ".started", "w").close()
     time.sleep(seconds)
     return marker
+
+
+@task(max_retries=2, retry_for=(ConnectionError,), retry_backoff=0.01)
+def flaky(counter: str, failures: int) -> int:
+    """Raise ConnectionError the first ``failures`` times (counted in the file ``counter``)."""
+    with open(counter, "a+") as file:
+        file.seek(0)
+        attempt = len(file.read()) + 1
+        file.write("x")
+    if attempt <= failures:
+        raise ConnectionError(f"attempt {attempt} failed")
+    return attempt
+
+
+@task(max_retries=3, retry_for=(ValueError,), retry_backoff=0.01)
+def wrong_kind_of_error() -> None:
+    raise KeyError("not retried")
+
+
+@task(registration_concurrency=Mode.KEYS, key_arguments=("account_id",), max_retries=1, retry_backoff=60)
+def flaky_once_per_key(account_id: str) -> None:
+    raise ConnectionError("provider down")
+
+
+@task(timeout=0.05)
+def too_slow(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@task(timeout=0.05)
+async def too_slow_async(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
+def record_span(account_id: str, number: int, hold: float, log: str) -> None:
+    """Log this run's start and end as separate lines, so that a run killed midway still shows its start."""
+    with open(log, "a", buffering=1) as out:
+        out.write(f"S {account_id} {number} {time.time():.6f} {os.getpid()}\n")
+    time.sleep(hold)
+    with open(log, "a", buffering=1) as out:
+        out.write(f"E {account_id} {number} {time.time():.6f} {os.getpid()}\n")

@@ -28,4 +28,6 @@ if "KEYJOBS_TEST_DB_NAME" in os.environ:
 DATABASES = {"default": default}
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-KEYJOBS_HEARTBEAT_INTERVAL = 1.0
+# Short, so that crash tests recover in seconds; worker processes may be given their own.
+KEYJOBS_HEARTBEAT_INTERVAL = float(os.environ.get("KEYJOBS_HEARTBEAT_INTERVAL", 1.0))
+KEYJOBS_LEASE = float(os.environ.get("KEYJOBS_LEASE", 6 * KEYJOBS_HEARTBEAT_INTERVAL))

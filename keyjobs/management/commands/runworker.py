@@ -47,3 +47,6 @@ class Command(BaseCommand):
         worker = Worker(threads=threads, queues=queues, burst=burst, using=database)
         worker.install_signal_handlers()
         worker.run()
+        if worker.lost:
+            # EX_TEMPFAIL: a supervisor should start a fresh runner.
+            raise SystemExit(75)

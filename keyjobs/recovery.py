@@ -1,0 +1,84 @@
+"""Recovering the work of runners that died: no key is ever held by a dead worker.
+
+A runner whose heartbeat is older than the lease is declared lost by whichever
+live runner looks first. In the same transaction, what it owned goes back to
+REGISTERED with a history row saying so, and its keys are freed for whoever
+waits on them. A slot is tied to its owning invocation and that owner's
+liveness, never to a timer alone: a runner that is merely slow keeps
+heartbeating and keeps its work.
+
+A lost runner that was only cut off (a network partition, a stalled host)
+cannot write over the recovery: every later change it tries is checked
+against the owner recorded on the invocation (``transitions.move(owner=...)``),
+and its heartbeat, which only renews a runner not yet declared lost, tells it
+to stop.
+"""
+
+import logging
+from datetime import timedelta
+
+from django.db import IntegrityError, connections, transaction
+from django.db.models.functions import Now
+
+from .claim import wake_next
+from .models import Invocation, Runner
+from .status import OWNED, Status
+from .transitions import move
+
+logger = logging.getLogger("keyjobs.worker")
+
+
+def recover_lost_runners(*, using: str, lease: float, by: Runner | None = None) -> list[int]:
+    """Declare lost every runner silent for longer than ``lease`` seconds and requeue what it owned; return the ids."""
+    silent = (
+        Runner.objects.using(using)
+        .active()
+        .filter(heartbeat_at__lt=Now() - timedelta(seconds=lease))
+        .values_list("pk", flat=True)
+    )
+    if by is not None:
+        silent = silent.exclude(pk=by.pk)
+    recovered: list[int] = []
+    for runner_id in list(silent):
+        recovered += _recover(runner_id, using=using, lease=lease, by=by)
+    return recovered
+
+
+def _recover(runner_id: int, *, using: str, lease: float, by: Runner | None) -> list[int]:
+    features = connections[using].features
+    recovered: list[int] = []
+    with transaction.atomic(using=using):
+        # Locked and checked again: two runners may look at once, and the silent one may have come back.
+        lost = (
+            Runner.objects.using(using)
+            .select_for_update(skip_locked=True)
+            .filter(pk=runner_id, stopped_at__isnull=True, heartbeat_at__lt=Now() - timedelta(seconds=lease))
+            .first()
+        )
+        if lost is None:
+            return []
+        Runner.objects.using(using).filter(pk=lost.pk).update(stopped_at=Now(), lost=True)
+        owned = list(
+            Invocation.objects.using(using)
+            .select_for_update(of=("self",), no_key=features.has_select_for_no_key_update)
+            .filter(runner=lost, status__in=OWNED)
+            .order_by("pk")
+        )
+        for invocation in owned:
+            note = (
+                f"recovered: {lost} stopped heartbeating for over {lease:g}s "
+                + ("before starting it" if invocation.status == Status.PENDING else "while running it; it runs again")
+            )
+            try:
+                with transaction.atomic(using=using):  # a savepoint: the registration guard may refuse
+                    move([invocation.pk], Status.REGISTERED, using=using, runner=by, note=note,
+                         values={"slot": 0, "run_after": None})
+            except IntegrityError:
+                # A duplicate is already waiting to make the same call: it takes this one's place.
+                move([invocation.pk], Status.FAILED, using=using, runner=by,
+                     note=note.replace("it runs again", "a waiting duplicate runs instead"),
+                     values={"error": f"its runner {lost} died while it ran; a waiting duplicate runs instead"})
+            wake_next(invocation.task_name, invocation.running_key, using=using, runner=by)
+            recovered.append(invocation.pk)
+    logger.warning("keyjobs: %s lost its lease; recovered %d invocation(s)", lost, len(recovered))
+    return recovered
