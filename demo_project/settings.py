@@ -84,6 +84,10 @@ USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
 
+# keyjobs: how often runners heartbeat, and how long a silent one keeps its work.
+KEYJOBS_HEARTBEAT_INTERVAL = env.float("KEYJOBS_HEARTBEAT_INTERVAL", default=5.0)
+KEYJOBS_LEASE = env.float("KEYJOBS_LEASE", default=6 * KEYJOBS_HEARTBEAT_INTERVAL)
+
 # Where the demo's tasks reach the provider.
 PROVIDER_URL = env("PROVIDER_URL", default="http://127.0.0.1:8765")
 

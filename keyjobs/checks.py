@@ -15,7 +15,11 @@ def check_sqlite_for_workers(app_configs: Any = None, databases: Any = None, **k
     alias = conf.DATABASE
     if alias not in settings.DATABASES or connections[alias].vendor != "sqlite":
         return []
-    options = settings.DATABASES[alias].get("OPTIONS", {})
+    return sqlite_warnings(alias, settings.DATABASES[alias].get("OPTIONS", {}))
+
+
+def sqlite_warnings(alias: str, options: dict[str, Any]) -> list[CheckMessage]:
+    """Return the warnings for a SQLite database with these OPTIONS."""
     messages: list[CheckMessage] = []
     if str(options.get("transaction_mode", "")).upper() != "IMMEDIATE":
         messages.append(
