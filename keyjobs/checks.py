@@ -3,7 +3,7 @@
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import CheckMessage, Tags, Warning, register
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import connections
 
 from .conf import conf
@@ -45,6 +45,31 @@ def sqlite_warnings(alias: str, options: dict[str, Any]) -> list[CheckMessage]:
                 f"DATABASES[{alias!r}] is SQLite with a lock timeout under 10 seconds.",
                 hint="Several runner processes queue for SQLite's single write lock; set OPTIONS['timeout'] = 20.",
                 id="keyjobs.W003",
+            )
+        )
+    return messages
+
+
+@register(Tags.compatibility)
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Refuse keyjobs settings that cannot work."""
+    messages: list[CheckMessage] = []
+    if conf.DATABASE not in settings.DATABASES:
+        messages.append(Error(f"KEYJOBS_DATABASE = {conf.DATABASE!r} is not in DATABASES.", id="keyjobs.E001"))
+    for name in ("POLL_INTERVAL", "HEARTBEAT_INTERVAL", "LEASE"):
+        value = getattr(conf, name)
+        if name == "POLL_INTERVAL" and value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            messages.append(Error(f"KEYJOBS_{name} = {value!r} must be a number of seconds above 0.", id="keyjobs.E002"))
+            return messages
+    if conf.LEASE < 2 * conf.HEARTBEAT_INTERVAL:
+        messages.append(
+            Error(
+                f"KEYJOBS_LEASE ({conf.LEASE:g}s) must be at least twice KEYJOBS_HEARTBEAT_INTERVAL "
+                f"({conf.HEARTBEAT_INTERVAL:g}s).",
+                hint="Otherwise one late heartbeat gets a live runner declared lost and its work run twice.",
+                id="keyjobs.E003",
             )
         )
     return messages

@@ -55,12 +55,12 @@ def _claim_next(
     """Decide the next registered invocation: return it if claimed, False if it was blocked or failed, None if there was none."""
     features = connections[using].features
     with transaction.atomic(using=using):
-        candidate = (
+        next_one = (
             Invocation.objects.using(using)
             .claimable(queues)
             .select_for_update(skip_locked=True, of=("self",), no_key=features.has_select_for_no_key_update)
-            .first()
         )
+        candidate = next_one.first()
         if candidate is None:
             return None
         if candidate.status == Status.RETRY:

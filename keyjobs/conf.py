@@ -40,7 +40,7 @@ class Settings:
         heartbeat intervals.
         """
         lease = getattr(settings, "KEYJOBS_LEASE", None)
-        return float(lease) if lease is not None else 6 * self.HEARTBEAT_INTERVAL
+        return lease if lease is not None else 6 * self.HEARTBEAT_INTERVAL
 
     @property
     def AUTODISCOVER(self) -> bool:

@@ -25,7 +25,7 @@ from . import registry, signals
 from .claim import wake_next
 from .declare import Task
 from .enqueue import check_json
-from .exceptions import KeyjobsError, NotOwner, TimeLimitExceeded
+from .exceptions import ArgumentError, KeyjobsError, NotOwner, TimeLimitExceeded
 from .models import Invocation, Runner
 from .status import Status
 from .transitions import move
@@ -61,6 +61,7 @@ def call(invocation: Invocation) -> Outcome:
     began = time.monotonic()
     try:
         task = registry.get(invocation.task_name)
+        _check_stored_call(invocation)
         signals.invocation_started.send(sender=task, invocation=invocation)
         if task.is_async:
             value = async_to_sync(_call_async)(task, invocation)
@@ -83,6 +84,15 @@ def call(invocation: Invocation) -> Outcome:
                                                   f"failed; next in {delay:.1f}s")
         return Outcome(Status.FAILED, failure)
     return Outcome(Status.SUCCESS, {"return_value": value})
+
+
+def _check_stored_call(invocation: Invocation) -> None:
+    # The database only guarantees JSON; a row written around keyjobs may hold the wrong shape,
+    # and f(*"text") would quietly call f with characters.
+    if not isinstance(invocation.args, list):
+        raise ArgumentError(f"its stored args are a JSON {type(invocation.args).__name__}, not a list")
+    if not isinstance(invocation.kwargs, dict):
+        raise ArgumentError(f"its stored kwargs are a JSON {type(invocation.kwargs).__name__}, not an object")
 
 
 async def _call_async(task: Task[Any, Any], invocation: Invocation) -> Any:

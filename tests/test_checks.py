@@ -33,3 +33,32 @@ def test_wal_is_recognised_with_spaces_and_any_case():
 def test_w003_with_a_short_lock_timeout():
     assert ids({**GOOD, "timeout": 5}) == ["keyjobs.W003"]
     assert ids({k: v for k, v in GOOD.items() if k != "timeout"}) == ["keyjobs.W003"]
+
+
+def error_ids():
+    from keyjobs.checks import check_settings
+
+    return sorted(message.id for message in check_settings())
+
+
+def test_the_default_settings_are_valid():
+    assert error_ids() == []
+
+
+def test_e001_an_unknown_database(settings):
+    settings.KEYJOBS_DATABASE = "jobs"
+    assert error_ids() == ["keyjobs.E001"]
+
+
+def test_e002_a_non_positive_interval(settings):
+    settings.KEYJOBS_POLL_INTERVAL = -1
+    assert error_ids() == ["keyjobs.E002"]
+    settings.KEYJOBS_POLL_INTERVAL = None
+    settings.KEYJOBS_HEARTBEAT_INTERVAL = "5"
+    assert error_ids() == ["keyjobs.E002"]
+
+
+def test_e003_a_lease_too_short_for_the_heartbeat(settings):
+    settings.KEYJOBS_HEARTBEAT_INTERVAL = 5
+    settings.KEYJOBS_LEASE = 8
+    assert error_ids() == ["keyjobs.E003"]

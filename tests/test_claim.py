@@ -157,3 +157,23 @@ def test_wake_next_respects_the_key_limit(runner):
     claim_one(runner)
     claim_one(runner)
     assert wake_next("tests.jobs.keyed", '{"account_id":"acme"}', using="default") == []
+
+
+@pytest.mark.parametrize(("args", "kwargs", "message"), [
+    ("[1, 2]", {}, "its stored args are a JSON str, not a list"),
+    ([1], ["b"], "its stored kwargs are a JSON list, not an object"),
+])
+def test_stored_arguments_of_the_wrong_shape_fail_that_invocation(runner, args, kwargs, message):
+    invocation = jobs.add.delay(1)
+    Invocation.objects.filter(pk=invocation.pk).update(args=args, kwargs=kwargs)
+    execute(claim_one(runner), runner, using="default")
+    invocation.refresh_from_db()
+    assert (invocation.status, invocation.error) == (Status.FAILED, message)
+
+
+def test_stored_arguments_that_no_longer_fit_the_function_fail_at_run_time(runner):
+    invocation = jobs.add.delay(1)
+    Invocation.objects.filter(pk=invocation.pk).update(kwargs={"c": 3})
+    execute(claim_one(runner), runner, using="default")
+    invocation.refresh_from_db()
+    assert invocation.status == Status.FAILED and "unexpected keyword argument 'c'" in invocation.error
