@@ -16,13 +16,13 @@ safety net for a runner that died in between.
 
 import logging
 from django.db import IntegrityError, connections, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, F, OuterRef, Q
 
 from . import registry, wakeups
 from .exceptions import TaskNotFound
 from .models import Invocation, Runner
 from .status import OWNED, Status
-from .transitions import move
+from .transitions import Locked, move, move_locked
 
 logger = logging.getLogger("keyjobs.worker")
 
@@ -30,9 +30,19 @@ logger = logging.getLogger("keyjobs.worker")
 SCAN = 16
 
 
-def claim(runner: Runner, *, using: str, queues: list[str] | None = None, limit: int = 1, thread: int | None = None) -> list[Invocation]:
-    """Claim up to ``limit`` runnable invocations for ``runner`` (now PENDING); park or drop blocked ones.
+def claim(
+    runner: Runner,
+    *,
+    using: str,
+    queues: list[str] | None = None,
+    limit: int = 1,
+    thread: int | None = None,
+    start: bool = False,
+) -> list[Invocation]:
+    """Claim up to ``limit`` runnable invocations for ``runner``; park or drop blocked ones.
 
+    Claimed invocations are PENDING, or RUNNING with ``start`` (for a thread
+    that runs them at once: both changes are recorded, in one transaction).
     Each candidate is decided in a transaction of its own, so that a claim
     holds the owner locks of one key at a time, briefly: a claim that held many
     would make the owners' final transitions queue behind it.
@@ -41,7 +51,7 @@ def claim(runner: Runner, *, using: str, queues: list[str] | None = None, limit:
     for _ in range(SCAN):
         if len(claimed) >= limit:
             break
-        outcome = _claim_next(runner, using=using, queues=queues, thread=thread)
+        outcome = _claim_next(runner, using=using, queues=queues, thread=thread, start=start)
         if outcome is None:
             break
         if outcome:
@@ -50,44 +60,48 @@ def claim(runner: Runner, *, using: str, queues: list[str] | None = None, limit:
 
 
 def _claim_next(
-    runner: Runner, *, using: str, queues: list[str] | None, thread: int | None
+    runner: Runner, *, using: str, queues: list[str] | None, thread: int | None, start: bool
 ) -> Invocation | bool | None:
     """Decide the next registered invocation: return it if claimed, False if it was blocked or failed, None if there was none."""
     features = connections[using].features
     with transaction.atomic(using=using):
-        next_one = (
+        candidate = (
             Invocation.objects.using(using)
             .claimable(queues)
             .select_for_update(skip_locked=True, of=("self",), no_key=features.has_select_for_no_key_update)
+            .first()
         )
-        candidate = next_one.first()
         if candidate is None:
             return None
         if candidate.status == Status.RETRY:
-            move([candidate.pk], Status.REGISTERED, using=using, only_from={Status.RETRY}, runner=runner,
-                 note="its retry delay is over")
+            move_locked([_row(candidate)], Status.REGISTERED, using=using, runner=runner,
+                        note="its retry delay is over")
             candidate.status = Status.REGISTERED
         try:
             task = registry.get(candidate.task_name)
         except TaskNotFound as exc:
-            move([candidate.pk], Status.FAILED, using=using, runner=runner, note="task not found",
-                 values={"error": str(exc)})
+            move_locked([_row(candidate)], Status.FAILED, using=using, runner=runner, note="task not found",
+                        values={"error": str(exc)})
             return False
         if candidate.running_key is None:
-            return candidate if _take(candidate, runner, thread, 0, using) else False
-        if _try_claim(candidate, task.running_limit, runner, thread, using):
+            return candidate if _take(candidate, runner, thread, 0, using, start) else False
+        if _try_claim(candidate, task.running_limit, runner, thread, using, start):
             return candidate
         # Still under the locks taken on the key's owners: see the module docstring.
         if task.reroute_on_concurrency_control:
-            move([candidate.pk], Status.REROUTED, using=using, only_from={Status.REGISTERED}, runner=runner,
-                 note="its key was busy: parked until it frees")
+            move_locked([_row(candidate)], Status.REROUTED, using=using, runner=runner,
+                        note="its key was busy: parked until it frees")
         else:
-            move([candidate.pk], Status.CONCURRENCY_CONTROLLED_FINAL, using=using, only_from={Status.REGISTERED},
-                 runner=runner, note="its key was busy: dropped")
+            move_locked([_row(candidate)], Status.CONCURRENCY_CONTROLLED_FINAL, using=using, runner=runner,
+                        note="its key was busy: dropped")
         return False
 
 
-def _try_claim(candidate: Invocation, limit: int, runner: Runner, thread: int | None, using: str) -> bool:
+def _row(invocation: Invocation) -> Locked:
+    return (invocation.pk, invocation.status, invocation.runner_id)
+
+
+def _try_claim(candidate: Invocation, limit: int, runner: Runner, thread: int | None, using: str, start: bool) -> bool:
     """Claim ``candidate`` if its key has room and nothing of its key is ahead of it."""
     features = connections[using].features
     same_key = Invocation.objects.using(using).of_running_key(candidate.task_name, candidate.running_key)
@@ -120,21 +134,26 @@ def _try_claim(candidate: Invocation, limit: int, runner: Runner, thread: int | 
             return False
         try:
             with transaction.atomic(using=using):  # a savepoint: losing the race must not end the claim
-                return _take(candidate, runner, thread, free[0], using)
+                return _take(candidate, runner, thread, free[0], using, start)
         except IntegrityError:
             # Another runner took the key between our look and our claim: look again.
             continue
     return False
 
 
-def _take(candidate: Invocation, runner: Runner, thread: int | None, slot: int, using: str) -> bool:
-    values = {"runner": runner, "runner_thread": thread, "slot": slot}
-    if not move([candidate.pk], Status.PENDING, using=using, only_from={Status.REGISTERED}, runner=runner,
-                runner_thread=thread, values=values):
+def _take(candidate: Invocation, runner: Runner, thread: int | None, slot: int, using: str, start: bool) -> bool:
+    values: dict[str, object] = {"runner": runner, "runner_thread": thread, "slot": slot}
+    if start:
+        values["attempts"] = F("attempts") + 1
+    moved = move_locked([_row(candidate)], Status.RUNNING if start else Status.PENDING, using=using,
+                        only_from={Status.REGISTERED}, runner=runner, runner_thread=thread, values=values,
+                        via=[Status.PENDING] if start else ())
+    if not moved:
         return False
-    candidate.status = Status.PENDING
-    for name, value in values.items():
-        setattr(candidate, name, value)
+    candidate.status = Status.RUNNING if start else Status.PENDING
+    candidate.runner, candidate.runner_thread, candidate.slot = runner, thread, slot
+    if start:
+        candidate.attempts += 1
     return True
 
 

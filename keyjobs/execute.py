@@ -160,9 +160,14 @@ def execute(
     thread: int | None = None,
     keep_trying: Callable[[], bool] = lambda: True,
 ) -> Status | None:
-    """Start, call and finish one claimed invocation; return its final status, None if it was taken away."""
-    started = durably(f"start #{invocation.pk}", lambda: start(invocation, runner, using=using, thread=thread),
-                      using=using, keep_trying=keep_trying)
+    """Start (unless the claim did), call and finish one claimed invocation.
+
+    Return the status recorded, or None if the invocation was taken away.
+    """
+    started = invocation.status == Status.RUNNING or durably(
+        f"start #{invocation.pk}", lambda: start(invocation, runner, using=using, thread=thread),
+        using=using, keep_trying=keep_trying,
+    )
     if not started:
         logger.warning("keyjobs: invocation #%s was taken from %s before it started", invocation.pk, runner)
         return None

@@ -138,7 +138,7 @@ class Worker:
                     close_old_connections()
                     checked = time.monotonic()
                 try:
-                    batch = claim(self.runner, using=self.using, queues=self.queues, thread=number)
+                    batch = claim(self.runner, using=self.using, queues=self.queues, thread=number, start=True)
                 except DatabaseError as exc:
                     logger.warning("keyjobs: thread %d could not claim (%s); retrying in %.1fs", number, exc, pause)
                     connections[self.using].close()
