@@ -176,6 +176,8 @@ class Worker:
         idle pool costs the database one query per interval, not one per thread.
         """
         with self._work:
+            if self.stopping.is_set():  # stop() may have notified before this thread began to wait
+                return True
             if self.burst and self._busy == 0 and not self._work_left():
                 self.stop()
                 return True
