@@ -51,50 +51,61 @@ def claim(
     for _ in range(SCAN):
         if len(claimed) >= limit:
             break
-        outcome = _claim_next(runner, using=using, queues=queues, thread=thread, start=start)
-        if outcome is None:
+        taken = _claim_next(runner, using=using, queues=queues, thread=thread, start=start,
+                            room=limit - len(claimed))
+        if taken is None:
             break
-        if outcome:
-            claimed.append(outcome)
+        claimed += taken
     return claimed
 
 
 def _claim_next(
-    runner: Runner, *, using: str, queues: list[str] | None, thread: int | None, start: bool
-) -> Invocation | bool | None:
-    """Decide the next registered invocation: return it if claimed, False if it was blocked or failed, None if there was none."""
+    runner: Runner, *, using: str, queues: list[str] | None, thread: int | None, start: bool, room: int
+) -> list[Invocation] | None:
+    """Decide the next registered invocations: return those claimed, None if there were none.
+
+    Up to ``room`` invocations without a running key at the head of the queue
+    are claimed together; one with a running key is decided alone, under its
+    key's owner locks.
+    """
     features = connections[using].features
     with transaction.atomic(using=using):
-        candidate = (
+        candidates = list(
             Invocation.objects.using(using)
             .claimable(queues)
-            .select_for_update(skip_locked=True, of=("self",), no_key=features.has_select_for_no_key_update)
-            .first()
+            .select_for_update(skip_locked=True, of=("self",), no_key=features.has_select_for_no_key_update)[:room]
         )
-        if candidate is None:
+        if not candidates:
             return None
-        if candidate.status == Status.RETRY:
-            move_locked([_row(candidate)], Status.REGISTERED, using=using, runner=runner,
-                        note="its retry delay is over")
-            candidate.status = Status.REGISTERED
+        for candidate in candidates:
+            if candidate.status == Status.RETRY:
+                move_locked([_row(candidate)], Status.REGISTERED, using=using, runner=runner,
+                            note="its retry delay is over")
+                candidate.status = Status.REGISTERED
+        head = candidates[0]
         try:
-            task = registry.get(candidate.task_name)
+            task = registry.get(head.task_name)
         except TaskNotFound as exc:
-            move_locked([_row(candidate)], Status.FAILED, using=using, runner=runner, note="task not found",
+            move_locked([_row(head)], Status.FAILED, using=using, runner=runner, note="task not found",
                         values={"error": str(exc)})
-            return False
-        if candidate.running_key is None:
-            return candidate if _take(candidate, runner, thread, 0, using, start) else False
-        if _try_claim(candidate, task.running_limit, runner, thread, using, start):
-            return candidate
+            return []
+        if head.running_key is None:
+            plain = [head]
+            for candidate in candidates[1:]:
+                if candidate.running_key is not None or candidate.task_name not in registry.all_names():
+                    break  # keep the queue's order: the rest waits for the next claim
+                plain.append(candidate)
+            return _take(plain, runner, thread, 0, using, start)
+        if _try_claim(head, task.running_limit, runner, thread, using, start):
+            return [head]
         # Still under the locks taken on the key's owners: see the module docstring.
         if task.reroute_on_concurrency_control:
-            move_locked([_row(candidate)], Status.REROUTED, using=using, runner=runner,
+            move_locked([_row(head)], Status.REROUTED, using=using, runner=runner,
                         note="its key was busy: parked until it frees")
         else:
-            move_locked([_row(candidate)], Status.CONCURRENCY_CONTROLLED_FINAL, using=using, runner=runner,
+            move_locked([_row(head)], Status.CONCURRENCY_CONTROLLED_FINAL, using=using, runner=runner,
                         note="its key was busy: dropped")
-        return False
+        return []
 
 
 def _row(invocation: Invocation) -> Locked:
@@ -134,27 +145,29 @@ def _try_claim(candidate: Invocation, limit: int, runner: Runner, thread: int | 
             return False
         try:
             with transaction.atomic(using=using):  # a savepoint: losing the race must not end the claim
-                return _take(candidate, runner, thread, free[0], using, start)
+                return bool(_take([candidate], runner, thread, free[0], using, start))
         except IntegrityError:
             # Another runner took the key between our look and our claim: look again.
             continue
     return False
 
 
-def _take(candidate: Invocation, runner: Runner, thread: int | None, slot: int, using: str, start: bool) -> bool:
+def _take(
+    candidates: list[Invocation], runner: Runner, thread: int | None, slot: int, using: str, start: bool
+) -> list[Invocation]:
     values: dict[str, object] = {"runner": runner, "runner_thread": thread, "slot": slot}
     if start:
         values["attempts"] = F("attempts") + 1
-    moved = move_locked([_row(candidate)], Status.RUNNING if start else Status.PENDING, using=using,
-                        only_from={Status.REGISTERED}, runner=runner, runner_thread=thread, values=values,
-                        via=[Status.PENDING] if start else ())
-    if not moved:
-        return False
-    candidate.status = Status.RUNNING if start else Status.PENDING
-    candidate.runner, candidate.runner_thread, candidate.slot = runner, thread, slot
-    if start:
-        candidate.attempts += 1
-    return True
+    moved = set(move_locked([_row(c) for c in candidates], Status.RUNNING if start else Status.PENDING, using=using,
+                            only_from={Status.REGISTERED}, runner=runner, runner_thread=thread, values=values,
+                            via=[Status.PENDING] if start else ()))
+    taken = [c for c in candidates if c.pk in moved]
+    for candidate in taken:
+        candidate.status = Status.RUNNING if start else Status.PENDING
+        candidate.runner, candidate.runner_thread, candidate.slot = runner, thread, slot
+        if start:
+            candidate.attempts += 1
+    return taken
 
 
 def wake_next(task_name: str, running_key: str | None, *, using: str, runner: Runner | None = None) -> list[int]:

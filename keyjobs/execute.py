@@ -179,3 +179,14 @@ def execute(
         logger.warning("keyjobs: invocation #%s was taken from %s while it ran; its outcome is discarded",
                        invocation.pk, runner)
     return finished
+
+
+def give_back(invocations: list[Invocation], runner: Runner, *, using: str) -> list[int]:
+    """Return claimed invocations that were never started to REGISTERED (a stopping runner's prefetch)."""
+    pending = [inv for inv in invocations if inv.status == Status.PENDING]
+    with transaction.atomic(using=using):
+        moved = move([inv.pk for inv in pending], Status.REGISTERED, using=using, only_from={Status.PENDING},
+                     owner=runner, note="given back: its runner stopped before starting it")
+        for invocation in pending:
+            wake_next(invocation.task_name, invocation.running_key, using=using, runner=runner)
+    return moved

@@ -45,3 +45,8 @@ def get(name: str) -> "Task":
 def all_tasks() -> dict[str, "Task"]:
     """Return a copy of the registry."""
     return dict(_tasks)
+
+
+def all_names() -> set[str]:
+    """Return the names of the registered tasks (a view: cheap to ask on a hot path)."""
+    return _tasks.keys()  # type: ignore[return-value]

@@ -20,7 +20,7 @@ from . import registry, wakeups
 from .claim import claim, wake_orphans
 from .conf import conf
 from .exceptions import TaskNotFound
-from .execute import execute
+from .execute import execute, give_back
 from .models import Event, Invocation, Runner
 from .recovery import recover_lost_runners
 from .status import Status
@@ -40,10 +40,16 @@ class Worker:
         burst: bool = False,
         using: str | None = None,
         poll_interval: float | None = None,
+        prefetch: int = 1,
     ) -> None:
         if threads < 1:
             raise ValueError("threads must be at least 1")
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
         self.threads = threads
+        #: How many invocations a thread claims at once. One starts its claim at once; more are
+        #: claimed PENDING and started one after another (cheaper per invocation for short work).
+        self.prefetch = prefetch
         self.queues = list(queues or [])
         self.burst = burst
         self.using = using or conf.DATABASE
@@ -138,7 +144,8 @@ class Worker:
                     close_old_connections()
                     checked = time.monotonic()
                 try:
-                    batch = claim(self.runner, using=self.using, queues=self.queues, thread=number, start=True)
+                    batch = claim(self.runner, using=self.using, queues=self.queues, thread=number,
+                                  limit=self.prefetch, start=self.prefetch == 1)
                 except DatabaseError as exc:
                     logger.warning("keyjobs: thread %d could not claim (%s); retrying in %.1fs", number, exc, pause)
                     connections[self.using].close()
@@ -154,7 +161,10 @@ class Worker:
                     self._busy += 1
                     self._work.notify()  # there may be more: wake a colleague
                 try:
-                    for invocation in batch:
+                    for position, invocation in enumerate(batch):
+                        if self.stopping.is_set() and invocation.status == Status.PENDING:
+                            give_back(batch[position:], self.runner, using=self.using)
+                            break
                         task_timeout = _timeout_of(invocation)
                         self._running[number] = (invocation, time.monotonic(), task_timeout)
                         try:

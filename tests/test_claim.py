@@ -177,3 +177,28 @@ def test_stored_arguments_that_no_longer_fit_the_function_fail_at_run_time(runne
     execute(claim_one(runner), runner, using="default")
     invocation.refresh_from_db()
     assert invocation.status == Status.FAILED and "unexpected keyword argument 'c'" in invocation.error
+
+
+def test_a_batch_claim_takes_the_plain_invocations_at_the_head_together(runner):
+    plain = [jobs.add.delay(n) for n in range(3)]
+    keyed = jobs.keyed.delay("acme", "a")
+    later = jobs.add.delay(9)
+    claimed = claim(runner, using="default", limit=10)
+    assert [inv.pk for inv in claimed] == [*(inv.pk for inv in plain), keyed.pk, later.pk]
+    assert {inv.status for inv in claimed} == {Status.PENDING}
+
+
+def test_a_batch_claim_respects_its_limit(runner):
+    for n in range(5):
+        jobs.add.delay(n)
+    assert len(claim(runner, using="default", limit=2)) == 2
+    assert Invocation.objects.filter(status=Status.REGISTERED).count() == 3
+
+
+def test_a_claim_that_starts_records_both_steps(runner):
+    invocation = jobs.add.delay(1)
+    [claimed] = claim(runner, using="default", start=True)
+    assert (claimed.status, claimed.attempts) == (Status.RUNNING, 1)
+    assert list(Event.objects.filter(invocation=invocation).values_list("from_status", "to_status")) == [
+        ("REGISTERED", "PENDING"), ("PENDING", "RUNNING")
+    ]

@@ -124,3 +124,23 @@ def test_worker_processes_keep_each_key_serial_and_lose_nothing(worker_process, 
         in_order = [n for account, n, *_ in sorted(runs, key=lambda r: r[2]) if account == f"account-{k}"]
         assert in_order == list(range(per_key)), f"account-{k} ran out of order"
     assert len({pid for *_, pid in runs}) == 2, "both worker processes took work"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_prefetching_worker_runs_everything(tmp_path):
+    invocations = jobs.add.delay_many([((n,), {}) for n in range(30)])
+    Worker(threads=2, burst=True, prefetch=8).run()
+    assert Invocation.objects.filter(status=Status.SUCCESS).count() == len(invocations)
+
+
+@pytest.mark.django_db
+def test_a_stopping_runner_gives_back_what_it_prefetched_but_never_started():
+    from keyjobs.claim import claim
+    from keyjobs.execute import give_back
+    from tests.factories import RunnerFactory
+
+    runner = RunnerFactory()
+    jobs.add.delay_many([((n,), {}) for n in range(3)])
+    batch = claim(runner, using="default", limit=3)
+    assert len(give_back(batch, runner, using="default")) == 3
+    assert Invocation.objects.filter(status=Status.REGISTERED).count() == 3

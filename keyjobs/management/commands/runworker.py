@@ -29,11 +29,13 @@ class Command(BaseCommand):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--threads", type=positive_int, default=1, help="Runner threads (default 1).")
         parser.add_argument("--queues", type=queue_list, default=[], help="Comma-separated queues (default: all).")
+        parser.add_argument("--prefetch", type=positive_int, default=1,
+                            help="Invocations a thread claims at once (default 1; more is cheaper for short work).")
         parser.add_argument("--burst", action="store_true", help="Exit once nothing is left to run.")
         parser.add_argument("--database", default=None, help="Database alias (default KEYJOBS_DATABASE).")
 
     def handle(self, *args: object, threads: int, queues: list[str], burst: bool, database: str | None,
-               verbosity: int, **options: object) -> None:
+               prefetch: int, verbosity: int, **options: object) -> None:
         if not logging.getLogger("keyjobs").handlers:
             handler = logging.StreamHandler(self.stderr._out)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -44,7 +46,7 @@ class Command(BaseCommand):
 
         if database is not None and database not in settings.DATABASES:
             raise CommandError(f"--database {database!r} is not in settings.DATABASES")
-        worker = Worker(threads=threads, queues=queues, burst=burst, using=database)
+        worker = Worker(threads=threads, queues=queues, burst=burst, using=database, prefetch=prefetch)
         worker.install_signal_handlers()
         worker.run()
         if worker.lost:
