@@ -3,24 +3,8 @@ import logging
 
 from django.core.management.base import BaseCommand, CommandError
 
+from keyjobs.management.arguments import positive_int, queue_list
 from keyjobs.worker import Worker
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def queue_list(text: str) -> list[str]:
-    queues = [queue.strip() for queue in text.split(",")]
-    if not all(queues):
-        raise argparse.ArgumentTypeError(f"{text!r} has an empty queue name; write a,b,c")
-    return queues
 
 
 class Command(BaseCommand):

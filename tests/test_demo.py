@@ -1,0 +1,402 @@
+"""The demo: its tasks, its four scenarios on real workers, and its two commands.
+
+The scenarios run on a real ``runworker`` process of 8 threads against an
+in-process provider, as ``manage.py demo`` runs them, with a shorter hold.
+"""
+
+import io
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from django.core.management import call_command, execute_from_command_line
+from django.core.management.base import CommandError
+from django.db import connection
+from django.test import override_settings
+
+from demo_project import scenarios, tasks
+from demo_project.provider import Provider
+from demo_project.scenarios import SCENARIOS, Load, ProviderClient, Summary
+from keyjobs import Status
+from keyjobs.models import Runner
+
+ROOT = Path(__file__).resolve().parent.parent
+# Long enough that unsafe calls released together overlap, and that C's
+# runners decide every blocked call while the first of its account still runs.
+HOLD = 0.25
+THREADS = 8
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+def provider() -> Iterator[Provider]:
+    with Provider(hold=HOLD, quiet=True) as running:
+        yield running
+
+
+@pytest.fixture
+def client(provider: Provider) -> Iterator[ProviderClient]:
+    assert provider.url is not None
+    with ProviderClient(provider.url) as opened:
+        yield opened
+
+
+@pytest.fixture
+def workers(worker_process: Any, provider: Provider) -> None:
+    """Start a runworker of 8 threads that calls ``provider``; return once it has registered."""
+    process = worker_process("--threads", str(THREADS), env={"PROVIDER_URL": provider.url})
+    deadline = time.monotonic() + 30
+    while not Runner.objects.active().exists():
+        assert process.process.poll() is None, f"runworker exited:\n{process.process.communicate()[0]}"
+        assert time.monotonic() < deadline, "runworker did not register within 30s"
+        time.sleep(0.05)
+
+
+def run(letter: str, client: ProviderClient) -> Summary:
+    return scenarios.run(SCENARIOS[letter], client, hold=HOLD, threads=THREADS, timeout=30)
+
+
+# -- the scenarios on a real worker ---------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_unsafe_calls_collide(workers: None, client: ProviderClient) -> None:
+    summary = run("A", client)
+
+    assert (summary.enqueued, summary.calls, summary.unfinished) == (12, 12, 0)
+    assert summary.collisions > 0
+    # A collision is a 429, which fails the invocation that met it.
+    assert summary.statuses.get(Status.FAILED) == summary.collisions
+    assert summary.ok
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_b_keyed_calls_never_collide_and_all_run(workers: None, client: ProviderClient) -> None:
+    summary = run("B", client)
+
+    assert (summary.calls, summary.collisions, summary.unfinished) == (12, 0, 0)
+    assert summary.statuses == {Status.SUCCESS: 12}
+    assert [(account.name, account.calls) for account in summary.accounts] == [("acme", 4), ("globex", 4), ("initech", 4)]
+    assert summary.seconds is not None and summary.seconds >= summary.limit == pytest.approx(4 * HOLD)
+    assert summary.ok
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_c_keyed_dropping_runs_one_call_per_account_and_drops_the_rest(workers: None, client: ProviderClient) -> None:
+    summary = run("C", client)
+
+    assert (summary.calls, summary.collisions, summary.dropped) == (3, 0, 9)
+    assert summary.statuses == {Status.SUCCESS: 3, Status.CONCURRENCY_CONTROLLED_FINAL: 9}
+    assert {(account.name, account.calls, account.dropped) for account in summary.accounts} == {
+        ("acme", 1, 3), ("globex", 1, 3), ("initech", 1, 3),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_d_refresh_once_makes_exactly_one_call_per_account(workers: None, client: ProviderClient) -> None:
+    summary = run("D", client)
+
+    assert (summary.enqueued, summary.calls, summary.collisions, summary.deduplicated) == (24, 3, 0, 21)
+    assert summary.statuses == {Status.SUCCESS: 3}
+    assert {(account.name, account.calls, account.deduplicated) for account in summary.accounts} == {
+        ("acme", 1, 7), ("globex", 1, 7), ("initech", 1, 7),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_run_counts_only_its_own_calls_and_invocations(workers: None, client: ProviderClient) -> None:
+    run("D", client)
+
+    again = run("D", client)
+
+    assert (again.enqueued, again.calls, again.deduplicated) == (24, 3, 21)
+    assert sorted((entry["account"], entry["op"]) for entry in again.log) == [
+        ("acme", "refresh"), ("globex", "refresh"), ("initech", "refresh"),
+    ]
+
+
+# -- the report ---------------------------------------------------------------
+
+
+def test_titles_are_read_off_the_tasks_declarations() -> None:
+    assert [scenario.title for scenario in SCENARIOS.values()] == [
+        "A. unsafe — no concurrency control",
+        "B. keyed — running_concurrency=KEYS, reroute=True",
+        "C. keyed, dropping — running_concurrency=KEYS, reroute=False",
+        "D. refresh once — running_concurrency=KEYS, registration_concurrency=KEYS, reroute=True",
+    ]
+
+
+def summary_of(letter: str, **figures: object) -> Summary:
+    defaults: dict[str, object] = {
+        "enqueued": 12, "statuses": {Status.SUCCESS: 12}, "calls": 12, "collisions": 0, "dropped": 0,
+        "deduplicated": 0, "unfinished": 0, "seconds": 1.634, "limit": 1.6, "timeout": 30.0,
+        "accounts": [scenarios.Account("acme", 4, 0, 0, 0)],
+        "log": [{"account": "acme", "op": "fetch_profile", "collision": False, "started": 100.0, "ended": 100.4}],
+    }
+    return Summary(scenario=SCENARIOS[letter], **{**defaults, **figures})  # type: ignore[arg-type]
+
+
+def test_report_prints_the_summary_then_the_call_log() -> None:
+    assert summary_of("B").report().splitlines() == [
+        "=== B. keyed — running_concurrency=KEYS, reroute=True ===",
+        "  12 enqueued -> 12 calls, 0 collisions, 1.63s (limit 1.60s)",
+        "  invocations: 12 SUCCESS",
+        "  OK acme     calls=4  collisions=0",
+        "  call log, in seconds from the first call:",
+        "     0.00- 0.40  [ok       ] acme     fetch_profile",
+    ]
+
+
+def test_report_of_c_tells_how_many_were_dropped() -> None:
+    summary = summary_of("C", calls=3, dropped=9, accounts=[scenarios.Account("acme", 1, 0, 3, 0)])
+
+    lines = summary.report(log=False).splitlines()
+
+    assert lines[1] == "  12 enqueued -> 3 calls, 0 collisions, 9 dropped, 1.63s (limit 1.60s)"
+    assert lines[3] == "  OK acme     calls=1  collisions=0  dropped=3"
+
+
+def test_report_of_d_tells_how_many_were_deduplicated() -> None:
+    summary = summary_of("D", enqueued=24, calls=3, deduplicated=21, accounts=[scenarios.Account("acme", 1, 0, 0, 7)])
+
+    lines = summary.report(log=False).splitlines()
+
+    assert lines[1] == "  24 enqueued -> 3 calls, 0 collisions, 21 deduplicated, 1.63s (limit 1.60s)"
+    assert lines[3] == "  OK acme     calls=1  collisions=0  deduplicated=7"
+
+
+def test_report_marks_an_account_that_saw_a_collision() -> None:
+    summary = summary_of("A", collisions=2, accounts=[scenarios.Account("acme", 4, 2, 0, 0)])
+
+    assert "  !! acme     calls=4  collisions=2" in summary.report().splitlines()
+
+
+def test_report_says_when_invocations_did_not_end() -> None:
+    summary = summary_of("B", unfinished=5, seconds=None)
+
+    assert summary.report().splitlines()[1] == "  12 enqueued -> 12 calls, 0 collisions, 5 did not end within 30s"
+
+
+def test_a_collision_in_a_keyed_scenario_is_a_problem_but_not_in_the_unsafe_one() -> None:
+    assert summary_of("A", collisions=3).problems() == []
+    assert summary_of("B", collisions=3).problems() == ["B saw 3 collision(s)"]
+
+
+def test_invocations_left_unfinished_are_a_problem() -> None:
+    assert summary_of("D", unfinished=2, seconds=None).problems() == ["D left 2 invocation(s) unfinished"]
+
+
+def made(running_key: str | None, pk: int) -> dict[str, object]:
+    return {"pk": pk, "running_key": running_key, "started_at": "then"}
+
+
+def test_limit_of_keyed_calls_is_the_longest_chain_of_one_key() -> None:
+    rows = [made(f"{{'account_id': {account!r}}}", pk) for pk, account in enumerate(["acme", "globex", "initech"] * 4)]
+
+    assert scenarios.limit(rows, hold=0.4, threads=8) == pytest.approx(1.6)
+
+
+def test_limit_of_calls_without_a_key_is_the_width_of_the_pool() -> None:
+    rows = [made(None, pk) for pk in range(12)]
+
+    assert scenarios.limit(rows, hold=0.4, threads=8) == pytest.approx(0.6)
+
+
+def test_limit_counts_only_invocations_that_ran() -> None:
+    rows = [made('{"account_id":"acme"}', 1), {**made('{"account_id":"acme"}', 2), "started_at": None}]
+
+    assert scenarios.limit(rows, hold=0.4, threads=8) == pytest.approx(0.4)
+
+
+def test_load_scales_past_the_named_accounts_and_ops() -> None:
+    load = Load.scaled(accounts=4, ops=5)
+
+    assert load.accounts == ("acme", "globex", "initech", "acme2")
+    assert load.ops == ("fetch_profile", "list_invoices", "refresh_usage", "update_metadata", "fetch_profile_2")
+    assert len(SCENARIOS["B"].calls(load)) == 20
+    assert len(SCENARIOS["D"].calls(load)) == 4 * 2 * 5
+
+
+# -- the tasks ------------------------------------------------------------------
+
+
+@pytest.fixture
+def inline(provider: Provider) -> Iterator[None]:
+    """Let tasks called in this thread reach ``provider``; close this thread's client afterwards."""
+    with override_settings(PROVIDER_URL=provider.url):
+        yield
+    tasks.close_provider()
+
+
+def closing_client(function: Callable[[], T]) -> Callable[[], T]:
+    """Return ``function``, made to close its thread's client when it returns."""
+
+    def call_and_close() -> T:
+        try:
+            return function()
+        finally:
+            tasks.close_provider()
+
+    return call_and_close
+
+
+def test_a_thread_reuses_its_client_and_other_threads_get_their_own(inline: None) -> None:
+    mine = tasks.provider()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        theirs = pool.submit(closing_client(tasks.provider)).result(timeout=10)
+
+    assert tasks.provider() is mine
+    assert theirs is not mine
+
+
+def test_a_task_calls_the_provider_for_its_account(inline: None) -> None:
+    answer = tasks.call_keyed("acme", "fetch_profile")
+
+    assert (answer["account"], answer["op"], answer["collision"]) == ("acme", "fetch_profile", False)
+
+
+def test_a_task_that_meets_a_collision_raises(inline: None, client: ProviderClient) -> None:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(closing_client(lambda: tasks.call_unsafe("acme", "fetch_profile")))
+        while not client.stats()["in_flight"]:
+            time.sleep(0.01)
+
+        with pytest.raises(httpx.HTTPStatusError, match="429"):
+            tasks.call_unsafe("acme", "list_invoices")
+        first.result(timeout=10)
+
+
+# -- the commands -------------------------------------------------------------
+
+
+def manage(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[object, str]:
+    """Run ``manage.py args`` as from the command line, in this process; return the exit status and stderr."""
+    with pytest.raises(SystemExit) as exited:
+        execute_from_command_line(["manage.py", *args])
+    return exited.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["demo", "E"], "argument A|B|C|D|all: unknown scenario 'E'; choose A, B, C, D or all"),
+        (["demo", "--hold", "-1"], "argument --hold: must be a number of seconds from 0 to 60, not '-1'"),
+        (["demo", "--threads", "0"], "argument --threads: must be at least 1, not 0"),
+        (["demo", "--workers", "two"], "argument --workers: 'two' is not a whole number"),
+        (["demo", "--port", "70000"], "argument --port: must be from 0 to 65535, not 70000"),
+        (["demo", "--timeout", "nan"], "argument --timeout: must be more than 0 seconds, not nan"),
+        (["enqueue", "all", "--ops", "-3"], "argument --ops: must be at least 1, not -3"),
+        (["enqueue"], "the following arguments are required: A|B|C|D|all"),
+    ],
+)
+def test_bad_input_gets_one_line_and_a_non_zero_exit(
+    capsys: pytest.CaptureFixture[str], args: list[str], complaint: str
+) -> None:
+    status, stderr = manage(capsys, *args)
+
+    assert status != 0
+    assert stderr == f"manage.py {args[0]}: error: {complaint}\n"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_demo_with_its_port_in_use_says_so_in_one_line(capsys: pytest.CaptureFixture[str], provider: Provider) -> None:
+    port = provider.url.rsplit(":", 1)[1]
+
+    status, stderr = manage(capsys, "demo", "--port", port)
+
+    assert status == 1
+    assert stderr == (
+        f"CommandError: provider: port {port} on 127.0.0.1 is already in use; "
+        "stop what uses it, or pass --port 0 for any free port\n"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_demo_runs_the_four_scenarios_and_stops_what_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the worker processes it starts need to open the test database.
+    monkeypatch.setenv("KEYJOBS_TEST_DB_NAME", connection.settings_dict["NAME"])
+    out = io.StringIO()
+
+    call_command("demo", "all", port=0, hold=HOLD, stdout=out)
+
+    titles = [line for line in out.getvalue().splitlines() if line.startswith("===")]
+    assert [title[4] for title in titles] == ["A", "B", "C", "D"]
+    figures = re.findall(r"^  (\d+) enqueued -> (\d+) calls, (\d+) collisions", out.getvalue(), re.MULTILINE)
+    assert figures[1:] == [("12", "12", "0"), ("12", "3", "0"), ("24", "3", "0")]
+    assert not Runner.objects.active().exists()
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_demo_stops_what_it_started_on_ctrl_c() -> None:
+    demo = subprocess.Popen(
+        [sys.executable, "-W", "error", "manage.py", "demo", "B", "--port", "0", "--hold", "1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "KEYJOBS_TEST_DB_NAME": connection.settings_dict["NAME"]},
+    )
+    try:
+        assert demo.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(demo.stdout, selectors.EVENT_READ)
+            assert selector.select(60), "the demo did not start"
+        started = re.match(r"provider at (http://127\.0\.0\.1:(\d+)) ", demo.stdout.readline())
+        assert started is not None
+        with ProviderClient(started[1]) as demos_provider:
+            while not demos_provider.stats()["in_flight"]:
+                time.sleep(0.02)
+
+        demo.send_signal(signal.SIGINT)
+        _, stderr = demo.communicate(timeout=30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate()
+
+    assert demo.returncode == 130
+    assert stderr.splitlines()[-1] == "CommandError: interrupted; the provider and the workers are stopped"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", int(started[2])), timeout=5).close()
+    (worker,) = Runner.objects.values_list("pid", flat=True)
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_enqueue_runs_a_scenario_on_the_workers_already_running(workers: None, provider: Provider) -> None:
+    out = io.StringIO()
+
+    with override_settings(PROVIDER_URL=provider.url):
+        call_command("enqueue", "D", stdout=out)
+
+    assert out.getvalue().splitlines()[1].startswith("  24 enqueued -> 3 calls, 0 collisions, 21 deduplicated, ")
+
+
+@pytest.mark.django_db
+def test_enqueue_without_a_provider_says_how_to_start_one() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{unused.getsockname()[1]}"
+
+    with override_settings(PROVIDER_URL=url), pytest.raises(CommandError, match="start it with `python -m demo_project.provider`"):
+        call_command("enqueue", "B", stderr=io.StringIO())
