@@ -108,6 +108,8 @@ class Invocation(models.Model):
                 condition=Q(status__in=sorted(map(str, WAITING))) & Q(running_key__isnull=False),
                 name="keyjobs_waiting_by_key",
             ),
+            # Everything of one key, whatever its status: the monitor's key view.
+            models.Index(fields=["task_name", "running_key"], name="keyjobs_by_key"),
             models.Index(fields=["status", "finished_at"], name="keyjobs_status_finished"),
             models.Index(fields=["created_at"], name="keyjobs_created"),
         ]
