@@ -1,0 +1,391 @@
+"""The admin of invocations and runners, and the entry to the monitor (``keyjobs.views``).
+
+Nothing here writes a status: an invocation is never saved from a form,
+because ``save()`` writes every column and would overwrite a status the
+worker changed meanwhile. Changes go through the retry and cancel actions,
+which use ``keyjobs.control`` and so the same checked transitions as the
+worker.
+"""
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db.models import Prefetch, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString, mark_safe
+from django.utils.timesince import timesince
+from django.views.decorators.http import require_POST
+
+from . import control, registry
+from .conf import conf
+from .models import Event, Invocation, Runner
+from .status import Status
+from .views import (
+    STATUS_COLOURS,
+    MonitorViews,
+    alive_cutoff,
+    format_duration,
+    key_url,
+    monitor_links,
+    runner_is_alive,
+    status_badge,
+)
+
+#: How many of the newest invocations the task and queue filters look at for names the registry lacks.
+RECENT_NAMES = 1000
+#: How many runners the runner filter offers, newest first.
+RECENT_RUNNERS = 20
+
+
+def pretty_json(value: Any) -> SafeString:
+    return format_html('<pre class="kj-pre">{}</pre>', json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def _recent(request: HttpRequest) -> list[tuple[str, str]]:
+    """Return the (task, queue) of the newest invocations, once per request; an indexed, bounded read."""
+    if not hasattr(request, "_keyjobs_recent"):
+        request._keyjobs_recent = list(  # type: ignore[attr-defined]
+            Invocation.objects.using(conf.DATABASE).order_by("-pk").values_list("task_name", "queue")[:RECENT_NAMES]
+        )
+    return request._keyjobs_recent  # type: ignore[attr-defined,no-any-return]
+
+
+class TaskFilter(admin.SimpleListFilter):
+    # Not a SELECT DISTINCT over the whole table: the registry, plus what the newest invocations name.
+    title = "task"
+    parameter_name = "task"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        names = set(registry.all_tasks()) | {task_name for task_name, _ in _recent(request)}
+        if self.value():
+            names.add(self.value())
+        return [(name, name) for name in sorted(names)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Invocation]) -> QuerySet[Invocation]:
+        return queryset.filter(task_name=self.value()) if self.value() else queryset
+
+
+class QueueFilter(admin.SimpleListFilter):
+    title = "queue"
+    parameter_name = "queue"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        names = {task.queue for task in registry.all_tasks().values()} | {queue for _, queue in _recent(request)}
+        if self.value():
+            names.add(self.value())
+        return [(name, name) for name in sorted(names)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Invocation]) -> QuerySet[Invocation]:
+        return queryset.filter(queue=self.value()) if self.value() else queryset
+
+
+class RunnerFilter(admin.SimpleListFilter):
+    # Runners pile up (one per worker start): offer the newest ones, not all of them.
+    title = "runner"
+    parameter_name = "runner"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [
+            (str(runner.pk), str(runner))
+            for runner in Runner.objects.using(conf.DATABASE).order_by("-pk")[:RECENT_RUNNERS]
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Invocation]) -> QuerySet[Invocation]:
+        value = self.value()
+        if value and value.isdigit():
+            return queryset.filter(runner_id=int(value))
+        return queryset
+
+
+class EventInline(admin.TabularInline):
+    model = Event
+    verbose_name = "status change"
+    verbose_name_plural = "history"
+    fields = ("at", "kind", "from_status", "to_status", "runner", "runner_thread", "note")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ("pk",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Event]:
+        return super().get_queryset(request).select_related("runner")
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # The history is part of the invocation: whoever may see the one sees the other.
+        return bool(self.admin_site._registry[self.parent_model].has_view_permission(request, obj))
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Invocation)
+class InvocationAdmin(admin.ModelAdmin):
+    list_display = ("id", "task_name", "key_link", "status_display", "runner_display", "created_at", "started_at",
+                    "finished_at", "duration")
+    list_display_links = ("id", "task_name")
+    list_filter = ("status", TaskFilter, QueueFilter, RunnerFilter, ("created_at", admin.DateFieldListFilter))
+    list_select_related = ("runner",)
+    search_fields = ("running_key", "registration_key", "args", "kwargs")
+    search_help_text = "Search by key, by id (#123) or by argument text."
+    ordering = ("-pk",)
+    show_full_result_count = False
+    # Facet counts would scan the whole table once per filter choice.
+    show_facets = admin.ShowFacets.NEVER
+    # Rendering, not the database, is what a longer page costs: about 2 ms a row.
+    list_per_page = 50
+    actions = ("retry", "cancel")
+    inlines = (EventInline,)
+    fieldsets = (
+        (None, {"fields": ("task_name", "status_display", "key_link", "queue", "priority", "runner_display",
+                           "attempts")}),
+        ("Times", {"fields": ("created_at", "run_after", "started_at", "finished_at", "duration")}),
+        ("Arguments", {"fields": ("args_display", "kwargs_display")}),
+        ("Outcome", {"fields": ("result_display", "error_display", "traceback_display")}),
+        ("Keys", {"fields": ("running_key", "registration_key", "slot"), "classes": ("collapse",)}),
+    )
+
+    class Media:
+        css = {"all": ("keyjobs/monitor.css",)}
+
+    # -- permissions: read-only, changed by actions only --------------------
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Invocation | None = None) -> bool:
+        # The model-level change permission allows the actions; no invocation is ever saved from its form.
+        return obj is None and super().has_change_permission(request)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Invocation | None = None) -> bool:
+        return False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Invocation]:
+        return super().get_queryset(request).select_related("runner")
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Invocation], search_term: str
+    ) -> tuple[QuerySet[Invocation], bool]:
+        term = search_term.strip().removeprefix("#")
+        if term.isdigit():
+            # An id is looked up alone: an index hit, not a scan of every argument.
+            return queryset.filter(pk=int(term)), False
+        return super().get_search_results(request, queryset, search_term)
+
+    # -- columns and fields -------------------------------------------------
+
+    @admin.display(description="status", ordering="status")
+    def status_display(self, obj: Invocation) -> SafeString:
+        return status_badge(obj.status)
+
+    @admin.display(description="key")
+    def key_link(self, obj: Invocation) -> SafeString | str:
+        raw_key = obj.running_key or obj.registration_key
+        if raw_key is None:
+            return "–"
+        return format_html('<a href="{}">{}</a>', key_url(obj.task_name, raw_key, self.admin_site.name), obj.key)
+
+    @admin.display(description="runner", ordering="runner")
+    def runner_display(self, obj: Invocation) -> str:
+        if obj.runner is None:
+            return "–"
+        thread = "" if obj.runner_thread is None else f" · thread {obj.runner_thread}"
+        return f"{obj.runner.host}:{obj.runner.pid}{thread}"
+
+    @admin.display(description="duration")
+    def duration(self, obj: Invocation) -> str:
+        if obj.started_at is None:
+            return "–"
+        if obj.finished_at is None:
+            return f"{format_duration(timezone.now() - obj.started_at)} so far" if obj.status == Status.RUNNING else "–"
+        return format_duration(obj.finished_at - obj.started_at)
+
+    @admin.display(description="args")
+    def args_display(self, obj: Invocation) -> SafeString:
+        return pretty_json(obj.args)
+
+    @admin.display(description="kwargs")
+    def kwargs_display(self, obj: Invocation) -> SafeString:
+        return pretty_json(obj.kwargs)
+
+    @admin.display(description="result")
+    def result_display(self, obj: Invocation) -> SafeString | str:
+        return pretty_json(obj.return_value) if obj.status == Status.SUCCESS else "–"
+
+    @admin.display(description="error")
+    def error_display(self, obj: Invocation) -> SafeString | str:
+        return format_html('<pre class="kj-pre kj-error">{}</pre>', obj.error) if obj.error else "–"
+
+    @admin.display(description="traceback")
+    def traceback_display(self, obj: Invocation) -> SafeString | str:
+        return format_html('<pre class="kj-pre">{}</pre>', obj.traceback) if obj.traceback else "–"
+
+    # -- actions --------------------------------------------------------------
+
+    @admin.action(description="Retry the selected failed or dropped invocations", permissions=["change"])
+    def retry(self, request: HttpRequest, queryset: QuerySet[Invocation]) -> None:
+        moved = control.retry(list(queryset.select_related(None).only("pk")), by=request.user.get_username(),
+                              using=conf.DATABASE)
+        self._report(request, "Registered again", moved, queryset, "failed or dropped")
+
+    @admin.action(description="Cancel the selected invocations that have not started", permissions=["change"])
+    def cancel(self, request: HttpRequest, queryset: QuerySet[Invocation]) -> None:
+        moved = control.cancel(list(queryset.select_related(None).only("pk")), by=request.user.get_username(),
+                               using=conf.DATABASE)
+        self._report(request, "Cancelled", moved, queryset, "waiting")
+
+    def _report(self, request: HttpRequest, verb: str, moved: list[int], queryset: QuerySet[Invocation] | None,
+                expected: str, selected: int | None = None) -> None:
+        if selected is None:
+            assert queryset is not None
+            selected = queryset.count()
+        if moved:
+            self.message_user(request, f"{verb} {len(moved)} invocation(s): {', '.join(f'#{pk}' for pk in moved[:20])}"
+                              f"{'…' if len(moved) > 20 else ''}.", messages.SUCCESS)
+        if selected > len(moved):
+            self.message_user(request, f"{selected - len(moved)} invocation(s) left alone: not {expected}.",
+                              messages.WARNING)
+
+    # -- the monitor's URLs and the detail page's buttons ------------------------
+
+    def get_urls(self) -> list[URLPattern]:
+        opts = self.model._meta
+        prefix = f"{opts.app_label}_{opts.model_name}"
+        return [
+            *MonitorViews(self).urls(),
+            # admin_view adds the CSRF check; require_POST refuses a GET.
+            path("<path:object_id>/retry/", self.admin_site.admin_view(require_POST(self.retry_one)),
+                 name=f"{prefix}_retry"),
+            path("<path:object_id>/cancel/", self.admin_site.admin_view(require_POST(self.cancel_one)),
+                 name=f"{prefix}_cancel"),
+            *super().get_urls(),
+        ]
+
+    def retry_one(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self._act_on_one(request, object_id, control.retry, "Registered again", "failed or dropped")
+
+    def cancel_one(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self._act_on_one(request, object_id, control.cancel, "Cancelled", "waiting")
+
+    def _act_on_one(self, request: HttpRequest, object_id: str, act: Callable[..., list[int]], verb: str,
+                    expected: str) -> HttpResponse:
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        invocation = get_object_or_404(self.get_queryset(request), pk=object_id if object_id.isdigit() else None)
+        moved = act([invocation], by=request.user.get_username(), using=conf.DATABASE)
+        self._report(request, verb, moved, None, expected, selected=1)
+        return HttpResponseRedirect(
+            reverse(f"{self.admin_site.name}:keyjobs_invocation_change", args=[invocation.pk])
+        )
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        return super().changelist_view(
+            request,
+            {"title": "Invocations", **(extra_context or {}), "monitor_links": monitor_links(self.admin_site.name)},
+        )
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
+                    extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        extra = {
+            **(extra_context or {}),
+            "can_act": super().has_change_permission(request),
+            "retryable": sorted(control.RETRYABLE),
+            "cancellable": sorted(control.CANCELLABLE),
+        }
+        return super().change_view(request, object_id, form_url, extra)
+
+
+class RunnerStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("alive", "alive"), ("gone", "gone (no recent heartbeat)"), ("stopped", "stopped"),
+                ("lost", "lost (declared dead)")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Runner]) -> QuerySet[Runner]:
+        running = queryset.filter(stopped_at__isnull=True)
+        if self.value() == "alive":
+            return running.filter(heartbeat_at__gte=alive_cutoff())
+        if self.value() == "gone":
+            return running.filter(heartbeat_at__lt=alive_cutoff())
+        if self.value() == "stopped":
+            return queryset.filter(stopped_at__isnull=False)
+        if self.value() == "lost":
+            return queryset.filter(lost=True)
+        return queryset
+
+
+@admin.register(Runner)
+class RunnerAdmin(admin.ModelAdmin):
+    list_display = ("id", "host", "pid", "threads", "queues_display", "started_at", "heartbeat_at", "state",
+                    "running_now")
+    list_filter = (RunnerStateFilter, "host")
+    ordering = ("-pk",)
+    show_full_result_count = False
+    fields = ("host", "pid", "threads", "queues_display", "started_at", "heartbeat_at", "stopped_at", "lost", "state",
+              "running_now")
+    readonly_fields = fields
+
+    class Media:
+        css = {"all": ("keyjobs/monitor.css",)}
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Runner]:
+        owned = Invocation.objects.owned().order_by("runner_thread", "pk").only(
+            "pk", "task_name", "running_key", "registration_key", "status", "runner_id", "runner_thread"
+        )
+        return super().get_queryset(request).prefetch_related(Prefetch("invocations", owned, to_attr="owned_now"))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Runner | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Runner | None = None) -> bool:
+        return False
+
+    @admin.display(description="queues")
+    def queues_display(self, obj: Runner) -> str:
+        return obj.queues or "every queue"
+
+    @admin.display(description="state")
+    def state(self, obj: Runner) -> SafeString:
+        if obj.lost:
+            return format_html('<span class="kj-badge" style="background:{}">lost</span> its work was recovered',
+                               STATUS_COLOURS[Status.FAILED])
+        if obj.stopped_at is not None:
+            return format_html('<span class="kj-badge" style="background:{}">stopped</span>', "#6c757d")
+        if runner_is_alive(obj):
+            return format_html('<span class="kj-badge" style="background:{}">alive</span>',
+                               STATUS_COLOURS[Status.SUCCESS])
+        return format_html('<span class="kj-badge" style="background:{}">gone</span> no heartbeat for {}',
+                           STATUS_COLOURS[Status.FAILED], timesince(obj.heartbeat_at))
+
+    @admin.display(description="running now")
+    def running_now(self, obj: Runner) -> SafeString | str:
+        owned: list[Invocation] = getattr(obj, "owned_now", [])
+        if not owned:
+            return "–"
+        return format_html_join(
+            mark_safe("<br>"),
+            '<a href="{}">#{} {}({})</a> {} thread {}',
+            (
+                (reverse(f"{self.admin_site.name}:keyjobs_invocation_change", args=[inv.pk]), inv.pk,
+                 inv.task_name.rpartition(".")[2], inv.key, status_badge(inv.status), inv.runner_thread)
+                for inv in owned
+            ),
+        )
+
