@@ -1,0 +1,432 @@
+"""The admin of invocations and runners: lists, detail pages, and the only ways to change a status."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.contrib import admin
+from django.contrib.auth.models import Permission
+from django.contrib.messages import get_messages
+from django.db import connection
+from django.test import Client
+from django.urls import reverse
+from django.utils import timezone
+
+from keyjobs.admin import InvocationAdmin
+from keyjobs.models import Event, Invocation, Runner
+from keyjobs.status import Status
+from tests import jobs
+from tests.factories import EventFactory, InvocationFactory, RunnerFactory, give_run
+
+pytestmark = pytest.mark.django_db
+
+ACME = '{"account_id":"acme"}'
+XSS = '<script>alert("x")</script>'
+CHANGELIST = "admin:keyjobs_invocation_changelist"
+RUNNERS = "admin:keyjobs_runner_changelist"
+
+
+def change_url(invocation: Invocation) -> str:
+    return reverse("admin:keyjobs_invocation_change", args=[invocation.pk])
+
+
+def staff(django_user_model: type, name: str, *codenames: str) -> Client:
+    user = django_user_model.objects.create_user(name, password="x", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def viewer(django_user_model: type) -> Client:
+    """Staff who may look at invocations and runners, and change nothing."""
+    return staff(django_user_model, "viewer", "view_invocation", "view_runner")
+
+
+@pytest.fixture
+def operator(django_user_model: type) -> Client:
+    """Staff who may also retry and cancel invocations."""
+    return staff(django_user_model, "operator", "view_invocation", "change_invocation", "view_runner")
+
+
+def act(client: Client, action: str, *invocations: Invocation) -> object:
+    return client.post(reverse(CHANGELIST), {"action": action, "_selected_action": [inv.pk for inv in invocations]},
+                       follow=True)
+
+
+def messages_of(response: object) -> list[str]:
+    return [str(message) for message in get_messages(response.wsgi_request)]  # type: ignore[attr-defined]
+
+
+# -- who may see what -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [CHANGELIST, RUNNERS])
+def test_anonymous_users_are_sent_to_the_login_page(client: Client, name: str) -> None:
+    response = client.get(reverse(name))
+    assert response.status_code == 302 and response["Location"].startswith(reverse("admin:login"))
+
+
+def test_users_who_are_not_staff_are_refused(client: Client, django_user_model: type) -> None:
+    user = django_user_model.objects.create_user("outsider", password="x")
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["view_invocation", "change_invocation"]))
+    client.force_login(user)
+    invocation = InvocationFactory(status=Status.FAILED)
+    for url in [reverse(CHANGELIST), change_url(invocation), reverse(RUNNERS)]:
+        assert client.get(url).status_code == 302
+    client.post(reverse("admin:keyjobs_invocation_retry", args=[invocation.pk]))
+    assert Invocation.objects.get().status == Status.FAILED
+
+
+def test_staff_without_the_view_permission_are_refused(django_user_model: type) -> None:
+    client = staff(django_user_model, "staff")
+    assert client.get(reverse(CHANGELIST)).status_code == 403
+    assert client.get(change_url(InvocationFactory())).status_code == 403
+
+
+# -- the list -------------------------------------------------------------------------------
+
+
+def test_the_list_shows_id_task_key_status_runner_times_and_duration(viewer: Client) -> None:
+    runner, now = RunnerFactory(host="box", pid=42), timezone.now()
+    invocation = give_run(InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME), runner=runner,
+                          thread=3, start=now - timedelta(seconds=2.5), end=now)
+
+    page = viewer.get(reverse(CHANGELIST)).content.decode()
+
+    for text in [f">{invocation.pk}<", "tests.jobs.keyed", ">acme</a>", ">Success</span>", "box:42 · thread 3",
+                 "2.50 s"]:
+        assert text in page, text
+
+
+@pytest.mark.parametrize("status", Status.values)
+def test_every_status_is_shown_as_a_coloured_badge(viewer: Client, status: str) -> None:
+    InvocationFactory(status=status)
+    page = viewer.get(reverse(CHANGELIST)).content.decode()
+    assert f'class="kj-badge" style="background:#' in page
+    assert f">{Status(status).label}</span>" in page
+
+
+def test_the_list_links_the_dashboard_and_the_timeline(viewer: Client) -> None:
+    page = viewer.get(reverse(CHANGELIST)).content.decode()
+    assert reverse("admin:keyjobs_invocation_timeline") in page
+    assert reverse("admin:keyjobs_invocation_dashboard") in page
+
+
+@pytest.mark.parametrize("query, expected", [
+    ({"status": "FAILED"}, "failed"),
+    ({"task": "tests.jobs.boom"}, "boom"),
+    ({"queue": "slow"}, "slow queue"),
+    # As the date filter writes its links: aware times.
+    ({"created_at__gte": "2001-01-01 00:00:00+00:00", "created_at__lt": "2001-01-02 00:00:00+00:00"}, "old"),
+])
+def test_the_list_filters_by_status_task_queue_and_date(viewer: Client, query: dict[str, str],
+                                                        expected: str) -> None:
+    made = {
+        "failed": InvocationFactory(status=Status.FAILED),
+        "boom": InvocationFactory(task_name="tests.jobs.boom"),
+        "slow queue": InvocationFactory(queue="slow"),
+        "old": InvocationFactory(),
+    }
+    Invocation.objects.filter(pk=made["old"].pk).update(created_at=datetime(2001, 1, 1, 12, tzinfo=UTC))
+
+    shown = viewer.get(reverse(CHANGELIST), query).context["cl"].result_list
+
+    assert list(shown) == [made[expected]]
+
+
+def test_the_list_filters_by_runner(viewer: Client) -> None:
+    mine, other = RunnerFactory(), RunnerFactory()
+    ran_here = InvocationFactory(runner=mine)
+    InvocationFactory(runner=other)
+    assert list(viewer.get(reverse(CHANGELIST), {"runner": mine.pk}).context["cl"].result_list) == [ran_here]
+
+
+def test_the_task_filter_offers_registered_tasks_and_those_of_recent_invocations(viewer: Client) -> None:
+    InvocationFactory(task_name="somewhere.else.task")
+    response = viewer.get(reverse(CHANGELIST))
+    [task_filter] = [spec for spec in response.context["cl"].filter_specs if spec.title == "task"]
+    offered = {value for value, _ in task_filter.lookup_choices}
+    assert {"somewhere.else.task", jobs.keyed.name} <= offered
+
+
+@pytest.mark.parametrize("term", ["acme", "#ID", "ID", "needle"])
+def test_the_list_searches_keys_ids_and_argument_text(viewer: Client, term: str) -> None:
+    found = InvocationFactory(running_key=ACME, args=["a needle in args"])
+    InvocationFactory(running_key='{"account_id":"globex"}', args=["hay"])
+    term = term.replace("ID", str(found.pk))
+    assert list(viewer.get(reverse(CHANGELIST), {"q": term}).context["cl"].result_list) == [found]
+
+
+def test_keyword_arguments_are_searched_too(viewer: Client) -> None:
+    found = InvocationFactory(kwargs={"op": "list_invoices"})
+    InvocationFactory(kwargs={"op": "refresh"})
+    assert list(viewer.get(reverse(CHANGELIST), {"q": "invoices"}).context["cl"].result_list) == [found]
+
+
+def test_arguments_with_html_are_shown_as_text_in_the_list(viewer: Client) -> None:
+    InvocationFactory(running_key=json.dumps({"account_id": XSS}), args=[XSS])
+    page = viewer.get(reverse(CHANGELIST)).content.decode()
+    assert XSS not in page and "&lt;script&gt;alert(" in page
+
+
+@pytest.mark.parametrize("rows", [5, 60])
+def test_the_list_takes_the_same_queries_however_many_invocations(viewer: Client, django_assert_num_queries,
+                                                                  rows: int) -> None:
+    runners = [RunnerFactory() for _ in range(5)]
+    for number in range(rows):
+        InvocationFactory(runner=runners[number % 5], runner_thread=number % 3, running_key=ACME,
+                          status=Status.SUCCESS)
+    # Session, user, its permissions and its groups'; recent tasks and queues; recent runners; count; the page.
+    with django_assert_num_queries(8):
+        assert viewer.get(reverse(CHANGELIST)).status_code == 200
+
+
+def test_the_list_never_counts_the_whole_table_twice(viewer: Client) -> None:
+    # show_full_result_count=False: no second COUNT(*) over every invocation for "N total".
+    model_admin = admin.site._registry[Invocation]
+    assert model_admin.show_full_result_count is False
+    assert model_admin.list_select_related == ("runner",)
+
+
+@pytest.mark.sqlite
+def test_the_list_is_read_in_primary_key_order_through_its_index() -> None:
+    queryset = Invocation.objects.select_related("runner").order_by("-pk")[:50]
+    assert "SCAN keyjobs_invocation" in queryset.explain() and "USE TEMP B-TREE" not in queryset.explain()
+
+
+@pytest.mark.postgres
+def test_the_list_is_read_in_primary_key_order_through_its_index_on_postgresql() -> None:
+    # Enough rows, and fresh statistics, for the planner to choose as it would on a real table.
+    runner = RunnerFactory()
+    Invocation.objects.bulk_create(Invocation(task_name="tests.jobs.add", queue="default", runner=runner)
+                                   for _ in range(5000))
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE keyjobs_invocation, keyjobs_runner")
+    explained = Invocation.objects.select_related("runner").order_by("-pk")[:50].explain()
+    assert "Index Scan Backward using keyjobs_invocation_pkey" in explained, explained
+    assert "Sort" not in explained, explained
+
+
+# -- the detail page --------------------------------------------------------------------------
+
+
+def test_the_detail_page_shows_arguments_result_and_history(viewer: Client) -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    invocation = give_run(InvocationFactory(args=["acme"], kwargs={"op": "fetch"}, return_value={"rows": 3}),
+                          runner=runner, thread=1, start=now - timedelta(seconds=1), end=now)
+
+    page = viewer.get(change_url(invocation)).content.decode()
+
+    for text in ["&quot;acme&quot;", "&quot;op&quot;: &quot;fetch&quot;", "&quot;rows&quot;: 3", "History",
+                 "Registered", "Pending", "Running", "Success"]:
+        assert text in page, text
+
+
+def test_the_detail_page_shows_errors_and_tracebacks_as_readable_text(viewer: Client) -> None:
+    invocation = InvocationFactory(status=Status.FAILED, args=[XSS], error=f"ValueError: {XSS}",
+                                   traceback=f'Traceback (most recent call last):\n  File "x.py"\nValueError: {XSS}')
+
+    page = viewer.get(change_url(invocation)).content.decode()
+
+    assert XSS not in page
+    assert '<pre class="kj-pre kj-error">ValueError: &lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;</pre>' in page
+    assert 'Traceback (most recent call last):\n  File &quot;x.py&quot;' in page
+
+
+def test_the_detail_page_links_the_view_of_its_key(viewer: Client) -> None:
+    invocation = InvocationFactory(task_name="tests.jobs.once_per_key", registration_key=ACME)
+    page = viewer.get(change_url(invocation)).content.decode()
+    assert (reverse("admin:keyjobs_invocation_key") + "?task=tests.jobs.once_per_key&amp;key=%7B%22account_id%22"
+            "%3A%22acme%22%7D") in page
+
+
+def test_the_detail_page_takes_the_same_queries_however_long_the_history(viewer: Client,
+                                                                        django_assert_num_queries) -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    invocation = InvocationFactory()
+    for number in range(4):
+        give_run(invocation, runner=runner, thread=number, start=now - timedelta(seconds=10 - number),
+                 end=now - timedelta(seconds=9 - number), status=Status.RETRY)
+        EventFactory(invocation=invocation, from_status=Status.RETRY, to_status=Status.REGISTERED, runner=runner)
+        invocation.status = Status.REGISTERED
+    # Session, user, its permissions and its groups'; the invocation with its runner; its history with runners.
+    with django_assert_num_queries(6):
+        assert viewer.get(change_url(invocation)).status_code == 200
+
+
+def test_the_status_cannot_be_edited_by_hand(operator: Client) -> None:
+    invocation = InvocationFactory(status=Status.FAILED)
+
+    page = operator.get(change_url(invocation)).content.decode()
+    response = operator.post(change_url(invocation), {"status": Status.SUCCESS})
+
+    assert 'name="status"' not in page and 'name="_save"' not in page
+    assert response.status_code == 403
+    assert Invocation.objects.get().status == Status.FAILED
+
+
+def test_invocations_cannot_be_added_or_deleted(operator: Client) -> None:
+    invocation = InvocationFactory()
+    assert operator.get(reverse("admin:keyjobs_invocation_add")).status_code == 403
+    assert operator.post(reverse("admin:keyjobs_invocation_delete", args=[invocation.pk])).status_code == 403
+    assert Invocation.objects.exists()
+
+
+# -- retry and cancel ----------------------------------------------------------------------------
+
+
+def test_retry_registers_failed_and_dropped_invocations_again_and_leaves_the_rest(operator: Client) -> None:
+    failed = InvocationFactory(status=Status.FAILED, error="boom")
+    dropped = InvocationFactory(status=Status.CONCURRENCY_CONTROLLED_FINAL)
+    done = InvocationFactory(status=Status.SUCCESS)
+
+    response = act(operator, "retry", failed, dropped, done)
+
+    assert {inv.pk: inv.status for inv in Invocation.objects.all()} == {
+        failed.pk: Status.REGISTERED, dropped.pk: Status.REGISTERED, done.pk: Status.SUCCESS,
+    }
+    assert Invocation.objects.get(pk=failed.pk).error == ""
+    assert set(Event.objects.values_list("invocation_id", "note")) == {
+        (failed.pk, "retried by operator"), (dropped.pk, "retried by operator"),
+    }
+    assert any("1 invocation(s) left alone" in message for message in messages_of(response))
+
+
+def test_cancel_ends_waiting_invocations_and_leaves_running_ones(operator: Client) -> None:
+    waiting = InvocationFactory(status=Status.REGISTERED)
+    parked = InvocationFactory(status=Status.REROUTED)
+    running = give_run(InvocationFactory(), runner=RunnerFactory(), thread=0, start=timezone.now())
+
+    act(operator, "cancel", waiting, parked, running)
+
+    assert {inv.pk: inv.status for inv in Invocation.objects.all()} == {
+        waiting.pk: Status.FAILED, parked.pk: Status.FAILED, running.pk: Status.RUNNING,
+    }
+    assert Invocation.objects.get(pk=waiting.pk).error == "Cancelled by operator"
+
+
+def test_cancelling_the_head_of_a_key_wakes_the_invocation_parked_behind_it(operator: Client) -> None:
+    head = InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME, status=Status.REGISTERED)
+    parked = InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME, status=Status.REROUTED)
+
+    act(operator, "cancel", head)
+
+    assert Invocation.objects.get(pk=parked.pk).status == Status.REGISTERED
+
+
+def test_actions_need_the_change_permission(viewer: Client) -> None:
+    failed = InvocationFactory(status=Status.FAILED)
+
+    page = viewer.get(reverse(CHANGELIST)).content.decode()
+    act(viewer, "retry", failed)
+
+    assert 'value="retry"' not in page
+    assert Invocation.objects.get().status == Status.FAILED
+
+
+def test_actions_need_a_csrf_token(django_user_model: type) -> None:
+    user = django_user_model.objects.create_user("operator", password="x", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["view_invocation", "change_invocation"]))
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    failed = InvocationFactory(status=Status.FAILED)
+
+    response = client.post(reverse(CHANGELIST), {"action": "retry", "_selected_action": [failed.pk]})
+    one = client.post(reverse("admin:keyjobs_invocation_retry", args=[failed.pk]))
+
+    assert (response.status_code, one.status_code) == (403, 403)
+    assert Invocation.objects.get().status == Status.FAILED
+
+
+def test_the_detail_page_offers_retry_for_a_failed_invocation(operator: Client) -> None:
+    failed = InvocationFactory(status=Status.FAILED)
+    page = operator.get(change_url(failed)).content.decode()
+    assert reverse("admin:keyjobs_invocation_retry", args=[failed.pk]) in page
+    assert reverse("admin:keyjobs_invocation_cancel", args=[failed.pk]) not in page
+
+
+def test_the_detail_page_offers_no_action_to_staff_who_may_only_look(viewer: Client) -> None:
+    failed = InvocationFactory(status=Status.FAILED)
+    page = viewer.get(change_url(failed)).content.decode()
+    assert reverse("admin:keyjobs_invocation_retry", args=[failed.pk]) not in page
+
+
+def test_retrying_one_invocation_from_its_page_needs_post(operator: Client) -> None:
+    failed = InvocationFactory(status=Status.FAILED)
+    url = reverse("admin:keyjobs_invocation_retry", args=[failed.pk])
+
+    assert operator.get(url).status_code == 405
+    response = operator.post(url)
+
+    assert response.status_code == 302 and response["Location"] == change_url(failed)
+    assert Invocation.objects.get().status == Status.REGISTERED
+
+
+def test_cancelling_one_invocation_from_its_page(operator: Client) -> None:
+    waiting = InvocationFactory(status=Status.REGISTERED)
+    operator.post(reverse("admin:keyjobs_invocation_cancel", args=[waiting.pk]))
+    assert Invocation.objects.get().status == Status.FAILED
+
+
+def test_retrying_one_invocation_needs_the_change_permission(viewer: Client) -> None:
+    failed = InvocationFactory(status=Status.FAILED)
+    assert viewer.post(reverse("admin:keyjobs_invocation_retry", args=[failed.pk])).status_code == 403
+    assert Invocation.objects.get().status == Status.FAILED
+
+
+def test_the_admin_never_saves_an_invocation_from_a_form() -> None:
+    model_admin = InvocationAdmin(Invocation, admin.site)
+    assert model_admin.actions == ("retry", "cancel")
+
+
+# -- runners ------------------------------------------------------------------------------------
+
+
+def test_runners_show_whether_they_are_alive_stopped_gone_or_lost(viewer: Client) -> None:
+    alive = RunnerFactory(host="alive-host")
+    RunnerFactory(host="stopped-host", stopped_at=timezone.now())
+    gone = RunnerFactory(host="gone-host")
+    Runner.objects.filter(pk=gone.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    RunnerFactory(host="lost-host", stopped_at=timezone.now(), lost=True)
+
+    response = viewer.get(reverse(RUNNERS))
+    rows = {runner.host: runner for runner in response.context["cl"].result_list}
+    page = response.content.decode()
+
+    assert set(rows) == {"alive-host", "stopped-host", "gone-host", "lost-host"}
+    for state in [">alive</span>", ">stopped</span>", ">gone</span> no heartbeat for 1\xa0hour", ">lost</span>"]:
+        assert state in page, state
+    assert list(viewer.get(reverse(RUNNERS), {"state": "alive"}).context["cl"].result_list) == [alive]
+
+
+def test_runners_show_what_they_are_running_now(viewer: Client) -> None:
+    runner = RunnerFactory()
+    running = give_run(InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME), runner=runner, thread=2,
+                       start=timezone.now())
+    finished = give_run(InvocationFactory(), runner=runner, thread=1, start=timezone.now() - timedelta(seconds=5),
+                        end=timezone.now())
+
+    page = viewer.get(reverse(RUNNERS)).content.decode()
+
+    assert f"#{running.pk} keyed(acme)</a>" in page and "thread 2" in page
+    assert change_url(finished) not in page
+
+
+def test_the_runner_list_takes_the_same_queries_however_many_runners(viewer: Client,
+                                                                    django_assert_num_queries) -> None:
+    for number in range(6):
+        runner = RunnerFactory(host=f"host-{number % 2}")
+        give_run(InvocationFactory(), runner=runner, thread=0, start=timezone.now())
+    # Session, user, its permissions and its groups'; hosts for the filter; count; the page; what each runs.
+    with django_assert_num_queries(8):
+        assert viewer.get(reverse(RUNNERS)).status_code == 200
+
+
+def test_runners_cannot_be_added_changed_or_deleted(django_user_model: type) -> None:
+    client = staff(django_user_model, "boss", "view_runner", "add_runner", "change_runner", "delete_runner")
+    runner = RunnerFactory()
+    assert client.get(reverse("admin:keyjobs_runner_add")).status_code == 403
+    assert client.post(reverse("admin:keyjobs_runner_change", args=[runner.pk]), {"pid": 1}).status_code == 403
+    assert client.post(reverse("admin:keyjobs_runner_delete", args=[runner.pk])).status_code == 403
