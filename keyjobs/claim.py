@@ -15,6 +15,7 @@ safety net for a runner that died in between.
 """
 
 import logging
+from dataclasses import dataclass
 from django.db import IntegrityError, connections, transaction
 from django.db.models import Exists, F, OuterRef, Q
 
@@ -170,35 +171,78 @@ def _take(
     return taken
 
 
-def wake_next(task_name: str, running_key: str | None, *, using: str, runner: Runner | None = None) -> list[int]:
-    """Register again the parked invocations of a key whose turn has come; return their ids.
+@dataclass
+class Wake:
+    """What freeing a place of a key did."""
+
+    #: Parked invocations registered again.
+    woken: list[int]
+    #: The invocation handed straight to the taker, if any.
+    handed: Invocation | None = None
+
+
+@dataclass
+class Taker:
+    """A runner thread that will run a freed key's next invocation itself, if it may."""
+
+    runner: Runner
+    thread: int | None
+    queues: list[str] | None
+
+
+def wake_next(
+    task_name: str, running_key: str | None, *, using: str, runner: Runner | None = None, taker: Taker | None = None
+) -> Wake:
+    """Give the places a key has free to its next invocations, in key order.
 
     A key with room for n more owners should have its first n waiting
-    invocations, in key order, registered; any of them still parked is woken.
+    invocations registered; any of them still parked is woken. With a
+    ``taker``, the first of them, if parked, goes straight to RUNNING for the
+    taker instead (a hand-off: no wake-up, no separate claim).
     Call it in the transaction that frees a place of the key.
     """
     if running_key is None:
-        return []
+        return Wake([])
     try:
         limit = registry.get(task_name).running_limit
     except TaskNotFound:
         limit = 1
     same_key = Invocation.objects.using(using).of_running_key(task_name, running_key)
-    room = limit - same_key.owned().count()
-    if room <= 0:
-        return []
+    taken_slots = set(same_key.owned().values_list("slot", flat=True))
+    free = [slot for slot in range(limit) if slot not in taken_slots]
+    if not free:
+        return Wake([])
     next_up = list(
         same_key.waiting()
         .due()
         .order_by("-priority", "pk")
-        .values_list("pk", "status", "queue")[:room]
+        .values_list("pk", "status", "queue")[: len(free)]
     )
     parked = [(pk, queue) for pk, status, queue in next_up if status == Status.REROUTED]
+    handed: Invocation | None = None
+    first_in_line_is_parked = bool(next_up) and next_up[0][1] == Status.REROUTED
+    if taker is not None and first_in_line_is_parked and (not taker.queues or parked[0][1] in taker.queues):
+        # Claimers never lock parked rows, so this waits for nobody but a concurrent waker of the same key.
+        handed = (
+            Invocation.objects.using(using)
+            .select_for_update(of=("self",), no_key=connections[using].features.has_select_for_no_key_update)
+            .filter(pk=parked[0][0], status=Status.REROUTED)
+            .first()
+        )
+        if handed is not None:
+            move_locked([_row(handed)], Status.RUNNING, using=using, runner=taker.runner,
+                        runner_thread=taker.thread, note="handed over by the invocation that freed its key",
+                        via=[Status.REGISTERED, Status.PENDING],
+                        values={"runner": taker.runner, "runner_thread": taker.thread, "slot": free[0],
+                                "attempts": F("attempts") + 1})
+            handed.status, handed.slot, handed.attempts = Status.RUNNING, free[0], handed.attempts + 1
+            handed.runner, handed.runner_thread = taker.runner, taker.thread
+            parked = parked[1:]
     woken = move([pk for pk, _ in parked], Status.REGISTERED, using=using, only_from={Status.REROUTED},
                  runner=runner, note="its key freed: its turn")
     for queue in {queue for pk, queue in parked if pk in woken}:
         wakeups.notify(using, queue)
-    return woken
+    return Wake(woken, handed)
 
 
 def wake_orphans(*, using: str, runner: Runner | None = None) -> list[int]:
@@ -218,7 +262,7 @@ def wake_orphans(*, using: str, runner: Runner | None = None) -> list[int]:
     woken: list[int] = []
     for task_name, running_key in keys:
         with transaction.atomic(using=using):
-            woken += wake_next(task_name, running_key, using=using, runner=runner)
+            woken += wake_next(task_name, running_key, using=using, runner=runner).woken
     if woken:
         logger.info("keyjobs: woke %d parked invocation(s) whose key was free", len(woken))
     return woken

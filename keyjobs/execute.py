@@ -22,7 +22,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from . import registry, signals
-from .claim import wake_next
+from .claim import Taker, wake_next
 from .declare import Task
 from .enqueue import check_json
 from .exceptions import ArgumentError, KeyjobsError, NotOwner, TimeLimitExceeded
@@ -40,6 +40,8 @@ class Outcome:
     status: Status
     values: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    #: The key's next invocation, handed to this runner thread when the outcome freed the key.
+    handed: Invocation | None = None
 
 
 def start(invocation: Invocation, runner: Runner, *, using: str, thread: int | None = None) -> bool:
@@ -104,12 +106,20 @@ async def _call_async(task: Task[Any, Any], invocation: Invocation) -> Any:
 
 
 def finish(
-    invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None = None
+    invocation: Invocation,
+    outcome: Outcome,
+    runner: Runner,
+    *,
+    using: str,
+    thread: int | None = None,
+    taker: Taker | None = None,
 ) -> Status | None:
     """Record ``outcome``, free the invocation's key and wake who waits for it.
 
     Return the status recorded (a retry refused by the registration guard is
-    recorded as FAILED), or None if ``runner`` does not own the invocation any more.
+    recorded as FAILED), or None if ``runner`` does not own the invocation any
+    more. With a ``taker``, the key's next invocation may be handed to it:
+    it is then in ``outcome.handed``, RUNNING.
     """
     try:
         with transaction.atomic(using=using):
@@ -126,7 +136,8 @@ def finish(
                 moved = move([invocation.pk], outcome.status, using=using, only_from={Status.RUNNING}, owner=runner,
                              runner_thread=thread, values=outcome.values, note=outcome.note)
             if moved:
-                wake_next(invocation.task_name, invocation.running_key, using=using, runner=runner)
+                outcome.handed = wake_next(invocation.task_name, invocation.running_key, using=using,
+                                           runner=runner, taker=taker).handed
     except NotOwner:
         return None
     if not moved:
@@ -159,10 +170,14 @@ def execute(
     using: str,
     thread: int | None = None,
     keep_trying: Callable[[], bool] = lambda: True,
+    taker: Taker | None = None,
+    handed: list[Invocation] | None = None,
 ) -> Status | None:
     """Start (unless the claim did), call and finish one claimed invocation.
 
     Return the status recorded, or None if the invocation was taken away.
+    With a ``taker``, an invocation handed over when the key freed is appended
+    to ``handed``, RUNNING: the caller runs it next.
     """
     started = invocation.status == Status.RUNNING or durably(
         f"start #{invocation.pk}", lambda: start(invocation, runner, using=using, thread=thread),
@@ -173,8 +188,10 @@ def execute(
         return None
     outcome = call(invocation)
     finished = durably(f"record the outcome of #{invocation.pk}",
-                       lambda: finish(invocation, outcome, runner, using=using, thread=thread),
+                       lambda: finish(invocation, outcome, runner, using=using, thread=thread, taker=taker),
                        using=using, keep_trying=keep_trying)
+    if outcome.handed is not None and handed is not None:
+        handed.append(outcome.handed)
     if not finished:
         logger.warning("keyjobs: invocation #%s was taken from %s while it ran; its outcome is discarded",
                        invocation.pk, runner)

@@ -17,7 +17,7 @@ from django.db.models import Q
 from django.db.models.functions import Now
 
 from . import registry, wakeups
-from .claim import claim, wake_orphans
+from .claim import Taker, claim, wake_orphans
 from .conf import conf
 from .exceptions import TaskNotFound
 from .execute import execute, give_back
@@ -161,22 +161,32 @@ class Worker:
                     self._busy += 1
                     self._work.notify()  # there may be more: wake a colleague
                 try:
-                    for position, invocation in enumerate(batch):
-                        if self.stopping.is_set() and invocation.status == Status.PENDING:
-                            give_back(batch[position:], self.runner, using=self.using)
-                            break
-                        task_timeout = _timeout_of(invocation)
-                        self._running[number] = (invocation, time.monotonic(), task_timeout)
-                        try:
-                            execute(invocation, self.runner, using=self.using, thread=number,
-                                    keep_trying=lambda: not self.lost)
-                        finally:
-                            self._running.pop(number, None)
+                    self._run_batch(batch, number)
                 finally:
                     with self._work:
                         self._busy -= 1
         finally:
             connections.close_all()
+
+    def _run_batch(self, batch: list[Invocation], number: int) -> None:
+        """Run claimed invocations in order, and what each hands over when it frees its key."""
+        assert self.runner is not None
+        queue = list(batch)
+        while queue:
+            invocation = queue.pop(0)
+            if self.stopping.is_set() and invocation.status == Status.PENDING:
+                give_back([invocation, *queue], self.runner, using=self.using)
+                return
+            # A hand-off needs a thread that goes on: not one stopping or cut off from the database.
+            taker = Taker(self.runner, number, self.queues) if not self.stopping.is_set() and self._holds_lease() else None
+            handed: list[Invocation] = []
+            self._running[number] = (invocation, time.monotonic(), _timeout_of(invocation))
+            try:
+                execute(invocation, self.runner, using=self.using, thread=number,
+                        keep_trying=lambda: not self.lost, taker=taker, handed=handed)
+            finally:
+                self._running.pop(number, None)
+            queue[:0] = handed
 
     def _idle(self, number: int) -> bool:
         """Wait for work; return True when this thread should end.

@@ -156,7 +156,7 @@ def test_wake_next_respects_the_key_limit(runner):
     jobs.keyed.delay("acme", "b")
     claim_one(runner)
     claim_one(runner)
-    assert wake_next("tests.jobs.keyed", '{"account_id":"acme"}', using="default") == []
+    assert wake_next("tests.jobs.keyed", '{"account_id":"acme"}', using="default").woken == []
 
 
 @pytest.mark.parametrize(("args", "kwargs", "message"), [

@@ -70,3 +70,32 @@ def test_finishing_frees_the_key_in_the_same_transaction_as_the_outcome(runner):
     wake = Event.objects.get(invocation=second, from_status="REROUTED")
     done = Event.objects.get(invocation=first, to_status="SUCCESS")
     assert wake.to_status == "REGISTERED" and wake.at == done.at or wake.pk == done.pk + 1
+
+
+def test_freeing_a_key_hands_its_parked_successor_to_the_same_thread(runner):
+    from keyjobs.claim import Taker
+
+    jobs.keyed.delay("acme", "a")
+    second = jobs.keyed.delay("acme", "b")
+    [first] = claim(runner, using="default", start=True, thread=4)
+    assert claim(runner, using="default") == []  # b is parked
+    handed: list[Invocation] = []
+    execute(first, runner, using="default", thread=4, taker=Taker(runner, 4, None), handed=handed)
+    assert [inv.pk for inv in handed] == [second.pk]
+    second.refresh_from_db()
+    assert (second.status, second.runner_id, second.runner_thread, second.attempts) == ("RUNNING", runner.pk, 4, 1)
+    assert list(Event.objects.filter(invocation=second).values_list("from_status", "to_status"))[-3:] == [
+        ("REROUTED", "REGISTERED"), ("REGISTERED", "PENDING"), ("PENDING", "RUNNING")
+    ]
+
+
+def test_a_successor_in_a_queue_the_thread_does_not_serve_is_woken_not_handed(runner):
+    from keyjobs.claim import Taker
+
+    jobs.keyed.delay("acme", "a")
+    second = jobs.keyed.using(queue="elsewhere").delay("acme", "b")
+    [first] = claim(runner, using="default", start=True, queues=["default", "elsewhere"])
+    claim(runner, using="default", queues=["elsewhere"])
+    handed: list[Invocation] = []
+    execute(first, runner, using="default", taker=Taker(runner, 0, ["default"]), handed=handed)
+    assert handed == [] and Invocation.objects.get(pk=second.pk).status == Status.REGISTERED
