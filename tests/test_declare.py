@@ -109,3 +109,8 @@ def test_using_overrides_queue_and_priority():
     assert (options.queue, options.priority) == ("urgent", 5)
     with pytest.raises(TaskDeclarationError, match="priority"):
         jobs.add.using(priority=1.5)
+
+
+def test_the_tasks_modules_of_installed_apps_are_discovered_at_start_up():
+    # demo_project is an installed app; nothing in the tests imports its tasks module first.
+    assert "demo_project.tasks.call_keyed" in registry.all_tasks()
