@@ -29,6 +29,8 @@ logger = logging.getLogger("keyjobs.worker")
 
 #: How many registered invocations one claim decides at most, blocked ones included.
 SCAN = 16
+#: How many blocked invocations of one key one transaction parks at most.
+PARK_BATCH = 2000
 
 
 def claim(
@@ -78,11 +80,6 @@ def _claim_next(
         )
         if not candidates:
             return None
-        for candidate in candidates:
-            if candidate.status == Status.RETRY:
-                move_locked([_row(candidate)], Status.REGISTERED, using=using, runner=runner,
-                            note="its retry delay is over")
-                candidate.status = Status.REGISTERED
         head = candidates[0]
         try:
             task = registry.get(head.task_name)
@@ -99,14 +96,32 @@ def _claim_next(
             return _take(plain, runner, thread, 0, using, start)
         if _try_claim(head, task.running_limit, runner, thread, using, start):
             return [head]
-        # Still under the locks taken on the key's owners: see the module docstring.
+        # Still under the locks taken on the key's owners: see the module docstring. What is
+        # registered behind the candidate in its key is blocked too: it goes with it, at once,
+        # so that a deep backlog on one key costs one transaction, not one per invocation.
+        blocked = [_row(head), *_registered_behind(head, using)]
         if task.reroute_on_concurrency_control:
-            move_locked([_row(head)], Status.REROUTED, using=using, runner=runner,
+            move_locked(blocked, Status.REROUTED, using=using, runner=runner,
                         note="its key was busy: parked until it frees")
         else:
-            move_locked([_row(head)], Status.CONCURRENCY_CONTROLLED_FINAL, using=using, runner=runner,
+            move_locked(blocked, Status.CONCURRENCY_CONTROLLED_FINAL, using=using, runner=runner,
                         note="its key was busy: dropped")
         return []
+
+
+def _registered_behind(head: Invocation, using: str) -> list[Locked]:
+    """Lock and return the due registered invocations after ``head`` in its key (skipping locked ones)."""
+    features = connections[using].features
+    return list(
+        Invocation.objects.using(using)
+        .of_running_key(head.task_name, head.running_key)
+        .filter(status=Status.REGISTERED)
+        .due()
+        .filter(Q(priority__lt=head.priority) | Q(priority=head.priority, pk__gt=head.pk))
+        .order_by("-priority", "pk")
+        .select_for_update(skip_locked=True, of=("self",), no_key=features.has_select_for_no_key_update)
+        .values_list("pk", "status", "runner_id")[:PARK_BATCH]
+    )
 
 
 def _row(invocation: Invocation) -> Locked:
@@ -243,6 +258,25 @@ def wake_next(
     for queue in {queue for pk, queue in parked if pk in woken}:
         wakeups.notify(using, queue)
     return Wake(woken, handed)
+
+
+def promote_due_retries(*, using: str, runner: Runner | None = None, limit: int = 1000) -> list[int]:
+    """Register again the retries whose delay is over; return their ids."""
+    features = connections[using].features
+    with transaction.atomic(using=using):
+        due = list(
+            Invocation.objects.using(using)
+            .filter(status=Status.RETRY)
+            .due()
+            .order_by("run_after")
+            .select_for_update(skip_locked=True, of=("self",), no_key=features.has_select_for_no_key_update)
+            .values_list("pk", "status", "runner_id", "queue")[:limit]
+        )
+        promoted = move_locked([row[:3] for row in due], Status.REGISTERED, using=using, runner=runner,
+                               note="its retry delay is over")
+        for queue in {row[3] for row in due}:
+            wakeups.notify(using, queue)
+    return promoted
 
 
 def wake_orphans(*, using: str, runner: Runner | None = None) -> list[int]:

@@ -17,7 +17,7 @@ from django.db.models import Q
 from django.db.models.functions import Now
 
 from . import registry, wakeups
-from .claim import Taker, claim, wake_orphans
+from .claim import Taker, claim, promote_due_retries, wake_orphans
 from .conf import conf
 from .exceptions import TaskNotFound
 from .execute import execute, give_back
@@ -203,6 +203,8 @@ class Worker:
                 return True
             if self._scout is None:
                 self._scout = number
+            if self._scout == number and promote_due_retries(using=self.using, runner=self.runner):
+                return False  # retries became runnable: look again at once
             try:
                 self._work.wait(self.poll_interval if self._scout == number else max(self.poll_interval * 20, 1.0))
             finally:
@@ -243,6 +245,7 @@ class Worker:
                 self._renewed = time.monotonic()
                 woken = recover_lost_runners(using=self.using, lease=self.lease, by=self.runner)
                 woken += wake_orphans(using=self.using, runner=self.runner)
+                woken += promote_due_retries(using=self.using, runner=self.runner)
                 if woken:
                     with self._work:
                         self._work.notify_all()

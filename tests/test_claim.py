@@ -202,3 +202,35 @@ def test_a_claim_that_starts_records_both_steps(runner):
     assert list(Event.objects.filter(invocation=invocation).values_list("from_status", "to_status")) == [
         ("REGISTERED", "PENDING"), ("PENDING", "RUNNING")
     ]
+
+
+def test_a_busy_keys_registered_backlog_is_parked_in_one_claim(runner):
+    calls = [jobs.keyed.delay("acme", str(n)) for n in range(50)]
+    other = jobs.keyed.delay("globex", "a")
+    claim_one(runner)  # acme 0 runs
+    parking = Event.objects.filter(to_status=Status.REROUTED)
+    assert claim_one(runner).pk == other.pk  # acme 1..49 parked on the way, in one transaction
+    assert parking.count() == 49
+    assert set(statuses(*calls[1:])) == {Status.REROUTED}
+
+
+def test_parking_a_backlog_keeps_the_keys_order(runner):
+    calls = [jobs.keyed.delay("acme", str(n)) for n in range(6)]
+    order = []
+    while (claimed := claim_one(runner)) is not None:
+        order.append(claimed.pk)
+        execute(claimed, runner, using="default")
+    assert order == [inv.pk for inv in calls]
+
+
+@pytest.mark.parametrize(("queues", "index"), [(None, "keyjobs_claim"), (["default"], "keyjobs_claim_by_queue")])
+def test_the_claim_query_reads_its_partial_index_in_order(queues, index):
+    from django.db import connection
+
+    InvocationFactory.create_batch(500, status=Status.SUCCESS)
+    jobs.add.delay_many([((n,), {}) for n in range(300)])  # a backlog: reading in order beats sorting it
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
+    plan = Invocation.objects.claimable(queues)[:1].explain()
+    assert f"{index} " in plan or f"{index}\n" in plan or plan.endswith(index) or f'"{index}"' in plan, plan
+    assert "TEMP B-TREE" not in plan and "Sort" not in plan, f"the claim sorts instead of reading in order:\n{plan}"

@@ -39,15 +39,6 @@ def test_a_claim_skips_an_invocation_another_connection_has_locked():
         thread.join()
 
 
-def test_the_claim_query_uses_its_partial_index():
-    InvocationFactory.create_batch(2000, status="SUCCESS")
-    jobs.add.delay(1)
-    with connection.cursor() as cursor:
-        cursor.execute("ANALYZE keyjobs_invocation")
-    plan = Invocation.objects.claimable(["default"]).explain(format="json")
-    assert "keyjobs_claim" in json.dumps(json.loads(plan))
-
-
 def test_notify_wakes_an_idle_worker_long_before_its_poll_interval():
     worker = Worker(threads=1, poll_interval=30)
     thread = threading.Thread(target=worker.run)
