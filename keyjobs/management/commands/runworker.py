@@ -30,6 +30,11 @@ class Command(BaseCommand):
 
         if database is not None and database not in settings.DATABASES:
             raise CommandError(f"--database {database!r} is not in settings.DATABASES")
+        if settings.DEBUG:
+            logging.getLogger("keyjobs").warning(
+                "keyjobs: DEBUG is on, so Django times and records every query a runner makes; "
+                "run workers with DEBUG off outside development"
+            )
         worker = Worker(threads=threads, queues=queues, burst=burst, using=database, prefetch=prefetch)
         worker.install_signal_handlers()
         worker.run()
