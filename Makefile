@@ -30,8 +30,15 @@ test-sqlite: venv
 test-postgres: venv
 	KEYJOBS_TEST_DB=postgres $(VENV)/bin/python -W error -m pytest $(PYTEST_ARGS)
 
-bench: venv
-	$(VENV)/bin/python -m bench
+# The bench measures the peers (Procrastinate, Celery) in the same run, from a venv of its own.
+.venv-bench/.installed: pyproject.toml bench/requirements.txt
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install -q --upgrade pip
+	.venv-bench/bin/pip install -q -e . -r bench/requirements.txt
+	touch $@
+
+bench: .venv-bench/.installed
+	.venv-bench/bin/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf .venv .venv-django* var
+	rm -rf .venv .venv-django* .venv-bench var

@@ -1,0 +1,148 @@
+"""Every bench of issue 6 in one run: keyjobs on SQLite and PostgreSQL, and its peers beside it.
+
+    .venv-bench/bin/python -m bench [--quick] [--only keyed,hotkey,drain,latency,enqueue,history] [--db both]
+
+Each part runs in a process of its own, one after the other (the machine has
+two cores): keyjobs' keyed workloads and queue costs per database, then
+Procrastinate and Celery from the peers' venv. The final table sets each
+keyjobs figure beside its limit, baseline or the best peer of the same run.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .harness import ROOT, Result, postgres_reachable, run_children, say, table
+from .throughput import METRICS as COST_METRICS
+
+METRICS = ("keyed", *COST_METRICS)
+PEER_METRICS = {"keyed", "drain", "latency", "enqueue"}
+PEERS = ("bench.peers.procrastinate_bench", "bench.peers.celery_bench")
+#: Where each run's results are kept, as JSON (ignored by git).
+RESULTS = ROOT / "bench" / "results"
+#: Seconds a part may take before it is stopped.
+BUDGET = {True: 420, False: 1500}
+VENV_SETUP = (".venv-bench: python3.13 -m venv .venv-bench && "
+              ".venv-bench/bin/pip install -e . -r bench/requirements.txt")
+
+
+def peers_python() -> str | None:
+    """Return a Python that has the peers installed: this one, or .venv-bench's."""
+    probe = "import procrastinate, celery, redis, httpx, django, environ"
+    for candidate in (sys.executable, str(ROOT / ".venv-bench" / "bin" / "python")):
+        if Path(candidate).exists() and subprocess.run([candidate, "-c", probe], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+def redis_reachable() -> bool:
+    redis_cli = shutil.which("redis-cli")
+    if redis_cli is None:
+        return True  # let the Celery bench say what is wrong
+    return subprocess.run([redis_cli, "-h", "127.0.0.1", "-p", "6379", "ping"], capture_output=True).returncode == 0
+
+
+def compare(results: list[Result]) -> list[Result]:
+    """Set keyjobs' figures beside the best peer of the same run, where the issue asks for it."""
+    peers = [r for r in results if r.system != "keyjobs"]
+
+    def best(metric: str, case: str, *, low: bool = False) -> Result | None:
+        found = [r for r in peers if r.metric == metric and r.case.startswith(case) and r.measured is not None]
+        if not found:
+            return None
+        return (min if low else max)(found, key=lambda r: r.measured or 0.0)
+
+    for r in results:
+        if r.system != "keyjobs" or r.measured is None:
+            continue
+        if r.metric == "drain":
+            peer = best("drain", "no-op drain")
+            if peer:
+                r.reference, r.reference_label = peer.measured, f"{peer.system}"
+                r.judge(r.measured / (peer.measured or 1), at_least=2.0)
+        elif r.metric == "enqueue" and r.case.startswith("enqueue one at a time"):
+            peer = best("enqueue", "enqueue one at a time")
+            if peer:
+                r.reference, r.reference_label = peer.measured, f"{peer.system}"
+                r.judge(r.measured / (peer.measured or 1), at_least=1.0)
+        elif r.metric == "latency":
+            percentile_label = r.case.split()[1]
+            peer = best("latency", f"enqueue-to-start {percentile_label}", low=True)
+            if peer:
+                r.reference, r.reference_label = peer.measured, f"{peer.system}"
+                r.ratio = r.measured / (peer.measured or 1)
+    return results
+
+
+def ordered(results: list[Result]) -> list[Result]:
+    systems = {"keyjobs": 0, "procrastinate": 1, "celery": 2}
+    dbs = {"sqlite": 0, "postgres": 1, "redis": 2}
+    return sorted(results, key=lambda r: (r.target, r.metric, r.case.split(" w")[0], systems.get(r.system, 9),
+                                          dbs.get(r.db, 9), r.case))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Fewer workloads, smaller counts: about five minutes.")
+    parser.add_argument("--only", default=",".join(METRICS), help="Comma-separated, from: %(default)s.")
+    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--no-peers", action="store_true", help="Measure keyjobs alone.")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+    unknown = only - set(METRICS)
+    if unknown:
+        parser.error(f"unknown --only {', '.join(sorted(unknown))}; choose from {', '.join(METRICS)}")
+    databases = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    if "postgres" in databases and not postgres_reachable():
+        say("bench: PostgreSQL is not reachable at 127.0.0.1:5432: SQLite only, and no Procrastinate")
+        databases = [db for db in databases if db != "postgres"]
+    quick = ["--quick"] if args.quick else []
+    budget = BUDGET[args.quick]
+    began = time.monotonic()
+    results: list[Result] = []
+
+    def part(title: str, module: str, dbs: list[str], argv: list[str], python: str | None = None) -> None:
+        say(f"== {title}")
+        start = time.monotonic()
+        results.extend(run_children(module, dbs, argv, timeout=budget, python=python))
+        say(f"== {title}: {time.monotonic() - start:.0f}s")
+
+    if "keyed" in only:
+        part("keyjobs: keyed workloads", "bench.keyed", databases, [*quick, "--workers", "2" if args.quick else "1,2"])
+    costs = [metric for metric in COST_METRICS if metric in only]
+    if costs:
+        part("keyjobs: queue costs", "bench.throughput", databases, [*quick, "--only", ",".join(costs)])
+
+    peer_metrics = sorted(PEER_METRICS & only)
+    python = None if args.no_peers or not peer_metrics else peers_python()
+    if peer_metrics and not args.no_peers and python is None:
+        say(f"bench: the peers are not installed; create {VENV_SETUP}")
+    if python is not None:
+        for module in PEERS:
+            if module.endswith("procrastinate_bench") and "postgres" not in databases:
+                continue
+            if module.endswith("celery_bench") and not redis_reachable():
+                say("bench: Redis is not reachable at 127.0.0.1:6379: no Celery")
+                continue
+            name = module.rsplit(".", 1)[1].removesuffix("_bench")
+            part(name, module, [""], [*quick, "--only", ",".join(peer_metrics)], python=python)
+
+    results = ordered(compare(results))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    saved = RESULTS / time.strftime("%Y%m%d-%H%M%S.json")
+    saved.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    judged = [r for r in results if r.ok is not None]
+    print(table(results, title=f"keyjobs bench{' (quick)' if args.quick else ''}: "
+                               f"{sum(bool(r.ok) for r in judged)} of {len(judged)} goals met, "
+                               f"{time.monotonic() - began:.0f}s"))
+    say(f"bench: results in {saved.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""What every bench shares: results, the provider, scratch databases, child processes, the table.
+
+Standard library only (plus psycopg to recreate a PostgreSQL database), so
+that both the project's venv and the peers' venv can import it.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Scratch files: SQLite databases and the logs of every process a bench starts.
+SCRATCH = Path(os.environ.get("KEYJOBS_BENCH_SCRATCH", Path(tempfile.gettempdir()) / "keyjobs-bench"))
+#: The PostgreSQL server the benches use; each bench recreates its own database on it.
+POSTGRES_URL = os.environ.get("KEYJOBS_BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
+REDIS_URL = os.environ.get("KEYJOBS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+# -- results --------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One line of the final table."""
+
+    target: int  # the number of the target in issue 6
+    metric: str  # keyed | hotkey | drain | latency | enqueue | history
+    case: str  # what was run, e.g. "blocked 3x4x0.4s t8 grouped w2"
+    db: str  # sqlite | postgres | redis
+    system: str  # keyjobs | procrastinate | celery ...
+    measured: float | None
+    unit: str  # s | /s | ms
+    reference: float | None = None  # the limit, a baseline or a peer's figure
+    reference_label: str = ""  # what reference is
+    ratio: float | None = None
+    goal: str = ""  # e.g. "<= 1.10"
+    ok: bool | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def judge(self, ratio: float | None, *, at_most: float | None = None, at_least: float | None = None) -> "Result":
+        """Set the ratio and, when a goal is given, whether it is met."""
+        self.ratio = ratio
+        if at_most is not None:
+            self.goal = f"<= {at_most:g}"
+            self.ok = ratio is not None and ratio <= at_most
+        if at_least is not None:
+            self.goal = f">= {at_least:g}"
+            self.ok = ratio is not None and ratio >= at_least
+        return self
+
+
+def write_results(path: str | None, results: Sequence[Result]) -> None:
+    if path:
+        Path(path).write_text(json.dumps([asdict(result) for result in results], indent=1))
+
+
+class Recorder(list[Result]):
+    """The results of a bench process, written to ``path`` as each comes, so that a crash loses none."""
+
+    def __init__(self, path: str | None) -> None:
+        super().__init__()
+        self.path = path
+
+    def add(self, *results: Result) -> None:
+        self.extend(results)
+        write_results(self.path, self)
+
+
+def read_results(path: Path) -> list[Result]:
+    if not path.exists() or not path.read_text().strip():
+        return []
+    return [Result(**row) for row in json.loads(path.read_text())]
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Return the ``fraction`` quantile of ``values`` (nearest rank)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def say(*parts: object) -> None:
+    """Progress on stderr, so that stdout keeps only the tables."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# -- the table ------------------------------------------------------------
+
+
+def _figure(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "s":
+        return f"{value:.2f} s"
+    if unit == "ms":
+        return f"{value:.1f} ms"
+    if unit == "/s":
+        return f"{value:,.0f}/s"
+    return f"{value:g} {unit}"
+
+
+def table(results: Sequence[Result], *, title: str = "") -> str:
+    """Return ``results`` as an aligned text table."""
+    header = ["#", "case", "db", "system", "measured", "vs", "ratio", "goal", "ok", "note"]
+    rows = [header]
+    for r in results:
+        reference = r.reference_label
+        if r.reference is not None:
+            reference = f"{reference} {_figure(r.reference, r.unit)}"
+        rows.append([
+            str(r.target),
+            r.case,
+            r.db,
+            r.system,
+            _figure(r.measured, r.unit),
+            reference.strip(),
+            "-" if r.ratio is None else f"{r.ratio:.2f}x",
+            r.goal,
+            {True: "yes", False: "NO", None: ""}[r.ok],
+            r.note,
+        ])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = [title] if title else []
+    for number, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+        if number == 0:
+            lines.append("  ".join("-" * width for width in widths) + "  ----")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# -- child processes ------------------------------------------------------
+
+
+def log_path(name: str) -> Path:
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    return SCRATCH / f"{name}.log"
+
+
+def spawn(argv: Sequence[str], *, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a process group of its own, its output in ``SCRATCH/name.log``."""
+    with open(log_path(name), "ab") as log:
+        return subprocess.Popen(
+            list(argv), cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+
+def stop(processes: Sequence[subprocess.Popen[bytes]], *, grace: float = 15.0) -> None:
+    """SIGTERM each process group we started, wait up to ``grace`` seconds, then SIGKILL what is left."""
+    for process in processes:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            # The group too: a prefork pool's children must not outlive their parent.
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def wait_until(predicate: Any, *, timeout: float, interval: float = 0.05, what: str = "condition",
+               processes: Sequence[subprocess.Popen[bytes]] = ()) -> None:
+    """Poll ``predicate`` until true; TimeoutError past ``timeout``, RuntimeError if a process died."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{' '.join(map(str, process.args[:4]))} exited with {process.returncode} "
+                                   f"while waiting for {what}; see {SCRATCH}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not reached in {timeout:.0f}s")
+        time.sleep(interval)
+
+
+# -- the provider ---------------------------------------------------------
+
+
+class ProviderProcess:
+    """The demo's provider (``python -m demo_project.provider``) in a process of its own."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def __enter__(self) -> "ProviderProcess":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "demo_project.provider", "--port", "0", "--quiet", "--hold", "0"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+            start_new_session=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if "listening on " not in line:
+            self.process.kill()
+            raise RuntimeError(f"the provider did not start: {line.strip()}")
+        self.url = line.split("listening on ", 1)[1].split()[0]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.stdout and self.process.stdout.close()
+            stop([self.process])  # type: ignore[list-item]
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer: dict[str, Any] = json.loads(response.read())
+            return answer
+
+    def reset(self, hold: float) -> None:
+        self._request("POST", "/reset", {"hold": hold})
+
+    def stats(self) -> dict[str, Any]:
+        return self._request("GET", "/stats")
+
+    def span(self, stats: dict[str, Any] | None = None) -> float | None:
+        """Seconds from the first call's start to the last call's end, as the provider saw them."""
+        log = (stats or self.stats())["log"]
+        ended = [call["ended"] for call in log if call["ended"] is not None]
+        if not log or not ended:
+            return None
+        return max(ended) - min(call["started"] for call in log)
+
+
+# -- scratch databases ----------------------------------------------------
+
+
+def recreate_postgres(name: str) -> str:
+    """Drop and create the PostgreSQL database ``name``; return its URL."""
+    import psycopg
+
+    with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return f"{POSTGRES_URL}/{name}"
+
+
+def fresh_sqlite(name: str) -> str:
+    """Remove the SQLite file ``SCRATCH/name.sqlite3`` and its journals; return its URL."""
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    path = SCRATCH / f"{name}.sqlite3"
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return f"sqlite:///{path}"
+
+
+def wait_for_postgres(timeout: float = 60.0) -> bool:
+    """Wait until PostgreSQL takes connections again (another suite on this machine may restart it)."""
+    deadline = time.monotonic() + timeout
+    while not postgres_reachable():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
+
+
+def postgres_reachable() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(f"{POSTGRES_URL}/postgres", connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+# -- running a bench per database in a child -------------------------------
+
+
+def run_children(module: str, databases: Sequence[str], argv: Sequence[str], *, timeout: float,
+                 python: str | None = None) -> list[Result]:
+    """Run ``python -m module --db X argv --json F`` for each database; return every child's results.
+
+    A child past ``timeout`` gets SIGTERM, which it turns into SystemExit so
+    that its ``finally`` blocks stop the workers it started.
+    """
+    results: list[Result] = []
+    for db in databases:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+            out = Path(handle.name)
+        argv_db = ["--db", db] if db else []
+        child = subprocess.Popen([python or sys.executable, "-m", module, *argv_db, *argv, "--json", str(out)],
+                                 cwd=ROOT, stdin=subprocess.DEVNULL)
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            say(f"bench: {module} {db} ran over {timeout:.0f}s: stopping it")
+            child.terminate()
+            try:
+                child.wait(60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        except BaseException:
+            child.terminate()
+            child.wait()
+            raise
+        if child.returncode:
+            say(f"bench: {module} {db} exited with {child.returncode}")
+        results += read_results(out)
+        out.unlink(missing_ok=True)
+    return results
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that ``finally`` blocks stop what this process started."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[list[float]]:
+    """``with timed() as t: ...``; then ``t[0]`` is the seconds the block took."""
+    box: list[float] = []
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box.append(time.perf_counter() - start)
