@@ -7,16 +7,15 @@ collisions; they are timed by the provider's log (first call's start to the
 last call's end). No-op tasks are timed by the times they note in Redis.
 """
 
-import argparse
 import sys
 import time
 from typing import Any
 
 from bench.harness import (
-    REDIS_URL, ProviderProcess, Recorder, Result, exit_on_sigterm, median, percentile, say, spawn, stop, table,
-    wait_until,
+    REDIS_URL, ProviderProcess, Recorder, Result, median, percentile, say, spawn, stop, wait_until,
 )
-from bench.workloads import ORDERS, Sizes, Workload, by_name, latency_gaps, sizes
+from bench.peers import run_peer
+from bench.workloads import Sizes, Workload, latency_gaps
 
 SYSTEM = "celery"
 
@@ -153,43 +152,9 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.peers.celery_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="keyed,drain,latency,enqueue", help="Comma-separated metrics.")
-    parser.add_argument("--workloads", default=None)
-    parser.add_argument("--orders", default=",".join(ORDERS))
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    exit_on_sigterm()
-    only = set(args.only.split(","))
-    size = sizes(args.quick)
-    say(f"bench: celery on {REDIS_URL}")
-    bench = Bench()
-    results = Recorder(args.json)
-    try:
-        for metric in ("keyed", "drain", "latency", "enqueue"):
-            if metric not in only:
-                continue
-            for attempt in (1, 2):
-                try:
-                    if metric == "keyed":
-                        with ProviderProcess() as provider:
-                            bench.keyed(by_name(args.workloads, quick=args.quick), tuple(args.orders.split(",")),
-                                        provider, results)
-                    else:
-                        results.add(*getattr(bench, metric)(size))
-                    break
-                except Exception as exc:
-                    say(f"  celery {metric}: {type(exc).__name__}: {exc}")
-                    if attempt == 1 and metric != "keyed" and True:
-                        say(f"  celery {metric}: once more")
-                        continue
-                    break
-    finally:
-        bench.clear()
-    if not args.json:
-        print(table(results, title="Celery"))
-    return 0
+    return run_peer(argv, prog="python -m bench.peers.celery_bench", description=__doc__.split("\n\n")[0],
+                    system=SYSTEM, banner=f"bench: celery on {REDIS_URL}", bench=Bench,
+                    recover=lambda bench: True, close=lambda bench: bench.clear())
 
 
 if __name__ == "__main__":

@@ -6,17 +6,17 @@ Its database is kj_bench_procrastinate, recreated. Jobs are timed by
 Procrastinate's own events table (database clock): started to succeeded.
 """
 
-import argparse
 import os
 import sys
 import time
 from typing import Any
 
 from bench.harness import (
-    POSTGRES_URL, ProviderProcess, Recorder, Result, exit_on_sigterm, median, percentile, recreate_postgres, say,
-    spawn, stop, table, wait_for_postgres, wait_until,
+    POSTGRES_URL, ProviderProcess, Recorder, Result, median, percentile, recreate_postgres, say, spawn, stop,
+    wait_for_postgres, wait_until,
 )
-from bench.workloads import ORDERS, Sizes, Workload, by_name, latency_gaps, sizes
+from bench.peers import run_peer
+from bench.workloads import Sizes, Workload, latency_gaps
 
 DATABASE = "kj_bench_procrastinate"
 SYSTEM = "procrastinate"
@@ -227,45 +227,16 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.peers.procrastinate_bench",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="keyed,drain,latency,enqueue", help="Comma-separated metrics.")
-    parser.add_argument("--workloads", default=None)
-    parser.add_argument("--orders", default=",".join(ORDERS))
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    exit_on_sigterm()
-    only = set(args.only.split(","))
-    size = sizes(args.quick)
-    say(f"bench: procrastinate on {POSTGRES_URL}/{DATABASE}")
-    bench = Bench()
-    results = Recorder(args.json)
-    try:
-        for metric in ("keyed", "drain", "latency", "enqueue"):
-            if metric not in only:
-                continue
-            for attempt in (1, 2):
-                try:
-                    if metric == "keyed":
-                        with ProviderProcess() as provider:
-                            bench.keyed(by_name(args.workloads, quick=args.quick), tuple(args.orders.split(",")),
-                                        provider, results)
-                    else:
-                        results.add(*getattr(bench, metric)(size))
-                    break
-                except Exception as exc:
-                    say(f"  procrastinate {metric}: {type(exc).__name__}: {exc}")
-                    if attempt == 1 and metric != "keyed" and wait_for_postgres():
-                        say(f"  procrastinate {metric}: once more")
-                        bench.reconnect()
-                        continue
-                    break
-    finally:
-        bench.close()
-    if not args.json:
-        print(table(results, title="Procrastinate"))
-    return 0
+    def recover(bench: Bench) -> bool:
+        # PostgreSQL may have been restarted under the run by another suite on this machine.
+        if not wait_for_postgres():
+            return False
+        bench.reconnect()
+        return True
+
+    return run_peer(argv, prog="python -m bench.peers.procrastinate_bench", description=__doc__.split("\n\n")[0],
+                    system=SYSTEM, banner=f"bench: procrastinate on {POSTGRES_URL}/{DATABASE}", bench=Bench,
+                    recover=recover, close=lambda bench: bench.close())
 
 
 if __name__ == "__main__":
