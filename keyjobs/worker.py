@@ -143,28 +143,31 @@ class Worker:
                 if time.monotonic() - checked > conf.HEARTBEAT_INTERVAL:
                     close_old_connections()
                     checked = time.monotonic()
-                try:
-                    batch = claim(self.runner, using=self.using, queues=self.queues, thread=number,
-                                  limit=self.prefetch, start=self.prefetch == 1)
-                except DatabaseError as exc:
-                    logger.warning("keyjobs: thread %d could not claim (%s); retrying in %.1fs", number, exc, pause)
-                    connections[self.using].close()
-                    self.stopping.wait(pause)
-                    pause = min(pause * 2, 5.0)
-                    continue
-                pause = 0.1
-                if not batch:
-                    if self._idle(number):
-                        break
-                    continue
+                # Busy from the claim on: what a claim takes is PENDING or RUNNING, which --burst's
+                # look for work left does not count, so a colleague must not see this thread idle.
                 with self._work:
                     self._busy += 1
-                    self._work.notify()  # there may be more: wake a colleague
                 try:
-                    self._run_batch(batch, number)
+                    try:
+                        batch = claim(self.runner, using=self.using, queues=self.queues, thread=number,
+                                      limit=self.prefetch, start=self.prefetch == 1)
+                    except DatabaseError as exc:
+                        logger.warning("keyjobs: thread %d could not claim (%s); retrying in %.1fs", number, exc,
+                                       pause)
+                        connections[self.using].close()
+                        self.stopping.wait(pause)
+                        pause = min(pause * 2, 5.0)
+                        continue
+                    pause = 0.1
+                    if batch:
+                        with self._work:
+                            self._work.notify()  # there may be more: wake a colleague
+                        self._run_batch(batch, number)
                 finally:
                     with self._work:
                         self._busy -= 1
+                if not batch and self._idle(number):
+                    break
         finally:
             connections.close_all()
 
