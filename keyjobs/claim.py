@@ -16,7 +16,7 @@ safety net for a runner that died in between.
 
 import logging
 from dataclasses import dataclass
-from django.db import IntegrityError, connections, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Exists, F, OuterRef, Q
 
 from . import registry, wakeups
@@ -71,12 +71,11 @@ def _claim_next(
     are claimed together; one with a running key is decided alone, under its
     key's owner locks.
     """
-    features = connections[using].features
     with transaction.atomic(using=using):
         candidates = list(
             Invocation.objects.using(using)
             .claimable(queues)
-            .select_for_update(skip_locked=True, of=("self",), no_key=features.has_select_for_no_key_update)[:room]
+            .locked(skip_locked=True)[:room]
         )
         if not candidates:
             return None
@@ -111,7 +110,6 @@ def _claim_next(
 
 def _registered_behind(head: Invocation, using: str) -> list[Locked]:
     """Lock and return the due registered invocations after ``head`` in its key (skipping locked ones)."""
-    features = connections[using].features
     return list(
         Invocation.objects.using(using)
         .of_running_key(head.task_name, head.running_key)
@@ -119,7 +117,7 @@ def _registered_behind(head: Invocation, using: str) -> list[Locked]:
         .due()
         .filter(Q(priority__lt=head.priority) | Q(priority=head.priority, pk__gt=head.pk))
         .order_by("-priority", "pk")
-        .select_for_update(skip_locked=True, of=("self",), no_key=features.has_select_for_no_key_update)
+        .locked(skip_locked=True)
         .values_list("pk", "status", "runner_id")[:PARK_BATCH]
     )
 
@@ -130,13 +128,12 @@ def _row(invocation: Invocation) -> Locked:
 
 def _try_claim(candidate: Invocation, limit: int, runner: Runner, thread: int | None, using: str, start: bool) -> bool:
     """Claim ``candidate`` if its key has room and nothing of its key is ahead of it."""
-    features = connections[using].features
     same_key = Invocation.objects.using(using).of_running_key(candidate.task_name, candidate.running_key)
     for _ in range(3):
         # Locking the owners is what makes parking safe: see the module docstring.
         taken = set(
             same_key.owned()
-            .select_for_update(of=("self",), no_key=features.has_select_for_no_key_update)
+            .locked()
             .values_list("slot", flat=True)
         )
         free = [slot for slot in range(limit) if slot not in taken]
@@ -240,7 +237,7 @@ def wake_next(
         # Claimers never lock parked rows, so this waits for nobody but a concurrent waker of the same key.
         handed = (
             Invocation.objects.using(using)
-            .select_for_update(of=("self",), no_key=connections[using].features.has_select_for_no_key_update)
+            .locked()
             .filter(pk=parked[0][0], status=Status.REROUTED)
             .first()
         )
@@ -262,14 +259,13 @@ def wake_next(
 
 def promote_due_retries(*, using: str, runner: Runner | None = None, limit: int = 1000) -> list[int]:
     """Register again the retries whose delay is over; return their ids."""
-    features = connections[using].features
     with transaction.atomic(using=using):
         due = list(
             Invocation.objects.using(using)
             .filter(status=Status.RETRY)
             .due()
             .order_by("run_after")
-            .select_for_update(skip_locked=True, of=("self",), no_key=features.has_select_for_no_key_update)
+            .locked(skip_locked=True)
             .values_list("pk", "status", "runner_id", "queue")[:limit]
         )
         promoted = move_locked([row[:3] for row in due], Status.REGISTERED, using=using, runner=runner,

@@ -20,7 +20,7 @@ from .models import Event, Invocation
 from .transitions import record
 
 if TYPE_CHECKING:
-    from .declare import Options, Task
+    from .declare import Options
 
 #: How often a delay() retries after losing a race at the registration guard.
 _REGISTRATION_ATTEMPTS = 20

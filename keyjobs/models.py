@@ -9,7 +9,7 @@ registration key.
 import time
 from typing import Any
 
-from django.db import models
+from django.db import connections, models
 from django.db.models import Q
 from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
@@ -21,6 +21,15 @@ from .status import FINAL, OWNED, WAITING, Status
 
 
 class InvocationQuerySet(models.QuerySet["Invocation"]):
+    def locked(self, *, skip_locked: bool = False) -> "InvocationQuerySet":
+        """Lock the rows for the current transaction: FOR NO KEY UPDATE where the database has it.
+
+        Status changes never touch the primary key, so the weaker lock lets
+        Event rows be inserted against a locked invocation meanwhile.
+        """
+        no_key = connections[self.db].features.has_select_for_no_key_update
+        return self.select_for_update(skip_locked=skip_locked, of=("self",), no_key=no_key)
+
     def waiting(self) -> "InvocationQuerySet":
         return self.filter(status__in=WAITING)
 

@@ -17,7 +17,7 @@ to stop.
 import logging
 from datetime import timedelta
 
-from django.db import IntegrityError, connections, transaction
+from django.db import IntegrityError, transaction
 from django.db.models.functions import Now
 
 from .claim import wake_next
@@ -45,7 +45,6 @@ def recover_lost_runners(*, using: str, lease: float, by: Runner | None = None) 
 
 
 def _recover(runner_id: int, *, using: str, lease: float, by: Runner | None) -> list[int]:
-    features = connections[using].features
     recovered: list[int] = []
     with transaction.atomic(using=using):
         # Locked and checked again: two runners may look at once, and the silent one may have come back.
@@ -60,7 +59,7 @@ def _recover(runner_id: int, *, using: str, lease: float, by: Runner | None) -> 
         Runner.objects.using(using).filter(pk=lost.pk).update(stopped_at=Now(), lost=True)
         owned = list(
             Invocation.objects.using(using)
-            .select_for_update(of=("self",), no_key=features.has_select_for_no_key_update)
+            .locked()
             .filter(runner=lost, status__in=OWNED)
             .order_by("pk")
         )

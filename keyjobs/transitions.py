@@ -9,7 +9,7 @@ a plain ordered query.
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import transaction
 from django.db.models.functions import Now
 
 from .exceptions import InvalidTransition, NotOwner
@@ -56,7 +56,7 @@ def move(
     with transaction.atomic(using=using, savepoint=False):
         rows: list[Locked] = list(
             Invocation.objects.using(using)
-            .select_for_update(of=("self",), no_key=connections[using].features.has_select_for_no_key_update)
+            .locked()
             .filter(pk__in=ids)
             .order_by("pk")
             .values_list("pk", "status", "runner_id")
