@@ -145,16 +145,13 @@ def _try_claim(candidate: Invocation, limit: int, runner: Runner, thread: int | 
             .exclude(pk=candidate.pk)
             .filter(Q(priority__gt=candidate.priority) | Q(priority=candidate.priority, pk__lt=candidate.pk))
             .order_by("-priority", "pk")
-            .values_list("pk", "status", "queue")
+            .values_list("status", flat=True)
             .first()
         )
         if ahead is not None:
-            pk, status, queue = ahead
-            if status == Status.REROUTED:
+            if ahead == Status.REROUTED:
                 # Parked although its key has room: its waker died. It goes first, the candidate waits.
-                move([pk], Status.REGISTERED, using=using, only_from={Status.REROUTED}, runner=runner,
-                     note="its key was free: its turn")
-                wakeups.notify(using, queue)
+                wake_next(candidate.task_name, candidate.running_key, using=using, runner=runner)
             return False
         try:
             with transaction.atomic(using=using):  # a savepoint: losing the race must not end the claim
