@@ -28,7 +28,11 @@ _REGISTRATION_ATTEMPTS = 20
 
 def enqueue(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
     """Register one call of ``options.task``; return its invocation, or the waiting one it duplicates."""
-    invocation = _build(options, args, kwargs)
+    return _register(_build(options, args, kwargs))
+
+
+def _register(invocation: Invocation) -> Invocation:
+    """Insert a built invocation, or return the waiting one its registration key already has."""
     using = conf.DATABASE
     if invocation.registration_key is None:
         with transaction.atomic(using=using):
@@ -78,7 +82,7 @@ def enqueue_many(options: "Options", calls: Iterable[Any]) -> list[Invocation]:
     if any(invocation.registration_key is not None for invocation in invocations):
         # Deduplication needs each call to see the ones before it.
         with transaction.atomic(using=conf.DATABASE):
-            return [enqueue(options, inv.args, inv.kwargs) for inv in invocations]
+            return [_register(invocation) for invocation in invocations]
     using = conf.DATABASE
     with transaction.atomic(using=using):
         created = Invocation.objects.using(using).bulk_create(invocations, batch_size=2000)
