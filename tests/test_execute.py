@@ -61,15 +61,26 @@ def test_an_outcome_is_not_recorded_by_a_runner_that_lost_the_invocation(runner)
     assert claimed.status == Status.PENDING
 
 
-def test_finishing_frees_the_key_in_the_same_transaction_as_the_outcome(runner):
+def test_an_outcome_and_the_release_of_its_key_are_one_transaction(runner, monkeypatch):
+    import keyjobs.execute
+
     first = jobs.keyed.delay("acme", "a")
     second = jobs.keyed.delay("acme", "b")
-    [claimed] = claim(runner, using="default")
-    assert claim(runner, using="default") == []
-    execute(claimed, runner, using="default")
-    wake = Event.objects.get(invocation=second, from_status="REROUTED")
-    done = Event.objects.get(invocation=first, to_status="SUCCESS")
-    assert wake.to_status == "REGISTERED" and wake.at == done.at or wake.pk == done.pk + 1
+    [claimed] = claim(runner, using="default", start=True)
+    assert claim(runner, using="default") == []  # b is parked behind a
+
+    def waking_fails(*args, **kwargs):
+        raise RuntimeError("the database went away while waking b")
+
+    monkeypatch.setattr(keyjobs.execute, "wake_next", waking_fails)
+    with pytest.raises(RuntimeError):
+        execute(claimed, runner, using="default")
+    assert statuses(first, second) == [Status.RUNNING, Status.REROUTED]  # neither the outcome nor the wake
+    assert not Event.objects.filter(invocation=first, to_status=Status.SUCCESS).exists()
+
+
+def statuses(*invocations):
+    return [Invocation.objects.get(pk=inv.pk).status for inv in invocations]
 
 
 def test_freeing_a_key_hands_its_parked_successor_to_the_same_thread(runner):
