@@ -15,13 +15,16 @@ safety net for a runner that died in between.
 """
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
-from django.db import IntegrityError, transaction
+
+from django.db import IntegrityError, connections, transaction
 from django.db.models import Exists, F, OuterRef, Q
 
 from . import registry, wakeups
 from .exceptions import TaskNotFound
 from .models import Invocation, Runner
+from .sql import statements
 from .status import OWNED, Status
 from .transitions import Locked, move, move_locked
 
@@ -71,12 +74,11 @@ def _claim_next(
     are claimed together; one with a running key is decided alone, under its
     key's owner locks.
     """
+    taken = _take_free(runner, using=using, queues=queues, thread=thread, start=start, room=room)
+    if taken is not None:
+        return taken or None
     with transaction.atomic(using=using):
-        candidates = list(
-            Invocation.objects.using(using)
-            .claimable(queues)
-            .locked(skip_locked=True)[:room]
-        )
+        candidates = statements(using).claimable(queues, room)
         if not candidates:
             return None
         head = candidates[0]
@@ -108,6 +110,33 @@ def _claim_next(
         return []
 
 
+def _take_free(
+    runner: Runner, *, using: str, queues: list[str] | None, thread: int | None, start: bool, room: int
+) -> list[Invocation] | None:
+    """Claim the head of the queue in one statement where the database can: what needs no decision.
+
+    Return what was claimed ([] if nothing was there to claim), or None when
+    the head needs deciding here (parking, an unknown task, a lost race) or
+    the database has no such statement.
+    """
+    # A savepoint only inside a caller's transaction: alone, the statement is its own transaction.
+    block = transaction.atomic(using=using) if connections[using].in_atomic_block else nullcontext()
+    try:
+        with block:
+            found = statements(using).take_free(queues, room, known=sorted(registry.all_names()), start=start,
+                                                runner_id=runner.pk, thread=thread)
+    except IntegrityError:
+        return None  # another runner took one of those keys at the same moment
+    if found is None:
+        return None
+    taken, stopped = found
+    if not taken and stopped:
+        return None
+    for invocation in taken:
+        invocation.runner = runner
+    return taken
+
+
 def _registered_behind(head: Invocation, using: str) -> list[Locked]:
     """Lock and return the due registered invocations after ``head`` in its key (skipping locked ones)."""
     return list(
@@ -128,28 +157,18 @@ def _row(invocation: Invocation) -> Locked:
 
 def _try_claim(candidate: Invocation, limit: int, runner: Runner, thread: int | None, using: str, start: bool) -> bool:
     """Claim ``candidate`` if its key has room and nothing of its key is ahead of it."""
-    same_key = Invocation.objects.using(using).of_running_key(candidate.task_name, candidate.running_key)
+    sql = statements(using)
+    assert candidate.running_key is not None
     for _ in range(3):
         # Locking the owners is what makes parking safe: see the module docstring.
-        taken = set(
-            same_key.owned()
-            .locked()
-            .values_list("slot", flat=True)
-        )
+        taken = sql.owned_slots(candidate.task_name, candidate.running_key, lock=True)
         free = [slot for slot in range(limit) if slot not in taken]
         if not free:
             return False
-        ahead = (
-            same_key.waiting()
-            .due()  # work scheduled for later must not hold up the key until then
-            .exclude(pk=candidate.pk)
-            .filter(Q(priority__gt=candidate.priority) | Q(priority=candidate.priority, pk__lt=candidate.pk))
-            .order_by("-priority", "pk")
-            .values_list("status", flat=True)
-            .first()
-        )
-        if ahead is not None:
-            if ahead == Status.REROUTED:
+        # Only due work: work scheduled for later must not hold up the key until then.
+        ahead = sql.waiting_in_key_order(candidate.task_name, candidate.running_key, 1, before=candidate)
+        if ahead:
+            if ahead[0][1] == Status.REROUTED:
                 # Parked although its key has room: its waker died. It goes first, the candidate waits.
                 wake_next(candidate.task_name, candidate.running_key, using=using, runner=runner)
             return False
@@ -216,28 +235,18 @@ def wake_next(
         limit = registry.get(task_name).running_limit
     except TaskNotFound:
         limit = 1
-    same_key = Invocation.objects.using(using).of_running_key(task_name, running_key)
-    taken_slots = set(same_key.owned().values_list("slot", flat=True))
+    sql = statements(using)
+    taken_slots = sql.owned_slots(task_name, running_key, lock=False)
     free = [slot for slot in range(limit) if slot not in taken_slots]
     if not free:
         return Wake([])
-    next_up = list(
-        same_key.waiting()
-        .due()
-        .order_by("-priority", "pk")
-        .values_list("pk", "status", "queue")[: len(free)]
-    )
+    next_up = sql.waiting_in_key_order(task_name, running_key, len(free))
     parked = [(pk, queue) for pk, status, queue in next_up if status == Status.REROUTED]
     handed: Invocation | None = None
     first_in_line_is_parked = bool(next_up) and next_up[0][1] == Status.REROUTED
     if taker is not None and first_in_line_is_parked and (not taker.queues or parked[0][1] in taker.queues):
         # Claimers never lock parked rows, so this waits for nobody but a concurrent waker of the same key.
-        handed = (
-            Invocation.objects.using(using)
-            .locked()
-            .filter(pk=parked[0][0], status=Status.REROUTED)
-            .first()
-        )
+        handed = sql.lock_invocation(parked[0][0], Status.REROUTED)
         if handed is not None:
             move_locked([_row(handed)], Status.RUNNING, using=using, runner=taker.runner,
                         runner_thread=taker.thread, note="handed over by the invocation that freed its key",

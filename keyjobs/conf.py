@@ -47,5 +47,14 @@ class Settings:
         """Import every installed app's ``tasks`` module at start-up (``KEYJOBS_AUTODISCOVER``)."""
         return getattr(settings, "KEYJOBS_AUTODISCOVER", True)
 
+    @property
+    def PREPARE_STATEMENTS(self) -> bool:
+        """Prepare the worker's repeated statements on PostgreSQL (``KEYJOBS_PREPARE_STATEMENTS``).
+
+        Turn it off behind a connection pooler that cannot keep prepared
+        statements (PgBouncer before 1.21 in transaction mode).
+        """
+        return getattr(settings, "KEYJOBS_PREPARE_STATEMENTS", True)
+
 
 conf = Settings()

@@ -12,6 +12,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -121,8 +122,11 @@ def finish(
     more. With a ``taker``, the key's next invocation may be handed to it:
     it is then in ``outcome.handed``, RUNNING.
     """
+    # One transaction for the outcome and the key's release. Without a key or a retry to guard
+    # there is only the outcome: one statement where the database has it, no transaction around.
+    needs_transaction = invocation.running_key is not None or outcome.status == Status.RETRY
     try:
-        with transaction.atomic(using=using):
+        with transaction.atomic(using=using) if needs_transaction else nullcontext():
             if outcome.status == Status.RETRY:
                 try:
                     with transaction.atomic(using=using):  # a savepoint: the registration guard may refuse

@@ -1,13 +1,144 @@
-"""PostgreSQL-only code: LISTEN/NOTIFY. Imported only through ``keyjobs.wakeups``."""
+"""PostgreSQL-only code: LISTEN/NOTIFY, and statements joined into one.
+
+Imported only through ``keyjobs.wakeups`` and ``keyjobs.sql``, each of which
+has the portable version beside it.
+"""
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import psycopg
 from django.db import connections
+from django.db.backends.postgresql.base import ServerBindingCursor
+from django.db.models import F
+from django.db.models.functions import Now
+
+from . import sql
+from .conf import conf
+from .models import Invocation
+from .status import OWNED, WAITING
 
 logger = logging.getLogger("keyjobs.worker")
+
+#: Runs of one statement on a connection after which psycopg prepares it (psycopg's own default).
+PREPARE_THRESHOLD = 5
+
+
+class Statements(sql.Statements):
+    """The hot path's statements, each step of an invocation's life in one statement.
+
+    A data-modifying WITH runs to completion whether or not the main
+    statement reads it, and all of a statement's parts see one snapshot: a
+    race with another runner ends at the partial unique indexes, as on the
+    portable path.
+    """
+
+    def cursor(self) -> Any:
+        """Return a cursor that binds parameters on the server, so that these statements can be prepared.
+
+        Planning the claim costs PostgreSQL more than running it. Django
+        turns prepared statements off (``prepare_threshold`` None) for the
+        sake of connection poolers; with ``KEYJOBS_PREPARE_STATEMENTS`` these
+        statements are prepared on their fifth run on a connection anyway.
+        Django's other queries bind on the client, which never prepares.
+        """
+        connection = self.connection
+        connection.ensure_connection()
+        connection.validate_thread_sharing()
+        raw = connection.connection
+        if conf.PREPARE_STATEMENTS and raw.prepare_threshold is None:
+            raw.prepare_threshold = PREPARE_THRESHOLD
+        cursor = ServerBindingCursor(raw)
+        return connection.make_debug_cursor(cursor) if connection.queries_logged else connection.make_cursor(cursor)
+
+    def move(self, ids: Sequence[int], values: dict[str, Any], events: Sequence[sql.EventRow]) -> None:
+        update, update_params = self._update(ids, values)
+        insert, insert_params = self._insert_events(events)
+        with self.cursor() as cursor:
+            cursor.execute(f"WITH moved AS ({update}) {insert}", [*update_params, *insert_params])
+
+    def move_checked(
+        self, ids: Sequence[int], to: str, steps: Sequence[tuple[str | None, str]], *, only_from: Collection[str],
+        owner_id: int | None, values: dict[str, Any], runner_id: int | None, runner_thread: int | None, note: str,
+    ) -> list[tuple[int, str, int | None]]:
+        q, inv = self.quote, self.invocations
+        assignments, set_params = self._set(values)
+        guard, guard_params = "", []
+        if owner_id is not None:
+            # All or nothing, as on the portable path: one row owned by another runner refuses the move.
+            guard = (f" AND NOT EXISTS (SELECT 1 FROM locked WHERE locked.status IN ({_marks(only_from)}) "
+                     f"AND locked.runner_id IS DISTINCT FROM %s)")
+            guard_params = [*only_from, owner_id]
+        step_rows = ", ".join(["(%s::int, %s::varchar, %s::varchar)"] * len(steps))
+        sql_text = (
+            f"WITH locked AS (SELECT {q('id')} AS id, {q('status')} AS status, {q('runner_id')} AS runner_id "
+            f"FROM {inv} WHERE {q('id')} IN ({_marks(ids)}) ORDER BY {q('id')}{self.lock}), "
+            f"moved AS (UPDATE {inv} {assignments} FROM locked WHERE {inv}.{q('id')} = locked.id "
+            f"AND locked.status IN ({_marks(only_from)}){guard} RETURNING {inv}.{q('id')} AS id, locked.status), "
+            f"recorded AS (INSERT INTO {self.events} ({self.event_columns}) "
+            f"SELECT moved.id, %s, COALESCE(step.came_from, moved.status), step.went_to, %s, %s, %s "
+            f"FROM moved CROSS JOIN (VALUES {step_rows}) AS step(n, came_from, went_to) ORDER BY moved.id, step.n) "
+            f"SELECT id, status, runner_id FROM locked ORDER BY id"
+        )
+        params = [*ids, *set_params, *only_from, *guard_params,
+                  "TRANSITION", runner_id, runner_thread, note,
+                  *[value for n, (came_from, went_to) in enumerate(steps) for value in (n, came_from, went_to)]]
+        with self.cursor() as cursor:
+            cursor.execute(sql_text, params)
+            return [(pk, status, runner) for pk, status, runner in cursor.fetchall()]
+
+    def take_free(
+        self, queues: Sequence[str] | None, limit: int, *, known: Sequence[str], start: bool, runner_id: int,
+        thread: int | None,
+    ) -> tuple[list[Invocation], bool] | None:
+        q, inv = self.quote, self.invocations
+        candidates, params = self.claimable_sql(
+            f"{q('id')} AS id, {q('priority')} AS priority, {q('task_name')} AS task_name, "
+            f"{q('running_key')} AS running_key", queues, limit)
+        same_key = (f"{q('task_name')} = candidate.task_name AND {q('running_key')} = candidate.running_key")
+        values: dict[str, Any] = {"status": "RUNNING" if start else "PENDING", "runner_id": runner_id,
+                                  "runner_thread": thread, "slot": 0}
+        steps = [("REGISTERED", "PENDING")]
+        if start:
+            values.update(attempts=F("attempts") + 1, started_at=Now())
+            steps.append(("PENDING", "RUNNING"))
+        if not known:
+            return None
+        assignments, set_params = self._set(values)
+        step_rows = ", ".join(["(%s::int, %s::varchar, %s::varchar)"] * len(steps))
+        sql_text = (
+            f"WITH candidate AS ({candidates}), "
+            # Free: a known task, and no key, or a key nobody holds with nothing due ahead of it.
+            f"judged AS (SELECT candidate.id, row_number() OVER (ORDER BY candidate.priority DESC, candidate.id) AS n, "
+            f"candidate.task_name IN ({_marks(known)}) AND (candidate.running_key IS NULL OR ("
+            f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {q('status')} IN ({_marks(OWNED)})) AND "
+            f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {q('status')} IN ({_marks(WAITING)}) "
+            f"AND {self.due} AND {q('id')} <> candidate.id AND ({q('priority')} > candidate.priority "
+            f"OR ({q('priority')} = candidate.priority AND {q('id')} < candidate.id))))) AS free FROM candidate), "
+            f"cut AS (SELECT min(n) AS n FROM judged WHERE NOT free), "
+            f"taken AS (UPDATE {inv} {assignments} FROM judged WHERE {inv}.{q('id')} = judged.id "
+            f"AND judged.n < COALESCE((SELECT n FROM cut), %s) RETURNING {', '.join(f'{inv}.{c}' for c in self.column_list)}), "
+            f"recorded AS (INSERT INTO {self.events} ({self.event_columns}) "
+            f"SELECT taken.{q('id')}, %s, step.came_from, step.went_to, %s, %s, %s FROM taken "
+            f"CROSS JOIN (VALUES {step_rows}) AS step(n, came_from, went_to) "
+            f"ORDER BY taken.{q('priority')} DESC, taken.{q('id')}, step.n) "
+            f"SELECT (SELECT n FROM cut) IS NOT NULL AS stopped, taken.* FROM (SELECT 1) AS one "
+            f"LEFT JOIN taken ON true ORDER BY taken.{q('priority')} DESC, taken.{q('id')}"
+        )
+        params += [*known, *sorted(OWNED), *sorted(WAITING), *set_params, limit + 1,
+                   "TRANSITION", runner_id, thread, "",
+                   *[value for n, (came_from, went_to) in enumerate(steps) for value in (n, came_from, went_to)]]
+        with self.cursor() as cursor:
+            cursor.execute(sql_text, params)
+            rows = cursor.fetchall()
+        stopped = bool(rows and rows[0][0])
+        return self._invocations(row[1:] for row in rows if row[1] is not None), stopped
+
+
+def _marks(values: Collection[Any]) -> str:
+    return ", ".join(["%s"] * len(values))
 
 
 def notify(using: str, channel: str, payload: str) -> None:

@@ -14,6 +14,7 @@ from django.db.models.functions import Now
 
 from .exceptions import InvalidTransition, NotOwner
 from .models import Event, Invocation, Runner
+from .sql import statements
 from .status import Status, is_legal
 
 #: Fields stamped with the database's clock when an invocation enters a status.
@@ -52,15 +53,14 @@ def move(
     ids = list(ids)
     if not ids:
         return []
+    if only_from is not None:
+        moved = _move_in_one_statement(ids, to, using=using, only_from=only_from, owner=owner, runner=runner or owner,
+                                       runner_thread=runner_thread, note=note, values=values, via=via)
+        if moved is not None:
+            return moved
     refusal: InvalidTransition | NotOwner | None = None
     with transaction.atomic(using=using, savepoint=False):
-        rows: list[Locked] = list(
-            Invocation.objects.using(using)
-            .locked()
-            .filter(pk__in=ids)
-            .order_by("pk")
-            .values_list("pk", "status", "runner_id")
-        )
+        rows = statements(using).lock_rows(ids)
         try:
             return move_locked(rows, to, using=using, only_from=only_from, owner=owner, runner=runner,
                                runner_thread=runner_thread, note=note, values=values, via=via)
@@ -99,21 +99,64 @@ def move_locked(
         moving.append((pk, status))
     if not moving:
         return []
-    values = dict(values or {})
-    for entered in (*via, to):
-        if entered in _STAMPS:
-            values.setdefault(_STAMPS[entered], Now())
     # No savepoint: a caller that must survive a failed move (a lost race at a
     # constraint) wraps it in one of its own.
+    runner_id = runner.pk if runner is not None else None
     with transaction.atomic(using=using, savepoint=False):
-        Invocation.objects.using(using).filter(pk__in=[pk for pk, _ in moving]).update(status=to, **values)
-        Event.objects.using(using).bulk_create(
-            Event(invocation_id=pk, from_status=here, to_status=there, runner=runner, runner_thread=runner_thread,
-                  note=note)
+        statements(using).move([pk for pk, _ in moving], _written(to, via, values), [
+            (pk, Event.Kind.TRANSITION, here, there, runner_id, runner_thread, note)
             for pk, status in moving
             for here, there in zip([status, *via], [*via, to])
-        )
+        ])
     return [pk for pk, _ in moving]
+
+
+def _move_in_one_statement(
+    ids: list[int],
+    to: Status,
+    *,
+    using: str,
+    only_from: Collection[str],
+    owner: Runner | None,
+    runner: Runner | None,
+    runner_thread: int | None,
+    note: str,
+    values: dict[str, Any] | None,
+    via: Sequence[Status],
+) -> list[int] | None:
+    """``move`` as one statement, where the database has it: lock, check and write at once.
+
+    Only for a move whose every expected status may take the path: the
+    database then needs to check nothing but the status and the owner.
+    Return None to take the general path.
+    """
+    path = [*via, to]
+    if not all(is_legal(here, there) for status in only_from for here, there in zip([status, *via], path)):
+        return None
+    steps = [(None, path[0]), *zip(path, path[1:])]
+    rows = statements(using).move_checked(
+        ids, to, steps, only_from=only_from, owner_id=owner.pk if owner is not None else None,
+        values=_written(to, via, values), runner_id=runner.pk if runner is not None else None,
+        runner_thread=runner_thread, note=note,
+    )
+    if rows is None:
+        return None
+    expected = [(pk, runner_id) for pk, status, runner_id in rows if status in only_from]
+    if owner is not None:
+        for pk, runner_id in expected:
+            if runner_id != owner.pk:
+                # The statement wrote nothing: it refuses a move that includes another runner's row.
+                raise NotOwner(f"invocation #{pk} is not owned by {owner} any more")
+    return [pk for pk, _ in expected]
+
+
+def _written(to: Status, via: Sequence[Status], values: dict[str, Any] | None) -> dict[str, Any]:
+    """Return what a move writes: the status, ``values``, and the stamps of the statuses it enters."""
+    written: dict[str, Any] = {"status": to, **(values or {})}
+    for entered in (*via, to):
+        if entered in _STAMPS:
+            written.setdefault(_STAMPS[entered], Now())
+    return written
 
 
 def record(invocation: Invocation, kind: str, *, using: str, runner: Runner | None = None, note: str = "") -> None:

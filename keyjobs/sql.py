@@ -1,0 +1,224 @@
+"""The statements a runner repeats for every invocation, built once from the models.
+
+The ORM compiles a statement anew on every call, and a runner makes several
+per invocation: ``python -m bench.profile`` put that compiling at most of a
+worker's CPU per invocation, ten times what the database spent. These few
+statements are built once per connection instead, from the models' own table
+and column names and the database's own quoting, row-locking and clock
+syntax, and rows are read back through the same converters the ORM applies.
+Everything that does not run once per invocation stays on the ORM.
+
+Portable: it is SQL both SQLite and PostgreSQL take, through Django's cursor;
+``keyjobs.postgres.Statements`` joins statements where PostgreSQL can.
+"""
+
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
+
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Model
+from django.db.models.functions import Now
+from django.db.models.sql.subqueries import UpdateQuery
+
+from .models import Event, Invocation
+from .status import OWNED, WAITING, Status
+
+#: One event row: (invocation id, kind, from status, to status, runner id, runner thread, note).
+EventRow = tuple[int, str, str, str, int | None, int | None, str]
+
+
+def statements(using: str) -> "Statements":
+    """Return the statements of database ``using``, built on first use by this thread's connection."""
+    connection = connections[using]
+    built: Statements | None = getattr(connection, "_keyjobs_statements", None)
+    if built is None:
+        if connection.vendor == "postgresql":
+            from .postgres import Statements as PostgresStatements
+
+            built = PostgresStatements(connection)
+        else:
+            built = Statements(connection)
+        connection._keyjobs_statements = built  # type: ignore[attr-defined]
+    return built
+
+
+class Statements:
+    """The hot path's SQL for one connection; see the module docstring."""
+
+    def __init__(self, connection: BaseDatabaseWrapper) -> None:
+        self.connection = connection
+        ops, features = connection.ops, connection.features
+        quote = ops.quote_name
+        self.quote = quote
+        self.invocations = quote(Invocation._meta.db_table)
+        self.events = quote(Event._meta.db_table)
+        self.fields = [field for field in Invocation._meta.concrete_fields]
+        self.attnames = [field.attname for field in self.fields]
+        self.column_list = [quote(field.column) for field in self.fields]
+        self.columns = ", ".join(self.column_list)
+        self.converters = []
+        for field in self.fields:
+            column = field.get_col(Invocation._meta.db_table)
+            found = ops.get_db_converters(column) + column.get_db_converters(connection)
+            self.converters.append([(converter, column) for converter in found])
+        self.update_query = UpdateQuery(Invocation)
+        self.compiler = self.update_query.get_compiler(connection=connection)
+        self.now, _ = self.compiler.compile(Now())
+        no_key = features.has_select_for_no_key_update
+        if features.has_select_for_update:
+            self.lock = " " + ops.for_update_sql(no_key=no_key)
+            self.lock_skip = " " + ops.for_update_sql(
+                skip_locked=features.has_select_for_update_skip_locked, no_key=no_key
+            )
+        else:
+            # SQLite has no row locks: its IMMEDIATE transactions take the database's write lock instead.
+            self.lock = self.lock_skip = ""
+        self.due = f"({quote('run_after')} IS NULL OR {quote('run_after')} <= {self.now})"
+        self.key_order = f"{quote('priority')} DESC, {quote('id')}"
+        self.event_columns = ", ".join(quote(column) for column in (
+            "invocation_id", "kind", "from_status", "to_status", "runner_id", "runner_thread", "note"))
+        self._expressions: dict[str, tuple[str, list[Any]]] = {}
+
+    def cursor(self) -> Any:
+        """Return a cursor for these statements."""
+        return self.connection.cursor()
+
+    # -- reading -----------------------------------------------------------
+
+    def _rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        with self.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
+
+    def _invocations(self, rows: Iterable[tuple[Any, ...]]) -> list[Invocation]:
+        using = self.connection.alias
+        found = []
+        for row in rows:
+            values = list(row)
+            for index, converters in enumerate(self.converters):
+                for converter, column in converters:
+                    values[index] = converter(values[index], column, self.connection)
+            found.append(Invocation.from_db(using, self.attnames, values))
+        return found
+
+    def claimable(self, queues: Sequence[str] | None, limit: int) -> list[Invocation]:
+        """Lock (skipping locked ones) and return the first ``limit`` claimable invocations, in claim order."""
+        return self._invocations(self._rows(*self.claimable_sql(self.columns, queues, limit)))
+
+    def claimable_sql(self, columns: str, queues: Sequence[str] | None, limit: int) -> tuple[str, list[Any]]:
+        """Return the claim's query, the one the tests EXPLAIN: ``Invocation.objects.claimable()`` in SQL."""
+        where, params = f"{self.quote('status')} = %s AND {self.due}", [Status.REGISTERED.value]
+        if queues:
+            where += f" AND {self.quote('queue')} IN ({', '.join(['%s'] * len(queues))})"
+            params += list(queues)
+        return (f"SELECT {columns} FROM {self.invocations} WHERE {where} "
+                f"ORDER BY {self.key_order} LIMIT {int(limit)}{self.lock_skip}"), params
+
+    def lock_invocation(self, pk: int, status: str) -> Invocation | None:
+        """Lock and return invocation ``pk`` if it is still in ``status``."""
+        sql = (f"SELECT {self.columns} FROM {self.invocations} WHERE {self.quote('id')} = %s "
+               f"AND {self.quote('status')} = %s{self.lock}")
+        found = self._invocations(self._rows(sql, [pk, status]))
+        return found[0] if found else None
+
+    def lock_rows(self, ids: Sequence[int]) -> list[tuple[int, str, int | None]]:
+        """Lock invocations ``ids``; return (id, status, runner id) of each, in id order."""
+        q = self.quote
+        sql = (f"SELECT {q('id')}, {q('status')}, {q('runner_id')} FROM {self.invocations} "
+               f"WHERE {q('id')} IN ({', '.join(['%s'] * len(ids))}) ORDER BY {q('id')}{self.lock}")
+        return [(pk, status, runner_id) for pk, status, runner_id in self._rows(sql, list(ids))]
+
+    def owned_slots(self, task_name: str, running_key: str, *, lock: bool) -> set[int]:
+        """Return the slots held by the owners of a key, locking the owners' rows with ``lock``."""
+        q = self.quote
+        sql = (f"SELECT {q('slot')} FROM {self.invocations} WHERE {q('task_name')} = %s "
+               f"AND {q('running_key')} = %s AND {q('status')} IN (%s, %s){self.lock if lock else ''}")
+        return {slot for (slot,) in self._rows(sql, [task_name, running_key, *sorted(OWNED)])}
+
+    def waiting_in_key_order(
+        self, task_name: str, running_key: str, limit: int, *, before: Invocation | None = None
+    ) -> list[tuple[int, str, str]]:
+        """Return (id, status, queue) of a key's first due waiting invocations, in key order.
+
+        With ``before``, only those ahead of that invocation.
+        """
+        q = self.quote
+        where = f"{q('task_name')} = %s AND {q('running_key')} = %s AND {q('status')} IN (%s, %s, %s) AND {self.due}"
+        params: list[Any] = [task_name, running_key, *sorted(WAITING)]
+        if before is not None:
+            where += (f" AND {q('id')} <> %s AND ({q('priority')} > %s OR ({q('priority')} = %s AND {q('id')} < %s))")
+            params += [before.pk, before.priority, before.priority, before.pk]
+        sql = (f"SELECT {q('id')}, {q('status')}, {q('queue')} FROM {self.invocations} WHERE {where} "
+               f"ORDER BY {self.key_order} LIMIT {int(limit)}")
+        return [(pk, status, queue) for pk, status, queue in self._rows(sql, params)]
+
+    # -- whole steps in one statement (PostgreSQL; None here: the caller takes the general path) --
+
+    def move_checked(
+        self, ids: Sequence[int], to: str, steps: Sequence[tuple[str | None, str]], *, only_from: Collection[str],
+        owner_id: int | None, values: dict[str, Any], runner_id: int | None, runner_thread: int | None, note: str,
+    ) -> list[tuple[int, str, int | None]] | None:
+        """Lock ``ids``, move those in ``only_from`` (all owned by ``owner_id`` if given) and record ``steps``.
+
+        Return (id, status, runner id) of every row as it was, or None where
+        the database cannot do it in one statement.
+        """
+        return None
+
+    def take_free(
+        self, queues: Sequence[str] | None, limit: int, *, known: Sequence[str], start: bool, runner_id: int,
+        thread: int | None,
+    ) -> tuple[list[Invocation], bool] | None:
+        """Claim the head of the queue up to the first invocation that needs a decision, in one statement.
+
+        That is an invocation of a task not in ``known``, or of a running key
+        that is held or has work ahead of it. Return (the invocations claimed,
+        whether such an invocation stopped the claim), or None where the
+        database cannot do it in one statement.
+        """
+        return None
+
+    # -- writing -----------------------------------------------------------
+
+    def move(self, ids: Sequence[int], values: dict[str, Any], events: Sequence[EventRow]) -> None:
+        """Write ``values`` (field name to value or expression) to invocations ``ids`` and insert ``events``."""
+        for sql, params in (self._update(ids, values), self._insert_events(events)):
+            with self.cursor() as cursor:
+                cursor.execute(sql, params)
+
+    def _update(self, ids: Sequence[int], values: dict[str, Any]) -> tuple[str, list[Any]]:
+        assignments, params = self._set(values)
+        return (f"UPDATE {self.invocations} {assignments} "
+                f"WHERE {self.quote('id')} IN ({', '.join(['%s'] * len(ids))})"), [*params, *ids]
+
+    def _set(self, values: dict[str, Any]) -> tuple[str, list[Any]]:
+        """Return the SET clause writing ``values`` (field name to value or expression), and its parameters."""
+        assignments, params = [], []
+        for name, value in values.items():
+            field = Invocation._meta.get_field(name)
+            if hasattr(value, "resolve_expression"):
+                sql, expression_params = self._expression(value)
+                assignments.append(f"{self.quote(field.column)} = {sql}")
+                params += expression_params
+                continue
+            if isinstance(value, Model):
+                value = value.pk
+            assignments.append(f"{self.quote(field.column)} = %s")
+            params.append(field.get_db_prep_save(value, self.connection))
+        return "SET " + ", ".join(assignments), params
+
+    def _expression(self, value: Any) -> tuple[str, list[Any]]:
+        # The same few expressions come back on every call (the clock, one more attempt).
+        cache_key = repr(value)
+        if cache_key not in self._expressions:
+            resolved = value.resolve_expression(self.update_query, allow_joins=False, for_save=True)
+            sql, params = self.compiler.compile(resolved)
+            self._expressions[cache_key] = (sql, list(params))
+        return self._expressions[cache_key]
+
+    def _insert_events(self, rows: Sequence[EventRow]) -> tuple[str, list[Any]]:
+        # In order, in one statement: the ids follow the rows. The database stamps their time.
+        one = "(" + ", ".join(["%s"] * 7) + ")"
+        sql = f"INSERT INTO {self.events} ({self.event_columns}) VALUES {', '.join([one] * len(rows))}"
+        return sql, [value for row in rows for value in row]

@@ -1,0 +1,107 @@
+"""The hot path's statements: the same rows as the ORM, and each step in one statement on PostgreSQL."""
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test import override_settings
+from django.utils import timezone
+
+from keyjobs import Status
+from keyjobs.claim import claim
+from keyjobs.exceptions import NotOwner
+from keyjobs.models import Event, Invocation
+from keyjobs.sql import statements
+from keyjobs.transitions import move
+from tests import jobs
+from tests.factories import InvocationFactory, RunnerFactory
+
+pytestmark = pytest.mark.django_db
+
+postgres_only = pytest.mark.postgres
+
+
+def fields(invocation: Invocation) -> dict[str, object]:
+    return {field.attname: getattr(invocation, field.attname) for field in Invocation._meta.concrete_fields}
+
+
+def test_invocations_read_by_the_statements_equal_the_orms():
+    runner = RunnerFactory()
+    InvocationFactory(args=[1, "é", {"nested": [None, 2.5]}], kwargs={"b": True}, running_key="k",
+                      run_after=timezone.now() - timedelta(seconds=1), runner=runner, runner_thread=3)
+    read = statements("default").claimable(None, 1)
+    assert [fields(inv) for inv in read] == [fields(inv) for inv in Invocation.objects.all()]
+
+
+def test_a_move_stores_values_expressions_and_stamps_as_the_orm_reads_them():
+    runner = RunnerFactory()
+    invocation = InvocationFactory(status=Status.RUNNING, runner=runner, attempts=1)
+    move([invocation.pk], Status.SUCCESS, using="default", only_from={Status.RUNNING}, owner=runner,
+         values={"return_value": {"total": [1, "ü"]}})
+    invocation.refresh_from_db()
+    assert (invocation.status, invocation.return_value, invocation.attempts) == (Status.SUCCESS, {"total": [1, "ü"]}, 1)
+    assert invocation.finished_at is not None
+
+
+def test_a_claim_records_each_step_in_order():
+    runner = RunnerFactory()
+    first, second = jobs.add.delay(1), jobs.add.delay(2)
+    taken = claim(runner, using="default", limit=2, thread=1, start=True)
+    assert [inv.pk for inv in taken] == [first.pk, second.pk]
+    assert all(inv.status == Status.RUNNING and inv.attempts == 1 and inv.runner == runner for inv in taken)
+    steps = list(Event.objects.order_by("id").values_list("invocation_id", "from_status", "to_status", "runner_thread"))
+    assert steps == [
+        (first.pk, Status.REGISTERED, Status.PENDING, 1), (first.pk, Status.PENDING, Status.RUNNING, 1),
+        (second.pk, Status.REGISTERED, Status.PENDING, 1), (second.pk, Status.PENDING, Status.RUNNING, 1),
+    ]
+
+
+@postgres_only
+def test_the_one_statement_claim_stops_at_a_key_that_needs_a_decision():
+    runner, other = RunnerFactory(), RunnerFactory()
+    plain = jobs.add.delay(1)
+    held = jobs.keyed.delay("acme", "a")
+    Invocation.objects.filter(pk=held.pk).update(status=Status.RUNNING, runner=other)
+    blocked = jobs.keyed.delay("acme", "b")
+    after = jobs.add.delay(2)
+    taken, stopped = statements("default").take_free(None, 10, known=[jobs.add.name, jobs.keyed.name], start=False,
+                                                     runner_id=runner.pk, thread=0)
+    assert ([inv.pk for inv in taken], stopped) == ([plain.pk], True)
+    assert Invocation.objects.get(pk=blocked.pk).status == Status.REGISTERED
+    assert Invocation.objects.get(pk=after.pk).status == Status.REGISTERED
+
+
+@postgres_only
+def test_the_one_statement_claim_leaves_a_task_it_does_not_know_to_the_general_path():
+    unknown = InvocationFactory(task_name="tests.jobs.nowhere")
+    taken, stopped = statements("default").take_free(None, 5, known=[jobs.add.name], start=True,
+                                                     runner_id=RunnerFactory().pk, thread=0)
+    assert (taken, stopped) == ([], True)
+    assert Invocation.objects.get(pk=unknown.pk).status == Status.REGISTERED
+
+
+@postgres_only
+def test_the_one_statement_move_refuses_another_runners_row_and_writes_nothing():
+    mine, theirs = RunnerFactory(), RunnerFactory()
+    a = InvocationFactory(status=Status.PENDING, runner=mine)
+    b = InvocationFactory(status=Status.PENDING, runner=theirs)
+    with pytest.raises(NotOwner):
+        move([a.pk, b.pk], Status.REGISTERED, using="default", only_from={Status.PENDING}, owner=mine)
+    assert set(Invocation.objects.values_list("status", flat=True)) == {Status.PENDING}
+    assert not Event.objects.exists()
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("setting", "prepared"), [(True, True), (False, False)])
+def test_the_hot_statements_are_prepared_unless_turned_off(setting, prepared):
+    runner = RunnerFactory()
+    connection.close()  # a fresh connection: Django's own setting, prepared statements off
+    with override_settings(KEYJOBS_PREPARE_STATEMENTS=setting):
+        for n in range(8):
+            jobs.add.delay(n)
+            claim(runner, using="default", start=True)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%%WITH candidate AS%%'")
+        (count,) = cursor.fetchone()
+    assert bool(count) is prepared
