@@ -8,9 +8,8 @@ where they are, so that it downloads nothing. Screenshots go to ``test-artifacts
 import json
 import shutil
 import tempfile
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from django.utils import timezone
 from keyjobs.models import Event, Invocation, Runner
 from keyjobs.status import Status
 from tests.factories import InvocationFactory, RunnerFactory, give_run
+from tests.waiting import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -136,13 +136,6 @@ def screenshot(browser: WebDriver, name: str) -> Path:
 def overlaps(spans: list[tuple[int, int]]) -> bool:
     spans = sorted(spans)
     return any(start < previous_end for (_, previous_end), (start, _) in zip(spans, spans[1:]))
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 # -- the demo on a real worker ------------------------------------------------------------

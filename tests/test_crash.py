@@ -11,15 +11,9 @@ from keyjobs import Status
 from keyjobs.models import Event, Invocation, Runner
 from tests import jobs
 from tests.chaos import run_chaos
+from tests.waiting import wait_for
 
 FAST_LEASE = {"KEYJOBS_HEARTBEAT_INTERVAL": "0.25", "KEYJOBS_LEASE": "1.5"}
-
-
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -29,7 +23,7 @@ def test_a_killed_workers_key_is_recovered_and_its_run_happens_again(worker_proc
     invocation = jobs.record_span.delay("acme", 0, 30.0, str(log))
     follower = jobs.record_span.delay("acme", 1, 0.0, str(log))
     doomed = worker_process("--threads", "2", env=FAST_LEASE)
-    wait_for(lambda: log.exists() and log.read_text().startswith("S acme 0"))
+    wait_for(lambda: log.exists() and log.read_text().startswith("S acme 0"), timeout=20, what="the first run to start")
     doomed.process.send_signal(signal.SIGKILL)
     doomed.kill()
     killed_at = time.time()

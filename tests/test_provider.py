@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from demo_project.provider import Provider
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 # Long enough that calls released together overlap, short enough that the
@@ -80,13 +81,6 @@ def address(provider: Provider) -> tuple[str, int]:
     return url.hostname, url.port
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 @pytest.fixture
 def provider() -> Iterator[Provider]:
     with Provider(hold=HOLD, stream=io.StringIO()) as running:
@@ -137,7 +131,7 @@ def test_call_answers_with_the_call_after_the_hold(provider: Provider) -> None:
 def test_collision_answers_429_with_collision_true(provider: Provider) -> None:
     with ThreadPoolExecutor(max_workers=1) as pool:
         first = pool.submit(call, provider, "acme", "fetch_profile")
-        wait_until(lambda: stats(provider)["in_flight"] == 1)
+        wait_for(lambda: stats(provider)["in_flight"] == 1)
 
         status, answer = call(provider, "acme", "list_invoices")
 
@@ -170,7 +164,7 @@ def test_call_is_logged_when_it_arrives_not_when_it_ends(provider: Provider) -> 
     with ThreadPoolExecutor(max_workers=1) as pool:
         answered = pool.submit(call, provider, "globex", "list_invoices")
 
-        wait_until(lambda: stream.getvalue() != "")
+        wait_for(lambda: stream.getvalue() != "")
 
         assert not answered.done()
         assert stream.getvalue() == "[ok       ] globex   list_invoices\n"
@@ -210,7 +204,7 @@ def test_stats_have_the_documented_shape(provider: Provider) -> None:
 def test_stats_show_a_call_in_flight_with_ended_null(provider: Provider) -> None:
     with ThreadPoolExecutor(max_workers=1) as pool:
         answered = pool.submit(call, provider, "acme", "fetch_profile")
-        wait_until(lambda: stats(provider)["in_flight"] == 1)
+        wait_for(lambda: stats(provider)["in_flight"] == 1)
 
         counted = stats(provider)
 
@@ -280,7 +274,7 @@ def test_reset_rejects_a_body_that_is_not_the_documented_object(provider: Provid
 def test_a_call_in_flight_across_a_reset_still_collides(provider: Provider) -> None:
     with ThreadPoolExecutor(max_workers=1) as pool:
         first = pool.submit(call, provider, "acme", "fetch_profile")
-        wait_until(lambda: stats(provider)["in_flight"] == 1)
+        wait_for(lambda: stats(provider)["in_flight"] == 1)
         reset(provider, {})
 
         status = call(provider, "acme", "list_invoices")[0]

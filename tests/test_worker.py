@@ -11,6 +11,7 @@ from keyjobs import Status
 from keyjobs.models import Invocation, Runner
 from keyjobs.worker import Worker
 from tests import jobs
+from tests.waiting import wait_for
 
 
 def read_runs(log: Path) -> list[tuple[str, int, float, float, int]]:
@@ -111,11 +112,15 @@ def test_worker_processes_keep_each_key_serial_and_lose_nothing(worker_process, 
     """Two runworker processes with eight threads each, many keys, many invocations per key."""
     log = tmp_path / "runs.log"
     keys, per_key = 24, 6
-    calls = [(f"account-{k}", n, 0.005, str(log)) for n in range(per_key) for k in range(keys)]
+    calls = [(f"account-{k}", n, 0.02, str(log)) for n in range(per_key) for k in range(keys)]
+    workers = [worker_process("--threads", "8") for _ in range(2)]
+    # Both running before the work arrives: a worker alone would take it all before the other started.
+    wait_for(lambda: Runner.objects.active().count() == 2, timeout=60, what="both workers started")
     invocations = jobs.record_run.delay_many([(call, {}) for call in calls])
-    workers = [worker_process("--threads", "8", "--burst") for _ in range(2)]
+    wait_for(lambda: Invocation.objects.finished().count() == len(invocations), timeout=120, what="every run final")
     for worker in workers:
-        worker.wait(timeout=120)
+        worker.signal(signal.SIGTERM)
+        worker.wait(timeout=30)
     assert Invocation.objects.filter(status=Status.SUCCESS).count() == len(invocations)
     runs = read_runs(log)
     assert sorted((account, number) for account, number, *_ in runs) == sorted((c[0], c[1]) for c in calls)
