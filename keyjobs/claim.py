@@ -19,7 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from django.db import IntegrityError, connections, transaction
-from django.db.models import Exists, F, OuterRef, Q
+from django.db.models import Exists, F, OuterRef
 
 from . import registry, wakeups
 from .exceptions import TaskNotFound
@@ -34,6 +34,9 @@ logger = logging.getLogger("keyjobs.worker")
 SCAN = 16
 #: How many blocked invocations of one key one transaction parks at most.
 PARK_BATCH = 2000
+#: The history's notes for the two ways a freed key's next invocation goes on.
+WOKEN = "its key freed: its turn"
+HANDED = "handed over by the invocation that freed its key"
 
 
 def claim(
@@ -100,7 +103,7 @@ def _claim_next(
         # Still under the locks taken on the key's owners: see the module docstring. What is
         # registered behind the candidate in its key is blocked too: it goes with it, at once,
         # so that a deep backlog on one key costs one transaction, not one per invocation.
-        blocked = [_row(head), *_registered_behind(head, using)]
+        blocked = [_row(head), *statements(using).registered_behind(head, PARK_BATCH)]
         if task.reroute_on_concurrency_control:
             move_locked(blocked, Status.REROUTED, using=using, runner=runner,
                         note="its key was busy: parked until it frees")
@@ -135,20 +138,6 @@ def _take_free(
     for invocation in taken:
         invocation.runner = runner
     return taken
-
-
-def _registered_behind(head: Invocation, using: str) -> list[Locked]:
-    """Lock and return the due registered invocations after ``head`` in its key (skipping locked ones)."""
-    return list(
-        Invocation.objects.using(using)
-        .of_running_key(head.task_name, head.running_key)
-        .filter(status=Status.REGISTERED)
-        .due()
-        .filter(Q(priority__lt=head.priority) | Q(priority=head.priority, pk__gt=head.pk))
-        .order_by("-priority", "pk")
-        .locked(skip_locked=True)
-        .values_list("pk", "status", "runner_id")[:PARK_BATCH]
-    )
 
 
 def _row(invocation: Invocation) -> Locked:
@@ -224,8 +213,9 @@ def wake_next(
     """Give the places a key has free to its next invocations, in key order.
 
     A key with room for n more owners should have its first n waiting
-    invocations registered; any of them still parked is woken. With a
-    ``taker``, the first of them, if parked, goes straight to RUNNING for the
+    invocations registered; any of them still parked is woken, and joins the
+    back of the queue. With a ``taker`` and nothing else waiting in its
+    queues, the first of them, if parked, goes straight to RUNNING for the
     taker instead (a hand-off: no wake-up, no separate claim).
     Call it in the transaction that frees a place of the key.
     """
@@ -236,6 +226,14 @@ def wake_next(
     except TaskNotFound:
         limit = 1
     sql = statements(using)
+    if limit == 1:
+        done = sql.wake_next(task_name, running_key, runner_id=runner.pk if runner is not None else None,
+                             taker=taker, channel=wakeups.CHANNEL)
+        if done is not None:
+            handed, woken = done
+            if handed is not None and taker is not None:
+                handed.runner = taker.runner
+            return Wake(woken, handed)
     taken_slots = sql.owned_slots(task_name, running_key, lock=False)
     free = [slot for slot in range(limit) if slot not in taken_slots]
     if not free:
@@ -244,12 +242,18 @@ def wake_next(
     parked = [(pk, queue) for pk, status, queue in next_up if status == Status.REROUTED]
     handed: Invocation | None = None
     first_in_line_is_parked = bool(next_up) and next_up[0][1] == Status.REROUTED
-    if taker is not None and first_in_line_is_parked and (not taker.queues or parked[0][1] in taker.queues):
+    if (
+        taker is not None
+        and first_in_line_is_parked
+        and (not taker.queues or parked[0][1] in taker.queues)
+        # Only if it would be next anyway: else it takes its turn in the queue, behind what waits.
+        and not sql.claimable_exists(taker.queues)
+    ):
         # Claimers never lock parked rows, so this waits for nobody but a concurrent waker of the same key.
         handed = sql.lock_invocation(parked[0][0], Status.REROUTED)
         if handed is not None:
             move_locked([_row(handed)], Status.RUNNING, using=using, runner=taker.runner,
-                        runner_thread=taker.thread, note="handed over by the invocation that freed its key",
+                        runner_thread=taker.thread, note=HANDED,
                         via=[Status.REGISTERED, Status.PENDING],
                         values={"runner": taker.runner, "runner_thread": taker.thread, "slot": free[0],
                                 "attempts": F("attempts") + 1})
@@ -257,9 +261,10 @@ def wake_next(
             handed.runner, handed.runner_thread = taker.runner, taker.thread
             parked = parked[1:]
     woken = move([pk for pk, _ in parked], Status.REGISTERED, using=using, only_from={Status.REROUTED},
-                 runner=runner, note="its key freed: its turn")
+                 runner=runner, note=WOKEN)
     for queue in {queue for pk, queue in parked if pk in woken}:
-        wakeups.notify(using, queue)
+        if taker is None or (taker.queues and queue not in taker.queues):  # else the taker claims next anyway
+            wakeups.notify(using, queue)
     return Wake(woken, handed)
 
 

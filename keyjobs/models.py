@@ -43,11 +43,17 @@ class InvocationQuerySet(models.QuerySet["Invocation"]):
         return self.filter(Q(run_after__isnull=True) | Q(run_after__lte=Now()))
 
     def claimable(self, queues: list[str] | None = None) -> "InvocationQuerySet":
-        """Registered and due, in the order a runner should take them."""
+        """Registered and due, in the order a runner should take them.
+
+        By when each entered the queue, not by id: the next invocation of a
+        key that has just freed goes behind the work already waiting, so
+        that a key with a deep backlog takes its turn with the others instead
+        of holding a runner thread for as long as its backlog lasts.
+        """
         qs = self.filter(status=Status.REGISTERED).due()
         if queues:
             qs = qs.filter(queue__in=queues)
-        return qs.order_by("-priority", "id")
+        return qs.order_by("-priority", "registered_at", "id")
 
     def of_running_key(self, task_name: str, running_key: str) -> "InvocationQuerySet":
         return self.filter(task_name=task_name, running_key=running_key)
@@ -80,6 +86,10 @@ class Invocation(models.Model):
     error = models.TextField(blank=True)
     traceback = models.TextField(blank=True)
     created_at = models.DateTimeField(db_default=Now())
+    registered_at = models.DateTimeField(
+        db_default=Now(),
+        help_text=_("When it last entered the queue: runners take the queue in this order within a priority."),
+    )
     run_after = models.DateTimeField(null=True, blank=True, help_text=_("Not claimed before this time."))
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -107,8 +117,9 @@ class Invocation(models.Model):
             # The claim: registered work in order, for a worker of every queue and for one of
             # some. Not partial: SQLite can use a partial index only for a query whose terms
             # match its condition literally, and Django binds the status as a parameter.
-            models.Index("status", models.F("priority").desc(), "id", name="keyjobs_claim"),
-            models.Index("queue", "status", models.F("priority").desc(), "id", name="keyjobs_claim_by_queue"),
+            models.Index("status", models.F("priority").desc(), "registered_at", "id", name="keyjobs_claim"),
+            models.Index("queue", "status", models.F("priority").desc(), "registered_at", "id",
+                         name="keyjobs_claim_by_queue"),
             # Who is ahead of a candidate in its key, and whom a freed key wakes.
             models.Index(
                 "task_name", "running_key", models.F("priority").desc(), "id",

@@ -18,6 +18,7 @@ from django.db.models.functions import Now
 from . import sql
 from .conf import conf
 from .models import Invocation
+from .claim import HANDED, WOKEN
 from .status import OWNED, WAITING
 
 logger = logging.getLogger("keyjobs.worker")
@@ -95,8 +96,11 @@ class Statements(sql.Statements):
     ) -> tuple[list[Invocation], bool] | None:
         q, inv = self.quote, self.invocations
         candidates, params = self.claimable_sql(
-            f"{q('id')} AS id, {q('priority')} AS priority, {q('task_name')} AS task_name, "
-            f"{q('running_key')} AS running_key", queues, limit)
+            f"{q('id')} AS id, {q('priority')} AS priority, {q('registered_at')} AS registered_at, "
+            f"{q('task_name')} AS task_name, {q('running_key')} AS running_key", queues, limit)
+        def queue_order(table: str) -> str:
+            return f"{table}.{q('priority')} DESC, {table}.{q('registered_at')}, {table}.{q('id')}"
+
         same_key = (f"{q('task_name')} = candidate.task_name AND {q('running_key')} = candidate.running_key")
         values: dict[str, Any] = {"status": "RUNNING" if start else "PENDING", "runner_id": runner_id,
                                   "runner_thread": thread, "slot": 0}
@@ -111,7 +115,7 @@ class Statements(sql.Statements):
         sql_text = (
             f"WITH candidate AS ({candidates}), "
             # Free: a known task, and no key, or a key nobody holds with nothing due ahead of it.
-            f"judged AS (SELECT candidate.id, row_number() OVER (ORDER BY candidate.priority DESC, candidate.id) AS n, "
+            f"judged AS (SELECT candidate.id, row_number() OVER (ORDER BY candidate.priority DESC, candidate.registered_at, candidate.id) AS n, "
             f"candidate.task_name IN ({_marks(known)}) AND (candidate.running_key IS NULL OR ("
             f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {q('status')} IN ({_marks(OWNED)})) AND "
             f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {q('status')} IN ({_marks(WAITING)}) "
@@ -123,9 +127,9 @@ class Statements(sql.Statements):
             f"recorded AS (INSERT INTO {self.events} ({self.event_columns}) "
             f"SELECT taken.{q('id')}, %s, step.came_from, step.went_to, %s, %s, %s FROM taken "
             f"CROSS JOIN (VALUES {step_rows}) AS step(n, came_from, went_to) "
-            f"ORDER BY taken.{q('priority')} DESC, taken.{q('id')}, step.n) "
+            f"ORDER BY {queue_order('taken')}, step.n) "
             f"SELECT (SELECT n FROM cut) IS NOT NULL AS stopped, taken.* FROM (SELECT 1) AS one "
-            f"LEFT JOIN taken ON true ORDER BY taken.{q('priority')} DESC, taken.{q('id')}"
+            f"LEFT JOIN taken ON true ORDER BY {queue_order('taken')}"
         )
         params += [*known, *sorted(OWNED), *sorted(WAITING), *set_params, limit + 1,
                    "TRANSITION", runner_id, thread, "",
@@ -135,6 +139,67 @@ class Statements(sql.Statements):
             rows = cursor.fetchall()
         stopped = bool(rows and rows[0][0])
         return self._invocations(row[1:] for row in rows if row[1] is not None), stopped
+
+
+    def wake_next(
+        self, task_name: str, running_key: str, *, runner_id: int | None, taker: Any, channel: str
+    ) -> tuple[Invocation | None, list[int]]:
+        q, inv = self.quote, self.invocations
+        same_key = f"{q('task_name')} = %s AND {q('running_key')} = %s"
+        queues = list(taker.queues or []) if taker is not None else []
+        if taker is not None:
+            # Handed over only if it would be next anyway (see claim.wake_next).
+            nothing_waits, nothing_waits_params = self.claimable_sql("1", queues, 1, lock=False)
+            served = f"first.queue IN ({_marks(queues)})" if queues else "TRUE"
+            hand, hand_params = f"(NOT EXISTS ({nothing_waits}) AND {served})", [*nothing_waits_params, *queues]
+            notify = f"woken.queue NOT IN ({_marks(queues)})" if queues else "FALSE"
+        else:
+            hand, hand_params, notify = "FALSE", [], "TRUE"
+        handed_set, handed_params = self._set({
+            "status": "RUNNING", "runner_id": taker.runner.pk if taker is not None else None,
+            "runner_thread": taker.thread if taker is not None else None, "slot": 0,
+            "attempts": F("attempts") + 1, "started_at": Now(),
+        })
+        woken_set, woken_params = self._set({"status": "REGISTERED", "registered_at": Now()})
+        steps = [("REROUTED", "REGISTERED"), ("REGISTERED", "PENDING"), ("PENDING", "RUNNING")]
+        step_rows = ", ".join(["(%s::int, %s::varchar, %s::varchar)"] * len(steps))
+        sql_text = (
+            f"WITH first AS (SELECT {q('id')} AS id, {q('status')} AS status, {q('queue')} AS queue FROM {inv} "
+            f"WHERE {same_key} AND {q('status')} IN ({_marks(WAITING)}) AND {self.due} "
+            f"ORDER BY {self.key_order} LIMIT 1), "
+            # The first in line goes on if it is parked and the key has nobody holding it.
+            f"go AS (SELECT first.id, first.queue, {hand} AS hand FROM first WHERE first.status = %s "
+            f"AND NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {q('status')} IN ({_marks(OWNED)}))), "
+            f"handed AS (UPDATE {inv} {handed_set} FROM go WHERE {inv}.{q('id')} = go.id AND go.hand "
+            f"AND {inv}.{q('status')} = %s RETURNING {', '.join(f'{inv}.{c}' for c in self.column_list)}), "
+            f"woken AS (UPDATE {inv} {woken_set} FROM go WHERE {inv}.{q('id')} = go.id AND NOT go.hand "
+            f"AND {inv}.{q('status')} = %s RETURNING {inv}.{q('id')} AS id, {inv}.{q('queue')} AS queue), "
+            f"handed_recorded AS (INSERT INTO {self.events} ({self.event_columns}) "
+            f"SELECT handed.{q('id')}, %s, step.came_from, step.went_to, %s, %s, %s FROM handed "
+            f"CROSS JOIN (VALUES {step_rows}) AS step(n, came_from, went_to) ORDER BY step.n), "
+            f"woken_recorded AS (INSERT INTO {self.events} ({self.event_columns}) "
+            f"SELECT woken.id, %s, %s, %s, %s, NULL, %s FROM woken), "
+            # The thread that freed the key claims next: only a runner of another queue needs waking.
+            f"notified AS (SELECT pg_notify(%s, woken.queue) FROM woken WHERE {notify}) "
+            f"SELECT (SELECT count(*) FROM notified), (SELECT id FROM woken), handed.* "
+            f"FROM (SELECT 1) AS one LEFT JOIN handed ON true"
+        )
+        params = [
+            task_name, running_key, *sorted(WAITING),
+            *hand_params, "REROUTED", task_name, running_key, *sorted(OWNED),
+            *handed_params, "REROUTED",
+            *woken_params, "REROUTED",
+            "TRANSITION", taker.runner.pk if taker is not None else None, taker.thread if taker is not None else None,
+            HANDED, *[value for n, (came_from, went_to) in enumerate(steps) for value in (n, came_from, went_to)],
+            "TRANSITION", "REROUTED", "REGISTERED", runner_id, WOKEN,
+            channel, *(queues if taker is not None else []),
+        ]
+        with self.cursor() as cursor:
+            cursor.execute(sql_text, params)
+            row = cursor.fetchone()
+        _, woken_id, *handed_row = row
+        handed = self._invocations([handed_row])[0] if handed_row[0] is not None else None
+        return handed, [woken_id] if woken_id is not None else []
 
 
 def _marks(values: Collection[Any]) -> str:

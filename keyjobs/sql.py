@@ -75,7 +75,9 @@ class Statements:
             # SQLite has no row locks: its IMMEDIATE transactions take the database's write lock instead.
             self.lock = self.lock_skip = ""
         self.due = f"({quote('run_after')} IS NULL OR {quote('run_after')} <= {self.now})"
+        #: The order of one key's invocations, and the order of the queue (see ``InvocationQuerySet.claimable``).
         self.key_order = f"{quote('priority')} DESC, {quote('id')}"
+        self.queue_order = f"{quote('priority')} DESC, {quote('registered_at')}, {quote('id')}"
         self.event_columns = ", ".join(quote(column) for column in (
             "invocation_id", "kind", "from_status", "to_status", "runner_id", "runner_thread", "note"))
         self._expressions: dict[str, tuple[str, list[Any]]] = {}
@@ -106,14 +108,20 @@ class Statements:
         """Lock (skipping locked ones) and return the first ``limit`` claimable invocations, in claim order."""
         return self._invocations(self._rows(*self.claimable_sql(self.columns, queues, limit)))
 
-    def claimable_sql(self, columns: str, queues: Sequence[str] | None, limit: int) -> tuple[str, list[Any]]:
+    def claimable_exists(self, queues: Sequence[str] | None) -> bool:
+        """Return whether anything is waiting to be claimed from ``queues`` (all when empty)."""
+        return bool(self._rows(*self.claimable_sql("1", queues, 1, lock=False)))
+
+    def claimable_sql(
+        self, columns: str, queues: Sequence[str] | None, limit: int, *, lock: bool = True
+    ) -> tuple[str, list[Any]]:
         """Return the claim's query, the one the tests EXPLAIN: ``Invocation.objects.claimable()`` in SQL."""
         where, params = f"{self.quote('status')} = %s AND {self.due}", [Status.REGISTERED.value]
         if queues:
             where += f" AND {self.quote('queue')} IN ({', '.join(['%s'] * len(queues))})"
             params += list(queues)
         return (f"SELECT {columns} FROM {self.invocations} WHERE {where} "
-                f"ORDER BY {self.key_order} LIMIT {int(limit)}{self.lock_skip}"), params
+                f"ORDER BY {self.queue_order} LIMIT {int(limit)}{self.lock_skip if lock else ''}"), params
 
     def lock_invocation(self, pk: int, status: str) -> Invocation | None:
         """Lock and return invocation ``pk`` if it is still in ``status``."""
@@ -153,6 +161,19 @@ class Statements:
                f"ORDER BY {self.key_order} LIMIT {int(limit)}")
         return [(pk, status, queue) for pk, status, queue in self._rows(sql, params)]
 
+    def registered_behind(self, head: Invocation, limit: int) -> list[tuple[int, str, int | None]]:
+        """Lock (skipping locked ones) the due registered invocations after ``head`` in its key.
+
+        Return (id, status, runner id) of each, in key order.
+        """
+        q = self.quote
+        sql = (f"SELECT {q('id')}, {q('status')}, {q('runner_id')} FROM {self.invocations} "
+               f"WHERE {q('task_name')} = %s AND {q('running_key')} = %s AND {q('status')} = %s AND {self.due} "
+               f"AND ({q('priority')} < %s OR ({q('priority')} = %s AND {q('id')} > %s)) "
+               f"ORDER BY {self.key_order} LIMIT {int(limit)}{self.lock_skip}")
+        params = [head.task_name, head.running_key, Status.REGISTERED.value, head.priority, head.priority, head.pk]
+        return [(pk, status, runner_id) for pk, status, runner_id in self._rows(sql, params)]
+
     # -- whole steps in one statement (PostgreSQL; None here: the caller takes the general path) --
 
     def move_checked(
@@ -176,6 +197,16 @@ class Statements:
         that is held or has work ahead of it. Return (the invocations claimed,
         whether such an invocation stopped the claim), or None where the
         database cannot do it in one statement.
+        """
+        return None
+
+    def wake_next(
+        self, task_name: str, running_key: str, *, runner_id: int | None, taker: Any, channel: str
+    ) -> tuple[Invocation | None, list[int]] | None:
+        """``claim.wake_next`` for a key of one place, in one statement; see there.
+
+        Return (the invocation handed to ``taker``, the ids woken), or None
+        where the database cannot do it in one statement.
         """
         return None
 

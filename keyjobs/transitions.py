@@ -18,7 +18,7 @@ from .sql import statements
 from .status import Status, is_legal
 
 #: Fields stamped with the database's clock when an invocation enters a status.
-_STAMPS = {Status.RUNNING: "started_at", Status.SUCCESS: "finished_at", Status.FAILED: "finished_at",
+_STAMPS = {Status.REGISTERED: "registered_at", Status.RUNNING: "started_at", Status.SUCCESS: "finished_at", Status.FAILED: "finished_at",
            Status.CONCURRENCY_CONTROLLED_FINAL: "finished_at"}
 
 #: What a caller holding row locks knows of each row: (id, status, runner id).

@@ -100,6 +100,20 @@ def test_freeing_a_key_hands_its_parked_successor_to_the_same_thread(runner):
     ]
 
 
+def test_a_freed_keys_successor_goes_behind_the_work_already_waiting(runner):
+    from keyjobs.claim import Taker
+
+    jobs.keyed.delay("hot", "a")
+    second = jobs.keyed.delay("hot", "b")
+    [first] = claim(runner, using="default", start=True)
+    assert claim(runner, using="default") == []  # b is parked
+    other = jobs.add.delay(1)
+    handed: list[Invocation] = []
+    execute(first, runner, using="default", taker=Taker(runner, 0, None), handed=handed)
+    assert handed == [] and Invocation.objects.get(pk=second.pk).status == Status.REGISTERED
+    assert [inv.pk for inv in claim(runner, using="default", limit=2)] == [other.pk, second.pk]
+
+
 def test_a_successor_in_a_queue_the_thread_does_not_serve_is_woken_not_handed(runner):
     from keyjobs.claim import Taker
 
