@@ -59,6 +59,8 @@ class Worker:
         self._stopped = threading.Event()
         self._work = threading.Condition()
         self._busy = 0
+        #: Wake-ups received so far: a thread that was claiming when one came looks again instead of waiting.
+        self._wakes = 0
         self._scout: int | None = None
         self._signals = 0
         self.lease = conf.LEASE
@@ -126,6 +128,7 @@ class Worker:
     def _on_wake(self, queue: str) -> None:
         if not self.queues or queue in self.queues:
             with self._work:
+                self._wakes += 1
                 self._work.notify()
 
     def _thread_main(self, number: int) -> None:
@@ -147,6 +150,7 @@ class Worker:
                 # look for work left does not count, so a colleague must not see this thread idle.
                 with self._work:
                     self._busy += 1
+                    wakes = self._wakes
                 try:
                     try:
                         batch = claim(self.runner, using=self.using, queues=self.queues, thread=number,
@@ -166,7 +170,7 @@ class Worker:
                 finally:
                     with self._work:
                         self._busy -= 1
-                if not batch and self._idle(number):
+                if not batch and self._idle(number, wakes):
                     break
         finally:
             connections.close_all()
@@ -191,8 +195,11 @@ class Worker:
                 self._running.pop(number, None)
             queue[:0] = handed
 
-    def _idle(self, number: int) -> bool:
+    def _idle(self, number: int, wakes: int) -> bool:
         """Wait for work; return True when this thread should end.
+
+        ``wakes`` is how many wake-ups had come when this thread last looked:
+        one that came while it looked may have been for work it did not see.
 
         One idle thread (the scout) looks again every poll interval; the others
         wait for a wake-up, which a thread that found work passes on, so that an
@@ -201,6 +208,8 @@ class Worker:
         with self._work:
             if self.stopping.is_set():  # stop() may have notified before this thread began to wait
                 return True
+            if self._wakes != wakes:
+                return False  # woken while claiming: the work may have come after the look
             if self.burst and self._busy == 0 and not self._work_left():
                 self.stop()
                 return True
