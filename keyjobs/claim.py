@@ -16,7 +16,9 @@ safety net for a runner that died in between.
 
 import logging
 from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from django.db import IntegrityError, connections, transaction
 from django.db.models import Exists, F, OuterRef
@@ -26,7 +28,7 @@ from .exceptions import TaskNotFound
 from .models import Invocation, Runner
 from .sql import statements
 from .status import OWNED, Status
-from .transitions import Locked, move, move_locked
+from .transitions import Locked, checked_path, move, move_locked, moved_rows, written
 
 logger = logging.getLogger("keyjobs.worker")
 
@@ -205,6 +207,8 @@ class Taker:
     runner: Runner
     thread: int | None
     queues: list[str] | None
+    #: Asked when the invocation ends: False once the thread will not go on (its runner stops).
+    goes_on: Callable[[], bool] = lambda: True
 
 
 def wake_next(
@@ -266,6 +270,38 @@ def wake_next(
         if taker is None or (taker.queues and queue not in taker.queues):  # else the taker claims next anyway
             wakeups.notify(using, queue)
     return Wake(woken, handed)
+
+
+def record_and_take(
+    invocation: Invocation, to: Status, *, values: dict[str, Any], note: str, taker: Taker, using: str
+) -> tuple[list[int], list[Invocation]] | None:
+    """Record the outcome of an invocation without a key and claim the taker's next, in one statement.
+
+    Where the database can: return (the ids moved, what was claimed for the
+    taker, RUNNING); else None, and nothing is written. NotOwner if the
+    taker's runner does not own the invocation any more.
+    """
+    steps = checked_path(to, only_from={Status.RUNNING})
+    if steps is None or invocation.running_key is not None:
+        return None
+    try:
+        block = transaction.atomic(using=using) if connections[using].in_atomic_block else nullcontext()
+        with block:
+            found = statements(using).record_and_take(
+                invocation.pk, steps, only_from={Status.RUNNING}, owner_id=taker.runner.pk,
+                values=written(to, (), values), runner_id=taker.runner.pk, runner_thread=taker.thread, note=note,
+                queues=taker.queues, known=sorted(registry.all_names()),
+            )
+    except IntegrityError:
+        return None  # the claim lost a race for a key: the whole statement is undone; go the general way
+    if found is None:
+        return None
+    row, taken, _ = found
+    moved = moved_rows([(invocation.pk, *row)] if row is not None else [], only_from={Status.RUNNING},
+                       owner=taker.runner)
+    for claimed in taken:
+        claimed.runner = taker.runner
+    return moved, taken
 
 
 def promote_due_retries(*, using: str, runner: Runner | None = None, limit: int = 1000) -> list[int]:

@@ -23,7 +23,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from . import registry, signals
-from .claim import Taker, wake_next
+from .claim import Taker, record_and_take, wake_next
 from .declare import Task
 from .enqueue import check_json
 from .exceptions import ArgumentError, KeyjobsError, NotOwner, TimeLimitExceeded
@@ -119,29 +119,25 @@ def finish(
 
     Return the status recorded (a retry refused by the registration guard is
     recorded as FAILED), or None if ``runner`` does not own the invocation any
-    more. With a ``taker``, the key's next invocation may be handed to it:
-    it is then in ``outcome.handed``, RUNNING.
+    more. With a ``taker``, the next invocation of the key, or for work
+    without a key the queue's next where the database can claim it in the
+    same statement, may be handed to it: it is then in ``outcome.handed``,
+    RUNNING.
     """
-    # One transaction for the outcome and the key's release. Without a key or a retry to guard
-    # there is only the outcome: one statement where the database has it, no transaction around.
-    needs_transaction = invocation.running_key is not None or outcome.status == Status.RETRY
+    if taker is not None and not taker.goes_on():
+        taker = None
     try:
-        with transaction.atomic(using=using) if needs_transaction else nullcontext():
-            if outcome.status == Status.RETRY:
-                try:
-                    with transaction.atomic(using=using):  # a savepoint: the registration guard may refuse
-                        moved = move([invocation.pk], Status.RETRY, using=using, only_from={Status.RUNNING},
-                                     owner=runner, runner_thread=thread, values=outcome.values, note=outcome.note)
-                except IntegrityError:
-                    # A duplicate registered while this one ran is waiting: it will make the same call.
-                    outcome = Outcome(Status.FAILED, {k: v for k, v in outcome.values.items() if k != "run_after"},
-                                      "not retried: a waiting duplicate takes its place")
-            if outcome.status != Status.RETRY:
-                moved = move([invocation.pk], outcome.status, using=using, only_from={Status.RUNNING}, owner=runner,
-                             runner_thread=thread, values=outcome.values, note=outcome.note)
-            if moved:
-                outcome.handed = wake_next(invocation.task_name, invocation.running_key, using=using,
-                                           runner=runner, taker=taker).handed
+        done = None
+        if taker is not None and invocation.running_key is None and outcome.status != Status.RETRY:
+            # Nothing to release: where the database can, one statement records the outcome and
+            # claims the thread's next invocation.
+            done = record_and_take(invocation, outcome.status, values=outcome.values, note=outcome.note,
+                                   taker=taker, using=using)
+        if done is not None:
+            moved, taken = done
+            outcome.handed = taken[0] if taken else None
+        else:
+            moved, outcome = _record(invocation, outcome, runner, using=using, thread=thread, taker=taker)
     except NotOwner:
         return None
     if not moved:
@@ -149,6 +145,32 @@ def finish(
     invocation.status = outcome.status
     signals.invocation_finished.send(sender=Invocation, invocation=invocation, status=outcome.status)
     return outcome.status
+
+
+def _record(
+    invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None, taker: Taker | None
+) -> tuple[list[int], Outcome]:
+    """Record ``outcome`` and release the key in one transaction; return the ids moved and the outcome recorded."""
+    # Without a key or a retry to guard there is only the outcome: one statement where the
+    # database has it, no transaction around.
+    needs_transaction = invocation.running_key is not None or outcome.status == Status.RETRY
+    with transaction.atomic(using=using) if needs_transaction else nullcontext():
+        if outcome.status == Status.RETRY:
+            try:
+                with transaction.atomic(using=using):  # a savepoint: the registration guard may refuse
+                    moved = move([invocation.pk], Status.RETRY, using=using, only_from={Status.RUNNING},
+                                 owner=runner, runner_thread=thread, values=outcome.values, note=outcome.note)
+            except IntegrityError:
+                # A duplicate registered while this one ran is waiting: it will make the same call.
+                outcome = Outcome(Status.FAILED, {k: v for k, v in outcome.values.items() if k != "run_after"},
+                                  "not retried: a waiting duplicate takes its place")
+        if outcome.status != Status.RETRY:
+            moved = move([invocation.pk], outcome.status, using=using, only_from={Status.RUNNING}, owner=runner,
+                         runner_thread=thread, values=outcome.values, note=outcome.note)
+        if moved:
+            outcome.handed = wake_next(invocation.task_name, invocation.running_key, using=using,
+                                       runner=runner, taker=taker).handed
+    return moved, outcome
 
 
 def durably(what: str, step: Callable[[], T], *, using: str, keep_trying: Callable[[], bool]) -> T | None:

@@ -19,7 +19,6 @@ from . import sql
 from .conf import conf
 from .models import Invocation
 from .claim import HANDED, WOKEN
-from .status import OWNED, WAITING
 
 logger = logging.getLogger("keyjobs.worker")
 
@@ -64,6 +63,52 @@ class Statements(sql.Statements):
         self, ids: Sequence[int], to: str, steps: Sequence[tuple[str | None, str]], *, only_from: Collection[str],
         owner_id: int | None, values: dict[str, Any], runner_id: int | None, runner_thread: int | None, note: str,
     ) -> list[tuple[int, str, int | None]]:
+        ctes, params = self._checked_move(ids, steps, only_from=only_from, owner_id=owner_id, values=values,
+                                          runner_id=runner_id, runner_thread=runner_thread, note=note)
+        with self.cursor() as cursor:
+            cursor.execute(f"WITH {ctes} SELECT id, status, runner_id FROM locked ORDER BY id", params)
+            return [(pk, status, runner) for pk, status, runner in cursor.fetchall()]
+
+    def take_free(
+        self, queues: Sequence[str] | None, limit: int, *, known: Sequence[str], start: bool, runner_id: int,
+        thread: int | None,
+    ) -> tuple[list[Invocation], bool] | None:
+        if not known:
+            return None
+        ctes, params = self._take(queues, limit, known=known, start=start, runner_id=runner_id, thread=thread)
+        with self.cursor() as cursor:
+            cursor.execute(f"WITH {ctes} {self._taken_rows()}", params)
+            return self._taken(cursor.fetchall())
+
+    def record_and_take(
+        self, pk: int, steps: Sequence[tuple[str | None, str]], *, only_from: Collection[str], owner_id: int,
+        values: dict[str, Any], runner_id: int, runner_thread: int | None, note: str,
+        queues: Sequence[str] | None, known: Sequence[str],
+    ) -> tuple[tuple[str, int | None] | None, list[Invocation], bool] | None:
+        if not known:
+            return None
+        moving, move_params = self._checked_move([pk], steps, only_from=only_from, owner_id=owner_id, values=values,
+                                                 runner_id=runner_id, runner_thread=runner_thread, note=note)
+        # A runner whose outcome is refused (its work was taken from it) claims nothing.
+        taking, take_params = self._take(queues, 1, known=known, start=True, runner_id=runner_id,
+                                         thread=runner_thread, only_if="EXISTS (SELECT 1 FROM moved)",
+                                         after="recorded")
+        with self.cursor() as cursor:
+            cursor.execute(f"WITH {moving}, {taking} "
+                           + self._taken_rows("(SELECT status FROM locked), (SELECT runner_id FROM locked), "),
+                           [*move_params, *take_params])
+            rows = cursor.fetchall()
+        # Each row: stopped, the outcome's row as it was (status, runner), then what was taken.
+        found = (rows[0][1], rows[0][2]) if rows and rows[0][1] is not None else None
+        return (found, *self._taken([(row[0], *row[3:]) for row in rows]))
+
+    # -- the parts those statements are made of ---------------------------------------
+
+    def _checked_move(
+        self, ids: Sequence[int], steps: Sequence[tuple[str | None, str]], *, only_from: Collection[str],
+        owner_id: int | None, values: dict[str, Any], runner_id: int | None, runner_thread: int | None, note: str,
+    ) -> tuple[str, list[Any]]:
+        """The CTEs ``locked`` (every row as it was), ``moved`` and their events."""
         q, inv = self.quote, self.invocations
         assignments, set_params = self._set(values)
         guard, guard_params = "", []
@@ -72,74 +117,77 @@ class Statements(sql.Statements):
             guard = (f" AND NOT EXISTS (SELECT 1 FROM locked WHERE locked.status IN ({_marks(only_from)}) "
                      f"AND locked.runner_id IS DISTINCT FROM %s)")
             guard_params = [*only_from, owner_id]
-        step_rows = ", ".join(["(%s::int, %s::varchar, %s::varchar)"] * len(steps))
-        sql_text = (
-            f"WITH locked AS (SELECT {q('id')} AS id, {q('status')} AS status, {q('runner_id')} AS runner_id "
+        step_rows, step_params = _steps(steps)
+        ctes = (
+            f"locked AS (SELECT {q('id')} AS id, {q('status')} AS status, {q('runner_id')} AS runner_id "
             f"FROM {inv} WHERE {q('id')} IN ({_marks(ids)}) ORDER BY {q('id')}{self.lock}), "
             f"moved AS (UPDATE {inv} {assignments} FROM locked WHERE {inv}.{q('id')} = locked.id "
             f"AND locked.status IN ({_marks(only_from)}){guard} RETURNING {inv}.{q('id')} AS id, locked.status), "
             f"recorded AS (INSERT INTO {self.events} ({self.event_columns}) "
             f"SELECT moved.id, %s, COALESCE(step.came_from, moved.status), step.went_to, %s, %s, %s "
-            f"FROM moved CROSS JOIN (VALUES {step_rows}) AS step(n, came_from, went_to) ORDER BY moved.id, step.n) "
-            f"SELECT id, status, runner_id FROM locked ORDER BY id"
+            f"FROM moved CROSS JOIN (VALUES {step_rows}) AS step(n, came_from, went_to) ORDER BY moved.id, step.n "
+            f"RETURNING 1)"
         )
-        params = [*ids, *set_params, *only_from, *guard_params,
-                  "TRANSITION", runner_id, runner_thread, note,
-                  *[value for n, (came_from, went_to) in enumerate(steps) for value in (n, came_from, went_to)]]
-        with self.cursor() as cursor:
-            cursor.execute(sql_text, params)
-            return [(pk, status, runner) for pk, status, runner in cursor.fetchall()]
+        return ctes, [*ids, *set_params, *only_from, *guard_params, "TRANSITION", runner_id, runner_thread, note,
+                      *step_params]
 
-    def take_free(
+    def _take(
         self, queues: Sequence[str] | None, limit: int, *, known: Sequence[str], start: bool, runner_id: int,
-        thread: int | None,
-    ) -> tuple[list[Invocation], bool] | None:
+        thread: int | None, only_if: str = "TRUE", after: str = "",
+    ) -> tuple[str, list[Any]]:
+        """The CTEs ``cut`` (where the claim stopped, if it did), ``taken`` and their events.
+
+        ``after`` names a CTE whose rows the events must follow in the history.
+        """
         q, inv = self.quote, self.invocations
         candidates, params = self.claimable_sql(
             f"{q('id')} AS id, {q('priority')} AS priority, {q('registered_at')} AS registered_at, "
             f"{q('task_name')} AS task_name, {q('running_key')} AS running_key", queues, limit)
-        def queue_order(table: str) -> str:
-            return f"{table}.{q('priority')} DESC, {table}.{q('registered_at')}, {table}.{q('id')}"
-
-        same_key = (f"{q('task_name')} = candidate.task_name AND {q('running_key')} = candidate.running_key")
+        same_key = f"{q('task_name')} = candidate.task_name AND {q('running_key')} = candidate.running_key"
         values: dict[str, Any] = {"status": "RUNNING" if start else "PENDING", "runner_id": runner_id,
                                   "runner_thread": thread, "slot": 0}
-        steps = [("REGISTERED", "PENDING")]
+        steps: list[tuple[str | None, str]] = [("REGISTERED", "PENDING")]
         if start:
             values.update(attempts=F("attempts") + 1, started_at=Now())
             steps.append(("PENDING", "RUNNING"))
-        if not known:
-            return None
         assignments, set_params = self._set(values)
-        step_rows = ", ".join(["(%s::int, %s::varchar, %s::varchar)"] * len(steps))
-        sql_text = (
-            f"WITH candidate AS ({candidates}), "
+        step_rows, step_params = _steps(steps)
+        ctes = (
+            f"candidate AS ({candidates}), "
             # Free: a known task, and no key, or a key nobody holds with nothing due ahead of it.
-            f"judged AS (SELECT candidate.id, row_number() OVER (ORDER BY candidate.priority DESC, candidate.registered_at, candidate.id) AS n, "
+            f"judged AS (SELECT candidate.id, row_number() OVER (ORDER BY candidate.priority DESC, "
+            f"candidate.registered_at, candidate.id) AS n, "
             f"candidate.task_name IN ({_marks(known)}) AND (candidate.running_key IS NULL OR ("
-            f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {q('status')} IN ({_marks(OWNED)})) AND "
-            f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {q('status')} IN ({_marks(WAITING)}) "
+            f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_owned}) AND "
+            f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_waiting} "
             f"AND {self.due} AND {q('id')} <> candidate.id AND ({q('priority')} > candidate.priority "
             f"OR ({q('priority')} = candidate.priority AND {q('id')} < candidate.id))))) AS free FROM candidate), "
             f"cut AS (SELECT min(n) AS n FROM judged WHERE NOT free), "
             f"taken AS (UPDATE {inv} {assignments} FROM judged WHERE {inv}.{q('id')} = judged.id "
-            f"AND judged.n < COALESCE((SELECT n FROM cut), %s) RETURNING {', '.join(f'{inv}.{c}' for c in self.column_list)}), "
-            f"recorded AS (INSERT INTO {self.events} ({self.event_columns}) "
+            f"AND judged.n < COALESCE((SELECT n FROM cut), %s) AND {only_if} "
+            f"RETURNING {', '.join(f'{inv}.{c}' for c in self.column_list)}), "
+            f"taken_recorded AS (INSERT INTO {self.events} ({self.event_columns}) "
             f"SELECT taken.{q('id')}, %s, step.came_from, step.went_to, %s, %s, %s FROM taken "
             f"CROSS JOIN (VALUES {step_rows}) AS step(n, came_from, went_to) "
-            f"ORDER BY {queue_order('taken')}, step.n) "
-            f"SELECT (SELECT n FROM cut) IS NOT NULL AS stopped, taken.* FROM (SELECT 1) AS one "
-            f"LEFT JOIN taken ON true ORDER BY {queue_order('taken')}"
+            # Reading `after` makes PostgreSQL write it first: otherwise the order is its own choice.
+            + (f"CROSS JOIN (SELECT count(*) FROM {after}) AS before " if after else "")
+            + f"ORDER BY {self._queue_order('taken')}, step.n)"
         )
-        params += [*known, *sorted(OWNED), *sorted(WAITING), *set_params, limit + 1,
-                   "TRANSITION", runner_id, thread, "",
-                   *[value for n, (came_from, went_to) in enumerate(steps) for value in (n, came_from, went_to)]]
-        with self.cursor() as cursor:
-            cursor.execute(sql_text, params)
-            rows = cursor.fetchall()
+        return ctes, [*params, *known, *set_params, limit + 1,
+                      "TRANSITION", runner_id, thread, "", *step_params]
+
+    def _queue_order(self, table: str) -> str:
+        q = self.quote
+        return f"{table}.{q('priority')} DESC, {table}.{q('registered_at')}, {table}.{q('id')}"
+
+    def _taken_rows(self, before: str = "") -> str:
+        """The main query after ``_take``: whether the claim stopped, ``before``, then each row taken."""
+        return (f"SELECT (SELECT n FROM cut) IS NOT NULL AS stopped, {before}taken.* FROM (SELECT 1) AS one "
+                f"LEFT JOIN taken ON true ORDER BY {self._queue_order('taken')}")
+
+    def _taken(self, rows: Sequence[Sequence[Any]]) -> tuple[list[Invocation], bool]:
         stopped = bool(rows and rows[0][0])
         return self._invocations(row[1:] for row in rows if row[1] is not None), stopped
-
 
     def wake_next(
         self, task_name: str, running_key: str, *, runner_id: int | None, taker: Any, channel: str
@@ -162,14 +210,14 @@ class Statements(sql.Statements):
         })
         woken_set, woken_params = self._set({"status": "REGISTERED", "registered_at": Now()})
         steps = [("REROUTED", "REGISTERED"), ("REGISTERED", "PENDING"), ("PENDING", "RUNNING")]
-        step_rows = ", ".join(["(%s::int, %s::varchar, %s::varchar)"] * len(steps))
+        step_rows, step_params = _steps(steps)
         sql_text = (
             f"WITH first AS (SELECT {q('id')} AS id, {q('status')} AS status, {q('queue')} AS queue FROM {inv} "
-            f"WHERE {same_key} AND {q('status')} IN ({_marks(WAITING)}) AND {self.due} "
+            f"WHERE {same_key} AND {self.is_waiting} AND {self.due} "
             f"ORDER BY {self.key_order} LIMIT 1), "
             # The first in line goes on if it is parked and the key has nobody holding it.
             f"go AS (SELECT first.id, first.queue, {hand} AS hand FROM first WHERE first.status = %s "
-            f"AND NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {q('status')} IN ({_marks(OWNED)}))), "
+            f"AND NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_owned})), "
             f"handed AS (UPDATE {inv} {handed_set} FROM go WHERE {inv}.{q('id')} = go.id AND go.hand "
             f"AND {inv}.{q('status')} = %s RETURNING {', '.join(f'{inv}.{c}' for c in self.column_list)}), "
             f"woken AS (UPDATE {inv} {woken_set} FROM go WHERE {inv}.{q('id')} = go.id AND NOT go.hand "
@@ -185,12 +233,12 @@ class Statements(sql.Statements):
             f"FROM (SELECT 1) AS one LEFT JOIN handed ON true"
         )
         params = [
-            task_name, running_key, *sorted(WAITING),
-            *hand_params, "REROUTED", task_name, running_key, *sorted(OWNED),
+            task_name, running_key,
+            *hand_params, "REROUTED", task_name, running_key,
             *handed_params, "REROUTED",
             *woken_params, "REROUTED",
             "TRANSITION", taker.runner.pk if taker is not None else None, taker.thread if taker is not None else None,
-            HANDED, *[value for n, (came_from, went_to) in enumerate(steps) for value in (n, came_from, went_to)],
+            HANDED, *step_params,
             "TRANSITION", "REROUTED", "REGISTERED", runner_id, WOKEN,
             channel, *(queues if taker is not None else []),
         ]
@@ -200,6 +248,12 @@ class Statements(sql.Statements):
         _, woken_id, *handed_row = row
         handed = self._invocations([handed_row])[0] if handed_row[0] is not None else None
         return handed, [woken_id] if woken_id is not None else []
+
+
+def _steps(steps: Sequence[tuple[str | None, str]]) -> tuple[str, list[Any]]:
+    """The VALUES rows of a path, numbered: (n, from, to); a from of None means the row's own status."""
+    rows = ", ".join(["(%s::int, %s::varchar, %s::varchar)"] * len(steps))
+    return rows, [value for n, (came_from, went_to) in enumerate(steps) for value in (n, came_from, went_to)]
 
 
 def _marks(values: Collection[Any]) -> str:

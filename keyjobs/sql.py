@@ -75,6 +75,13 @@ class Statements:
             # SQLite has no row locks: its IMMEDIATE transactions take the database's write lock instead.
             self.lock = self.lock_skip = ""
         self.due = f"({quote('run_after')} IS NULL OR {quote('run_after')} <= {self.now})"
+        # The statuses as literals, exactly as the partial indexes' conditions spell them: a
+        # database uses a partial index only where it can prove the query implies its condition,
+        # which SQLite (always) and PostgreSQL (in a prepared statement's generic plan) cannot
+        # with the statuses as parameters.
+        self.is_registered = f"{quote('status')} = {_literal(Status.REGISTERED)}"
+        self.is_waiting = f"{quote('status')} IN ({', '.join(map(_literal, sorted(WAITING)))})"
+        self.is_owned = f"{quote('status')} IN ({', '.join(map(_literal, sorted(OWNED)))})"
         #: The order of one key's invocations, and the order of the queue (see ``InvocationQuerySet.claimable``).
         self.key_order = f"{quote('priority')} DESC, {quote('id')}"
         self.queue_order = f"{quote('priority')} DESC, {quote('registered_at')}, {quote('id')}"
@@ -116,7 +123,7 @@ class Statements:
         self, columns: str, queues: Sequence[str] | None, limit: int, *, lock: bool = True
     ) -> tuple[str, list[Any]]:
         """Return the claim's query, the one the tests EXPLAIN: ``Invocation.objects.claimable()`` in SQL."""
-        where, params = f"{self.quote('status')} = %s AND {self.due}", [Status.REGISTERED.value]
+        where, params = f"{self.is_registered} AND {self.due}", []
         if queues:
             where += f" AND {self.quote('queue')} IN ({', '.join(['%s'] * len(queues))})"
             params += list(queues)
@@ -141,8 +148,8 @@ class Statements:
         """Return the slots held by the owners of a key, locking the owners' rows with ``lock``."""
         q = self.quote
         sql = (f"SELECT {q('slot')} FROM {self.invocations} WHERE {q('task_name')} = %s "
-               f"AND {q('running_key')} = %s AND {q('status')} IN (%s, %s){self.lock if lock else ''}")
-        return {slot for (slot,) in self._rows(sql, [task_name, running_key, *sorted(OWNED)])}
+               f"AND {q('running_key')} = %s AND {self.is_owned}{self.lock if lock else ''}")
+        return {slot for (slot,) in self._rows(sql, [task_name, running_key])}
 
     def waiting_in_key_order(
         self, task_name: str, running_key: str, limit: int, *, before: Invocation | None = None
@@ -152,8 +159,8 @@ class Statements:
         With ``before``, only those ahead of that invocation.
         """
         q = self.quote
-        where = f"{q('task_name')} = %s AND {q('running_key')} = %s AND {q('status')} IN (%s, %s, %s) AND {self.due}"
-        params: list[Any] = [task_name, running_key, *sorted(WAITING)]
+        where = f"{q('task_name')} = %s AND {q('running_key')} = %s AND {self.is_waiting} AND {self.due}"
+        params: list[Any] = [task_name, running_key]
         if before is not None:
             where += (f" AND {q('id')} <> %s AND ({q('priority')} > %s OR ({q('priority')} = %s AND {q('id')} < %s))")
             params += [before.pk, before.priority, before.priority, before.pk]
@@ -168,10 +175,10 @@ class Statements:
         """
         q = self.quote
         sql = (f"SELECT {q('id')}, {q('status')}, {q('runner_id')} FROM {self.invocations} "
-               f"WHERE {q('task_name')} = %s AND {q('running_key')} = %s AND {q('status')} = %s AND {self.due} "
+               f"WHERE {q('task_name')} = %s AND {q('running_key')} = %s AND {self.is_registered} AND {self.due} "
                f"AND ({q('priority')} < %s OR ({q('priority')} = %s AND {q('id')} > %s)) "
                f"ORDER BY {self.key_order} LIMIT {int(limit)}{self.lock_skip}")
-        params = [head.task_name, head.running_key, Status.REGISTERED.value, head.priority, head.priority, head.pk]
+        params = [head.task_name, head.running_key, head.priority, head.priority, head.pk]
         return [(pk, status, runner_id) for pk, status, runner_id in self._rows(sql, params)]
 
     # -- whole steps in one statement (PostgreSQL; None here: the caller takes the general path) --
@@ -197,6 +204,19 @@ class Statements:
         that is held or has work ahead of it. Return (the invocations claimed,
         whether such an invocation stopped the claim), or None where the
         database cannot do it in one statement.
+        """
+        return None
+
+    def record_and_take(
+        self, pk: int, steps: Sequence[tuple[str | None, str]], *, only_from: Collection[str], owner_id: int,
+        values: dict[str, Any], runner_id: int, runner_thread: int | None, note: str,
+        queues: Sequence[str] | None, known: Sequence[str],
+    ) -> tuple[tuple[str, int | None] | None, list[Invocation], bool] | None:
+        """``move_checked`` of one invocation, then ``take_free`` of one for the same runner thread, at once.
+
+        Return ((status, runner id) of the moved row as it was, or None if it
+        is gone; what was claimed; whether the claim stopped), or None where
+        the database cannot do it in one statement.
         """
         return None
 
@@ -253,3 +273,9 @@ class Statements:
         one = "(" + ", ".join(["%s"] * 7) + ")"
         sql = f"INSERT INTO {self.events} ({self.event_columns}) VALUES {', '.join([one] * len(rows))}"
         return sql, [value for row in rows for value in row]
+
+
+def _literal(status: str) -> str:
+    """Return a status as an SQL string literal (statuses are our own upper-case names, never user data)."""
+    assert status.replace("_", "").isalpha() and status.isupper(), status
+    return f"'{status}'"

@@ -103,7 +103,7 @@ def move_locked(
     # constraint) wraps it in one of its own.
     runner_id = runner.pk if runner is not None else None
     with transaction.atomic(using=using, savepoint=False):
-        statements(using).move([pk for pk, _ in moving], _written(to, via, values), [
+        statements(using).move([pk for pk, _ in moving], written(to, via, values), [
             (pk, Event.Kind.TRANSITION, here, there, runner_id, runner_thread, note)
             for pk, status in moving
             for here, there in zip([status, *via], [*via, to])
@@ -130,17 +130,34 @@ def _move_in_one_statement(
     database then needs to check nothing but the status and the owner.
     Return None to take the general path.
     """
-    path = [*via, to]
-    if not all(is_legal(here, there) for status in only_from for here, there in zip([status, *via], path)):
+    steps = checked_path(to, only_from=only_from, via=via)
+    if steps is None:
         return None
-    steps = [(None, path[0]), *zip(path, path[1:])]
     rows = statements(using).move_checked(
         ids, to, steps, only_from=only_from, owner_id=owner.pk if owner is not None else None,
-        values=_written(to, via, values), runner_id=runner.pk if runner is not None else None,
+        values=written(to, via, values), runner_id=runner.pk if runner is not None else None,
         runner_thread=runner_thread, note=note,
     )
     if rows is None:
         return None
+    return moved_rows(rows, only_from=only_from, owner=owner)
+
+
+def checked_path(
+    to: Status, *, only_from: Collection[str], via: Sequence[Status] = ()
+) -> list[tuple[str | None, str]] | None:
+    """Return the steps a one-statement move records, or None if a status in ``only_from`` may not take the path.
+
+    Each step is (from, to); the first step's from is None: the row's own status, one of ``only_from``.
+    """
+    path = [*via, to]
+    if not all(is_legal(here, there) for status in only_from for here, there in zip([status, *via], path)):
+        return None
+    return [(None, path[0]), *zip(path, path[1:])]
+
+
+def moved_rows(rows: Sequence[Locked], *, only_from: Collection[str], owner: Runner | None) -> list[int]:
+    """Return the ids a one-statement move wrote, given every row as it was; NotOwner if it refused them."""
     expected = [(pk, runner_id) for pk, status, runner_id in rows if status in only_from]
     if owner is not None:
         for pk, runner_id in expected:
@@ -150,7 +167,7 @@ def _move_in_one_statement(
     return [pk for pk, _ in expected]
 
 
-def _written(to: Status, via: Sequence[Status], values: dict[str, Any] | None) -> dict[str, Any]:
+def written(to: Status, via: Sequence[Status], values: dict[str, Any] | None) -> dict[str, Any]:
     """Return what a move writes: the status, ``values``, and the stamps of the statuses it enters."""
     written: dict[str, Any] = {"status": to, **(values or {})}
     for entered in (*via, to):

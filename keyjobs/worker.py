@@ -185,7 +185,8 @@ class Worker:
                 give_back([invocation, *queue], self.runner, using=self.using)
                 return
             # A hand-off needs a thread that goes on: not one stopping or cut off from the database.
-            taker = Taker(self.runner, number, self.queues) if not self.stopping.is_set() and self._holds_lease() else None
+            taker = Taker(self.runner, number, self.queues,
+                          goes_on=lambda: not self.stopping.is_set() and self._holds_lease())
             handed: list[Invocation] = []
             self._running[number] = (invocation, time.monotonic(), _timeout_of(invocation))
             try:

@@ -1,4 +1,7 @@
+from datetime import timedelta
+
 import pytest
+from django.utils import timezone
 
 from keyjobs import Status
 from keyjobs.claim import claim
@@ -108,6 +111,8 @@ def test_a_freed_keys_successor_goes_behind_the_work_already_waiting(runner):
     [first] = claim(runner, using="default", start=True)
     assert claim(runner, using="default") == []  # b is parked
     other = jobs.add.delay(1)
+    # Waiting for a while (SQLite's clock counts milliseconds: the same tick would fall back on ids).
+    Invocation.objects.filter(pk=other.pk).update(registered_at=timezone.now() - timedelta(seconds=1))
     handed: list[Invocation] = []
     execute(first, runner, using="default", taker=Taker(runner, 0, None), handed=handed)
     assert handed == [] and Invocation.objects.get(pk=second.pk).status == Status.REGISTERED

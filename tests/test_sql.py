@@ -105,3 +105,34 @@ def test_the_hot_statements_are_prepared_unless_turned_off(setting, prepared):
         cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%%WITH candidate AS%%'")
         (count,) = cursor.fetchone()
     assert bool(count) is prepared
+
+
+@postgres_only
+def test_finishing_work_without_a_key_claims_the_threads_next_in_the_same_statement():
+    from keyjobs.claim import Taker
+    from keyjobs.execute import execute
+
+    runner = RunnerFactory()
+    first, second = jobs.add.delay(1, b=1), jobs.add.delay(2, b=2)
+    [running] = claim(runner, using="default", start=True, thread=3)
+    handed: list[Invocation] = []
+    execute(running, runner, using="default", thread=3, taker=Taker(runner, 3, None), handed=handed)
+    assert [inv.pk for inv in handed] == [second.pk]
+    assert (handed[0].status, handed[0].runner_id, handed[0].runner_thread, handed[0].attempts) == (
+        Status.RUNNING, runner.pk, 3, 1)
+    assert list(Event.objects.order_by("id").values_list("invocation_id", "to_status"))[-3:] == [
+        (first.pk, Status.SUCCESS), (second.pk, Status.PENDING), (second.pk, Status.RUNNING)]
+
+
+@postgres_only
+def test_an_outcome_refused_to_a_runner_that_lost_the_invocation_claims_nothing():
+    from keyjobs.claim import Taker, record_and_take
+
+    mine, theirs = RunnerFactory(), RunnerFactory()
+    taken_from_me = InvocationFactory(status=Status.RUNNING, runner=theirs)
+    waiting = jobs.add.delay(1)
+    with pytest.raises(NotOwner):
+        record_and_take(taken_from_me, Status.SUCCESS, values={}, note="", taker=Taker(mine, 0, None),
+                        using="default")
+    assert Invocation.objects.get(pk=taken_from_me.pk).status == Status.RUNNING
+    assert Invocation.objects.get(pk=waiting.pk).status == Status.REGISTERED
