@@ -3,14 +3,24 @@
 The insert joins the caller's transaction, so an invocation registered inside
 ``transaction.atomic()`` is rolled back with it and stays invisible to workers
 until commit.
+
+Inserts skip the ORM's per-object machinery: each is one multi-row
+``INSERT ... RETURNING`` built from the model's fields, with every value
+prepared by its field as ``save()`` prepares it, and on PostgreSQL the same
+statement queues the runners' wake-up. Outside a transaction a delay() is that
+one statement, atomic by itself.
 """
 
+import functools
 import math
+import operator
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, transaction
+from django.db.models.expressions import Col
 from django.utils import timezone
 
 from . import wakeups
@@ -20,25 +30,41 @@ from .models import Event, Invocation
 from .transitions import record
 
 if TYPE_CHECKING:
-    from .declare import Options
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    from .declare import Options, Task
 
 #: How often a delay() retries after losing a race at the registration guard.
 _REGISTRATION_ATTEMPTS = 20
 
+#: What the database fills in and hands back (the id, its clock readings); delay() writes the rest.
+_RETURNED = Invocation._meta.db_returning_fields
+_RETURNED_COLUMNS = [field.get_col(Invocation._meta.db_table) for field in _RETURNED]
+_WRITTEN = [field for field in Invocation._meta.concrete_fields if field not in _RETURNED]
+# getattr, not pre_save(): no field of Invocation changes its value on save (no auto_now).
+_written_values = operator.attrgetter(*(field.attname for field in _WRITTEN))
+
+#: Rows per INSERT: past a few thousand, a longer statement no longer pays.
+_BATCH_SIZE = 2000
+
+#: Values a field prepares alike every time: immutable scalars (not bool: True == 1 would share
+#: 1's entry), and empty containers, keyed by their type.
+_SCALARS = frozenset({str, int, type(None)})
+_CONTAINERS = frozenset({list, dict})
+
 
 def enqueue(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
     """Register one call of ``options.task``; return its invocation, or the waiting one it duplicates."""
-    return _register(_build(options, args, kwargs))
+    invocation = _build(options, args, kwargs)
+    if invocation.registration_key is not None:
+        return _register(invocation)
+    _insert([invocation], conf.DATABASE)
+    return invocation
 
 
 def _register(invocation: Invocation) -> Invocation:
     """Insert a built invocation, or return the waiting one its registration key already has."""
     using = conf.DATABASE
-    if invocation.registration_key is None:
-        with transaction.atomic(using=using):
-            invocation.save(using=using, force_insert=True)
-            wakeups.notify(using, invocation.queue)
-        return invocation
     for _ in range(_REGISTRATION_ATTEMPTS):
         with transaction.atomic(using=using):
             existing = (
@@ -52,13 +78,10 @@ def _register(invocation: Invocation) -> Invocation:
                 existing.reused = True
                 return existing
             try:
-                # A savepoint: losing the race at the constraint must not spoil the caller's transaction.
-                with transaction.atomic(using=using):
-                    invocation.save(using=using, force_insert=True)
+                # _insert takes a savepoint: losing the race at the constraint must not spoil the caller's transaction.
+                _insert([invocation], using)
             except IntegrityError:
-                invocation.pk = None
                 continue
-            wakeups.notify(using, invocation.queue)
             return invocation
     raise KeyjobsError(
         f"{invocation.task_name}.delay(): could not register or reuse an invocation of key "
@@ -83,35 +106,130 @@ def enqueue_many(options: "Options", calls: Iterable[Any]) -> list[Invocation]:
         # Deduplication needs each call to see the ones before it.
         with transaction.atomic(using=conf.DATABASE):
             return [_register(invocation) for invocation in invocations]
-    using = conf.DATABASE
-    with transaction.atomic(using=using):
-        created = Invocation.objects.using(using).bulk_create(invocations, batch_size=2000)
-        for queue in {invocation.queue for invocation in invocations}:
-            wakeups.notify(using, queue)
-    return created
+    if invocations:
+        _insert(invocations, conf.DATABASE)
+    return invocations
+
+
+def _insert(invocations: list[Invocation], using: str) -> None:
+    """Insert built invocations of one queue, wake its runners on commit, and set what the database filled in.
+
+    As many rows a statement as the database takes. Inside a transaction, in a
+    savepoint: a failed insert leaves the caller's transaction usable.
+    """
+    connection = connections[using]
+    if not connection.features.can_return_rows_from_bulk_insert:
+        with transaction.atomic(using=using):
+            for invocation in invocations:
+                invocation.save(using=using, force_insert=True)
+            wakeups.notify(using, invocations[0].queue)
+        return
+    size = max(1, min(_BATCH_SIZE, connection.ops.bulk_batch_size(_WRITTEN, invocations)))
+    # Alone, one statement is atomic by itself: a delay() in autocommit is one round trip.
+    alone = len(invocations) <= size and not connection.in_atomic_block
+    with nullcontext() if alone else transaction.atomic(using=using):
+        for start in range(0, len(invocations), size):
+            batch = invocations[start : start + size]
+            _adopt(batch, _insert_rows(connection, _rows(batch, connection), batch[0].queue), connection)
+
+
+def _insert_rows(connection: "BaseDatabaseWrapper", rows: list[list[Any]], queue: str) -> list[tuple[Any, ...]]:
+    """Insert rows of ``_WRITTEN`` values in one statement, waking runners of ``queue``; return their ``_RETURNED``."""
+    if wakeups.supports_notify(connection.alias):
+        # PostgreSQL inserts and queues the wake-up in one statement (keyjobs.postgres).
+        return wakeups.insert_and_notify(connection.alias, Invocation, _WRITTEN, rows, _RETURNED, queue)
+    with connection.cursor() as cursor:
+        cursor.execute(_insert_sql(connection.alias, len(rows)), [value for row in rows for value in row])
+        return cursor.fetchall()
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_sql(using: str, rows: int) -> str:
+    """Return the INSERT ... RETURNING of ``rows`` invocations on database ``using``."""
+    quote = connections[using].ops.quote_name
+    row = f"({', '.join(['%s'] * len(_WRITTEN))})"
+    return (
+        f"INSERT INTO {quote(Invocation._meta.db_table)} ({', '.join(quote(field.column) for field in _WRITTEN)}) "
+        f"VALUES {', '.join([row] * rows)} RETURNING {', '.join(quote(field.column) for field in _RETURNED)}"
+    )
+
+
+def _rows(invocations: list[Invocation], connection: "BaseDatabaseWrapper") -> list[list[Any]]:
+    """Return each built invocation's values for ``_WRITTEN``, prepared by its field as save() would."""
+    # A batch repeats most values (the task, the queue, the defaults, the [] and {} of calls
+    # without arguments): prepare each distinct one once a column.
+    prepared: list[dict[Any, Any]] = [{} for _ in _WRITTEN]
+    rows = []
+    for invocation in invocations:
+        row = []
+        for field, seen, value in zip(_WRITTEN, prepared, _written_values(invocation)):
+            kind = type(value)
+            if kind in _SCALARS:
+                key = value
+            elif kind in _CONTAINERS and not value:
+                key = kind
+            else:
+                row.append(field.get_db_prep_save(value, connection))
+                continue
+            if key not in seen:
+                seen[key] = field.get_db_prep_save(value, connection)
+            row.append(seen[key])
+        rows.append(row)
+    return rows
+
+
+def _adopt(invocations: list[Invocation], rows: list[tuple[Any, ...]], connection: "BaseDatabaseWrapper") -> None:
+    """Set on inserted invocations what the database returned, read as the ORM reads it, and mark them saved."""
+    # SQLite documents the order of RETURNING rows as arbitrary; ids grow in insert order on both databases.
+    rows = sorted(rows)
+    for field, column, values in zip(_RETURNED, _RETURNED_COLUMNS, zip(*rows)):
+        converters = [*connection.ops.get_db_converters(column), *column.get_db_converters(connection)]
+        if converters:
+            # The rows of a statement share their clock reading: read each distinct value once.
+            read = {value: _convert(value, column, converters, connection) for value in set(values)}
+            values = tuple(read[value] for value in values)
+        for invocation, value in zip(invocations, values, strict=True):
+            setattr(invocation, field.attname, value)
+    for invocation in invocations:
+        invocation._state.adding = False
+        invocation._state.db = connection.alias
+
+
+def _convert(value: Any, column: Col, converters: list[Any], connection: "BaseDatabaseWrapper") -> Any:
+    for converter in converters:
+        value = converter(value, column, connection)
+    return value
 
 
 def _build(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
     task = options.task
     where = f"{task.name}.delay()"
+    arguments = _bind(task, args, kwargs, where)
+    for name, value in arguments.items():
+        check_json(value, where=where, path=name)
+    running_key, registration_key = task.keys_for(arguments)
+    return Invocation(
+        task_name=task.name,
+        queue=options.queue,
+        priority=options.priority,
+        args=_plain(args),
+        kwargs=_plain(kwargs),
+        running_key=running_key,
+        registration_key=registration_key,
+        run_after=_when(options.run_after),
+    )
+
+
+def _bind(task: "Task[Any, Any]", args: tuple[Any, ...], kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+    """Return the call's arguments by parameter name, defaults applied; ArgumentError if they do not fit."""
+    if not (args or kwargs or task.signature.parameters):
+        return {}  # an empty call of a function without parameters: nothing to bind
     try:
         bound = task.signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise ArgumentError(f"{where}: {exc}") from None
     bound.apply_defaults()
-    for name, value in bound.arguments.items():
-        check_json(value, where=where, path=name)
-    running_key, registration_key = task.keys_for(bound.arguments)
-    return Invocation(
-        task_name=task.name,
-        queue=options.queue,
-        priority=options.priority,
-        args=_plain(list(args)),
-        kwargs=_plain(dict(kwargs)),
-        running_key=running_key,
-        registration_key=registration_key,
-        run_after=_when(options.run_after),
-    )
+    return bound.arguments
 
 
 def check_json(value: Any, *, where: str, path: str, kind: str = "argument") -> None:
@@ -139,6 +257,7 @@ def check_json(value: Any, *, where: str, path: str, kind: str = "argument") -> 
 
 
 def _plain(value: Any) -> Any:
+    """Return a copy of ``value`` with every tuple made a list, as it reads back from JSON."""
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     if isinstance(value, dict):

@@ -300,3 +300,71 @@ class Listener(threading.Thread):
             while not self.stop.is_set():
                 for notification in connection.notifies(timeout=0.5):
                     self.on_wake(notification.payload)
+
+
+# -- enqueue fast path --
+
+
+def insert_and_notify(
+    using: str, model: Any, fields: Sequence[Any], rows: Sequence[Sequence[Any]], returning: Sequence[Any],
+    channel: str, payload: str,
+) -> list[tuple[Any, ...]]:
+    """Insert ``rows`` (prepared values of ``fields``) and queue a notification, in one statement.
+
+    Return the ``returning`` columns of each inserted row. One statement is
+    atomic by itself, so in autocommit a delay() is one round trip instead of
+    BEGIN, INSERT, NOTIFY and COMMIT; inside the caller's transaction it joins
+    it, and the notification waits for its commit.
+    """
+    columns = list(zip(*rows))
+    # The same object in every row (the task, the queue, the defaults) travels once; the others as an array each.
+    shared = tuple(all(value is values[0] for value in values) for values in columns)
+    params = [values[0] for values, once in zip(columns, shared) if once]
+    if all(shared):
+        params.append(len(rows))  # generate_series(1, %s)
+    else:
+        params += [list(values) for values, once in zip(columns, shared) if not once]
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            _insert_and_notify_sql(using, model, tuple(fields), tuple(returning), shared),
+            [*params, channel, payload],
+        )
+        return cursor.fetchall()
+
+
+#: The statements insert_and_notify() built, by database, table, columns and which columns are shared:
+#: a few per database, since only the arguments, keys and run_after vary between the rows of a call.
+_insert_and_notify_statements: dict[tuple[Any, ...], str] = {}
+
+
+def _insert_and_notify_sql(
+    using: str, model: Any, fields: tuple[Any, ...], returning: tuple[Any, ...], shared: tuple[bool, ...]
+) -> str:
+    key = (using, model, fields, returning, shared)
+    if key in _insert_and_notify_statements:
+        return _insert_and_notify_statements[key]
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    # Arrays, as bulk_create sends rows here: psycopg parses a VALUES list of thousands of
+    # placeholders slower than PostgreSQL inserts the rows. Unsized types (varchar, not
+    # varchar(200)): a cast must never truncate.
+    casts = [field.db_type(connection).split("(")[0] for field in fields]
+    arrays = [f"%s::{cast}[]" for cast, once in zip(casts, shared) if not once]
+    # In the table's order: a shared column from its one parameter, the others from their arrays.
+    names = iter(range(len(arrays)))
+    select = [f"%s::{cast}" if once else f"u.c{next(names)}" for cast, once in zip(casts, shared)]
+    source = (
+        f"UNNEST({', '.join(arrays)}) AS u({', '.join(f'c{n}' for n in range(len(arrays)))})"
+        if arrays else "generate_series(1, %s)"
+    )
+    insert = (
+        f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(field.column) for field in fields)}) "
+        f"SELECT {', '.join(select)} FROM {source} RETURNING {', '.join(quote(field.column) for field in returning)}"
+    )
+    # MATERIALIZED: the notification is queued once, however many rows the insert returns.
+    sql = (
+        f"WITH inserted AS ({insert}), notified AS MATERIALIZED (SELECT pg_notify(%s, %s)) "
+        "SELECT inserted.* FROM inserted, notified"
+    )
+    _insert_and_notify_statements[key] = sql
+    return sql

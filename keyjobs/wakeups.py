@@ -8,7 +8,8 @@ module.
 """
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from django.db import connections
 
@@ -29,6 +30,18 @@ def notify(using: str, queue: str) -> None:
         from .postgres import notify as pg_notify
 
         pg_notify(using, CHANNEL, queue)
+
+
+def insert_and_notify(
+    using: str, model: Any, fields: Sequence[Any], rows: Sequence[Sequence[Any]], returning: Sequence[Any], queue: str
+) -> list[tuple[Any, ...]]:
+    """Insert rows of ``model`` and wake runners of ``queue`` on commit, in one statement; return ``returning``.
+
+    PostgreSQL only: callers check supports_notify() first, and insert by themselves elsewhere.
+    """
+    from .postgres import insert_and_notify as pg_insert_and_notify
+
+    return pg_insert_and_notify(using, model, fields, rows, returning, CHANNEL, queue)
 
 
 def poll_interval(using: str) -> float:

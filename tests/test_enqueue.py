@@ -1,7 +1,9 @@
 import threading
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from django.db import connection, transaction
+from django.db import DataError, connection, transaction
+from django.utils import timezone
 
 from keyjobs import ArgumentError, Status
 from keyjobs.models import Event, Invocation
@@ -163,3 +165,118 @@ def test_delay_many_refuses_a_malformed_call_and_inserts_nothing():
     with pytest.raises(ArgumentError, match=r"call 1 must be an \(args, kwargs\) pair"):
         jobs.add.delay_many([{"a": 1}, 5])
     assert not Invocation.objects.exists()
+
+
+#: Arguments whose JSON has edge cases: non-ASCII text, escapes, nesting, big and fractional numbers.
+AWKWARD = (
+    ["naïve café ☃ 日本語 🚀", 'quote " backslash \\ newline \n tab \t', 2**60, -1.5, None, True],
+    {"nested": {"list": [1, [2, [3, {"deep": "é"}]]], "empty": {}, "none": [], "ünï": "cödé"}},
+)
+
+
+def stored_columns(pk: int) -> tuple:
+    """Return invocation ``pk``'s columns as the database holds them, bar its id and database-clock readings."""
+    fields = [field for field in Invocation._meta.concrete_fields if field not in Invocation._meta.db_returning_fields]
+    quote = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {', '.join(quote(field.column) for field in fields)} FROM {quote(Invocation._meta.db_table)} "
+            f"WHERE {quote('id')} = %s",
+            [pk],
+        )
+        return cursor.fetchone()
+
+
+@pytest.mark.django_db
+def test_delay_and_delay_many_store_a_call_exactly_as_the_orm_does():
+    a, b = AWKWARD
+    when = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    saved = Invocation(task_name="tests.jobs.add", queue="awkward", priority=7, args=[a], kwargs={"b": b}, run_after=when)
+    saved.save()
+    options = jobs.add.using(queue="awkward", priority=7, run_after=when)
+    delayed = options.delay(a, b=b)
+    [many, _] = options.delay_many([((a,), {"b": b}), ((1,), {})])
+    assert stored_columns(delayed.pk) == stored_columns(saved.pk) == stored_columns(many.pk)
+    for invocation in (delayed, many):
+        stored = Invocation.objects.get(pk=invocation.pk)
+        assert (stored.args, stored.kwargs) == ([a], {"b": b}) == (invocation.args, invocation.kwargs)
+
+
+@pytest.mark.django_db
+def test_delay_returns_the_invocation_as_saved_with_the_database_clock():
+    invocation = jobs.add.delay(1)
+    stored = Invocation.objects.get(pk=invocation.pk)
+    assert invocation._state.adding is False and invocation._state.db == "default"
+    assert invocation.created_at.tzinfo is not None
+    for field in Invocation._meta.db_returning_fields:
+        assert getattr(invocation, field.attname) == getattr(stored, field.attname)
+
+
+@pytest.mark.django_db
+def test_delay_many_returns_the_invocations_in_call_order_with_their_pks():
+    created = jobs.add.delay_many([((n,), {}) for n in range(50)])
+    pks = [invocation.pk for invocation in created]
+    assert pks == sorted(pks) and len(set(pks)) == 50
+    assert dict(Invocation.objects.values_list("pk", "args")) == {inv.pk: [n] for n, inv in enumerate(created)}
+    assert all(not invocation._state.adding and invocation.created_at is not None for invocation in created)
+
+
+@pytest.mark.django_db
+def test_delay_many_stores_each_calls_own_run_after():
+    before = timezone.now()
+    created = jobs.add.using(run_after=timedelta(hours=1)).delay_many([((n,), {}) for n in range(3)])
+    stored = dict(Invocation.objects.values_list("pk", "run_after"))
+    assert [stored[invocation.pk] for invocation in created] == [invocation.run_after for invocation in created]
+    assert all(before + timedelta(hours=1) <= invocation.run_after <= timezone.now() + timedelta(hours=1)
+               for invocation in created)
+
+
+@pytest.mark.django_db
+def test_delay_many_past_the_databases_parameter_limit_inserts_every_call_in_order():
+    # Several statements on either database: SQLite takes 32,766 parameters a statement, delay_many() 2,000 rows.
+    count = 5000
+    created = jobs.add.delay_many([((n,), {"b": n % 7}) for n in range(count)])
+    assert [invocation.args for invocation in created] == [[n] for n in range(count)]
+    stored = dict(Invocation.objects.values_list("pk", "args"))
+    assert len(stored) == count and all(stored[inv.pk] == inv.args for inv in created)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_delay_many_in_a_rolled_back_transaction_is_rolled_back_too():
+    with pytest.raises(RuntimeError), transaction.atomic():
+        jobs.add.delay_many([((n,), {}) for n in range(5000)])
+        raise RuntimeError("the view failed")
+    assert not Invocation.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_delay_outside_a_transaction_is_one_statement(django_assert_num_queries):
+    with django_assert_num_queries(1):
+        jobs.add.delay(1)
+    assert Invocation.objects.count() == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_delay_leaves_the_callers_transaction_usable():
+    with transaction.atomic():
+        with pytest.raises(DataError):
+            jobs.add.delay("PostgreSQL refuses \x00 in JSON")
+        kept = jobs.add.delay(1)
+    assert list(Invocation.objects.values_list("pk", flat=True)) == [kept.pk]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_delay_and_delay_many_wake_runners_once_each_on_commit():
+    import psycopg
+
+    with psycopg.connect(**connection.get_connection_params(), autocommit=True) as listener:
+        listener.execute("LISTEN keyjobs")
+        jobs.add.delay(1)
+        assert [n.payload for n in listener.notifies(timeout=1, stop_after=1)] == ["default"]
+        with transaction.atomic():
+            # Several statements, each asking for the wake-up: the runners get it once, at commit.
+            jobs.add.using(queue="bulk").delay_many([((n,), {}) for n in range(5000)])
+            assert [n.payload for n in listener.notifies(timeout=0.3)] == []
+        assert [n.payload for n in listener.notifies(timeout=0.5)] == ["bulk"]
