@@ -4,6 +4,12 @@ Every change is checked against the lifecycle in ``keyjobs.status``, made under
 ``select_for_update`` inside a transaction, and recorded as an ``Event`` in
 that same transaction, so that no change can go unrecorded and the history is
 a plain ordered query.
+
+The claim and the hand-off (``keyjobs.claim``) write through the same
+statements (``keyjobs.sql``). Where PostgreSQL makes a whole step one
+statement, the path it may take is checked here first (``checked_path``),
+the status and owner are checked by the statement itself, and its history
+rows are written by that same statement.
 """
 
 from collections.abc import Collection, Iterable, Sequence
