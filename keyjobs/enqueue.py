@@ -27,6 +27,8 @@ from . import wakeups
 from .conf import conf
 from .exceptions import ArgumentError, KeyjobsError
 from .models import Event, Invocation
+from .sql import statements
+from .status import Status
 from .transitions import record
 
 if TYPE_CHECKING:
@@ -106,9 +108,44 @@ def enqueue_many(options: "Options", calls: Iterable[Any]) -> list[Invocation]:
         # Deduplication needs each call to see the ones before it.
         with transaction.atomic(using=conf.DATABASE):
             return [_register(invocation) for invocation in invocations]
-    if invocations:
-        _insert(invocations, conf.DATABASE)
+    if not invocations:
+        return invocations
+    using = conf.DATABASE
+    parked = _park_behind_their_key(options.task, invocations)
+    with transaction.atomic(using=using) if parked else nullcontext():
+        _insert(invocations, using)
+        if parked:
+            statements(using).insert_events([
+                (invocation.pk, Event.Kind.TRANSITION, "", Status.REROUTED, None, None,
+                 f"parked at enqueue behind #{first.pk} of its key, enqueued with it")
+                for invocation, first in parked
+            ])
     return invocations
+
+
+def _park_behind_their_key(task: "Task[Any, Any]", invocations: list[Invocation]) -> list[tuple[Invocation, Invocation]]:
+    """Create parked each invocation whose running key an earlier one of the same call has.
+
+    Return (parked invocation, first of its key) pairs. The first stays
+    registered and wakes the next when it ends, as a claim that found its
+    key busy would have arranged: the queue then holds each key's head only,
+    and no claim has to step over the rest. Not for a task that drops
+    blocked work, which is decided when the work comes up.
+    """
+    if not task.reroute_on_concurrency_control:
+        return []
+    first_of_key: dict[str, Invocation] = {}
+    parked = []
+    for invocation in invocations:
+        key = invocation.running_key
+        if key is None:
+            continue
+        if key in first_of_key:
+            invocation.status = Status.REROUTED
+            parked.append((invocation, first_of_key[key]))
+        else:
+            first_of_key[key] = invocation
+    return parked
 
 
 def _insert(invocations: list[Invocation], using: str) -> None:

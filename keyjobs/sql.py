@@ -238,6 +238,11 @@ class Statements:
             with self.cursor() as cursor:
                 cursor.execute(sql, params)
 
+    def insert_events(self, events: Sequence[EventRow]) -> None:
+        """Insert history rows that go with no status change here (an invocation created parked)."""
+        with self.cursor() as cursor:
+            cursor.execute(*self._insert_events(events))
+
     def _update(self, ids: Sequence[int], values: dict[str, Any]) -> tuple[str, list[Any]]:
         assignments, params = self._set(values)
         return (f"UPDATE {self.invocations} {assignments} "

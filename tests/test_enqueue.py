@@ -280,3 +280,37 @@ def test_delay_and_delay_many_wake_runners_once_each_on_commit():
             jobs.add.using(queue="bulk").delay_many([((n,), {}) for n in range(5000)])
             assert [n.payload for n in listener.notifies(timeout=0.3)] == []
         assert [n.payload for n in listener.notifies(timeout=0.5)] == ["bulk"]
+
+
+@pytest.mark.django_db
+def test_delay_many_parks_what_follows_the_first_of_its_key_and_says_so():
+    first, second, other, third = jobs.keyed.delay_many(
+        [(("acme", "a"), {}), (("acme", "b"), {}), (("globex", "a"), {}), (("acme", "c"), {})]
+    )
+    stored = dict(Invocation.objects.values_list("pk", "status"))
+    assert [stored[inv.pk] for inv in (first, second, other, third)] == [
+        Status.REGISTERED, Status.REROUTED, Status.REGISTERED, Status.REROUTED]
+    notes = dict(Event.objects.values_list("invocation_id", "note"))
+    assert set(notes) == {second.pk, third.pk}
+    assert notes[second.pk] == f"parked at enqueue behind #{first.pk} of its key, enqueued with it"
+
+
+@pytest.mark.django_db
+def test_delay_many_runs_a_parked_key_in_order():
+    from keyjobs.claim import claim
+    from keyjobs.execute import execute
+    from tests.factories import RunnerFactory
+
+    runner = RunnerFactory()
+    calls = jobs.keyed.delay_many([(("acme", str(n)), {}) for n in range(4)])
+    ran = []
+    while claimed := claim(runner, using="default", start=True):
+        ran.append(claimed[0].pk)
+        execute(claimed[0], runner, using="default")
+    assert ran == [inv.pk for inv in calls]
+
+
+@pytest.mark.django_db
+def test_delay_many_leaves_work_that_is_dropped_when_blocked_to_be_decided_when_it_comes_up():
+    jobs.keyed_drop.delay_many([(("acme",), {}), (("acme",), {})])
+    assert set(Invocation.objects.values_list("status", flat=True)) == {Status.REGISTERED}
