@@ -324,7 +324,9 @@ def insert_and_notify(
         params.append(len(rows))  # generate_series(1, %s)
     else:
         params += [list(values) for values, once in zip(columns, shared) if not once]
-    with connections[using].cursor() as cursor:
+    # Bound on the server and prepared once a connection has run it a few times (Statements.cursor):
+    # a delay() is one statement, and planning it cost about as much as running it.
+    with sql.statements(using).cursor() as cursor:
         cursor.execute(
             _insert_and_notify_sql(using, model, tuple(fields), tuple(returning), shared),
             [*params, channel, payload],
