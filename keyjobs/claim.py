@@ -82,7 +82,8 @@ def _claim_next(
     taken = _take_free(runner, using=using, queues=queues, thread=thread, start=start, room=room)
     if taken is not None:
         return taken or None
-    with transaction.atomic(using=using):
+    # No savepoint inside a caller's transaction (record_and_take's): a failure undoes both.
+    with transaction.atomic(using=using, savepoint=False):
         candidates = statements(using).claimable(queues, room)
         if not candidates:
             return None
@@ -275,15 +276,24 @@ def wake_next(
 def record_and_take(
     invocation: Invocation, to: Status, *, values: dict[str, Any], note: str, taker: Taker, using: str
 ) -> tuple[list[int], list[Invocation]] | None:
-    """Record the outcome of an invocation without a key and claim the taker's next, in one statement.
+    """Record the outcome of an invocation without a key and claim the taker's next, at once.
 
-    Where the database can: return (the ids moved, what was claimed for the
-    taker, RUNNING); else None, and nothing is written. NotOwner if the
-    taker's runner does not own the invocation any more.
+    One statement on PostgreSQL, one transaction on SQLite. Return (the ids
+    moved, what was claimed for the taker, RUNNING); or None, with nothing
+    written, to take the general path. NotOwner if the taker's runner does
+    not own the invocation any more.
     """
     steps = checked_path(to, only_from={Status.RUNNING})
     if steps is None or invocation.running_key is not None:
         return None
+    if not connections[using].features.has_select_for_update:
+        # A database locked as a whole (SQLite): the same two steps in one transaction take
+        # its write lock once instead of twice.
+        with transaction.atomic(using=using):
+            moved = move([invocation.pk], to, using=using, only_from={Status.RUNNING}, owner=taker.runner,
+                         runner_thread=taker.thread, values=values, note=note)
+            taken = claim(taker.runner, using=using, queues=taker.queues, thread=taker.thread, start=True) if moved else []
+        return moved, taken
     try:
         block = transaction.atomic(using=using) if connections[using].in_atomic_block else nullcontext()
         with block:
