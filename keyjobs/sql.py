@@ -24,6 +24,9 @@ from django.db.models.sql.subqueries import UpdateQuery
 from .models import Event, Invocation
 from .status import OWNED, WAITING, Status
 
+#: Event rows per INSERT: 7 parameters each, within SQLite's 32,766 and PostgreSQL's 65,535.
+EVENT_BATCH = 2000
+
 #: One event row: (invocation id, kind, from status, to status, runner id, runner thread, note).
 EventRow = tuple[int, str, str, str, int | None, int | None, str]
 
@@ -221,12 +224,15 @@ class Statements:
         return None
 
     def wake_next(
-        self, task_name: str, running_key: str, *, runner_id: int | None, taker: Any, channel: str
+        self, task_name: str, running_key: str, *, runner_id: int | None, taker: Any, channel: str,
+        known: Sequence[str] = (),
     ) -> tuple[Invocation | None, list[int]] | None:
         """``claim.wake_next`` for a key of one place, in one statement; see there.
 
-        Return (the invocation handed to ``taker``, the ids woken), or None
-        where the database cannot do it in one statement.
+        With ``known`` task names, a taker that is handed nothing claims the
+        queue's head instead, in that same statement. Return (the invocation
+        the taker runs next, the ids woken), or None where the database
+        cannot do it in one statement.
         """
         return None
 
@@ -241,7 +247,8 @@ class Statements:
     def insert_events(self, events: Sequence[EventRow]) -> None:
         """Insert history rows that go with no status change here (an invocation created parked)."""
         with self.cursor() as cursor:
-            cursor.execute(*self._insert_events(events))
+            for start in range(0, len(events), EVENT_BATCH):
+                cursor.execute(*self._insert_events(events[start : start + EVENT_BATCH]))
 
     def _update(self, ids: Sequence[int], values: dict[str, Any]) -> tuple[str, list[Any]]:
         assignments, params = self._set(values)

@@ -314,3 +314,10 @@ def test_delay_many_runs_a_parked_key_in_order():
 def test_delay_many_leaves_work_that_is_dropped_when_blocked_to_be_decided_when_it_comes_up():
     jobs.keyed_drop.delay_many([(("acme",), {}), (("acme",), {})])
     assert set(Invocation.objects.values_list("status", flat=True)) == {Status.REGISTERED}
+
+
+@pytest.mark.django_db
+def test_delay_many_parks_a_backlog_larger_than_one_statement_takes():
+    jobs.keyed.delay_many([(("acme", str(n)), {}) for n in range(5000)])  # 4,999 history rows: 35,000 parameters
+    assert Invocation.objects.filter(status=Status.REROUTED).count() == 4999
+    assert Event.objects.filter(to_status=Status.REROUTED).count() == 4999
