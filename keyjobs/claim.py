@@ -213,7 +213,8 @@ class Taker:
 
 
 def wake_next(
-    task_name: str, running_key: str | None, *, using: str, runner: Runner | None = None, taker: Taker | None = None
+    task_name: str, running_key: str | None, *, using: str, runner: Runner | None = None, taker: Taker | None = None,
+    take: bool = False,
 ) -> Wake:
     """Give the places a key has free to its next invocations, in key order.
 
@@ -221,7 +222,9 @@ def wake_next(
     invocations registered; any of them still parked is woken, and joins the
     back of the queue. With a ``taker`` and nothing else waiting in its
     queues, the first of them, if parked, goes straight to RUNNING for the
-    taker instead (a hand-off: no wake-up, no separate claim).
+    taker instead (a hand-off: no wake-up, no separate claim). With ``take``,
+    a taker handed nothing may be given the queue's next invocation instead,
+    where the database claims it in the same statement.
     Call it in the transaction that frees a place of the key.
     """
     if running_key is None:
@@ -233,7 +236,8 @@ def wake_next(
     sql = statements(using)
     if limit == 1:
         done = sql.wake_next(task_name, running_key, runner_id=runner.pk if runner is not None else None,
-                             taker=taker, channel=wakeups.CHANNEL)
+                             taker=taker, channel=wakeups.CHANNEL,
+                             known=sorted(registry.all_names()) if take and taker is not None else ())
         if done is not None:
             handed, woken = done
             if handed is not None and taker is not None:

@@ -169,7 +169,7 @@ def _record(
                          runner_thread=thread, values=outcome.values, note=outcome.note)
         if moved:
             outcome.handed = wake_next(invocation.task_name, invocation.running_key, using=using,
-                                       runner=runner, taker=taker).handed
+                                       runner=runner, taker=taker, take=True).handed
     return moved, outcome
 
 

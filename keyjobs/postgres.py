@@ -190,7 +190,8 @@ class Statements(sql.Statements):
         return self._invocations(row[1:] for row in rows if row[1] is not None), stopped
 
     def wake_next(
-        self, task_name: str, running_key: str, *, runner_id: int | None, taker: Any, channel: str
+        self, task_name: str, running_key: str, *, runner_id: int | None, taker: Any, channel: str,
+        known: Sequence[str] = (),
     ) -> tuple[Invocation | None, list[int]]:
         q, inv = self.quote, self.invocations
         same_key = f"{q('task_name')} = %s AND {q('running_key')} = %s"
@@ -226,12 +227,22 @@ class Statements(sql.Statements):
             f"SELECT handed.{q('id')}, %s, step.came_from, step.went_to, %s, %s, %s FROM handed "
             f"CROSS JOIN (VALUES {step_rows}) AS step(n, came_from, went_to) ORDER BY step.n), "
             f"woken_recorded AS (INSERT INTO {self.events} ({self.event_columns}) "
-            f"SELECT woken.id, %s, %s, %s, %s, NULL, %s FROM woken), "
+            f"SELECT woken.id, %s, %s, %s, %s, NULL, %s FROM woken RETURNING 1), "
             # The thread that freed the key claims next: only a runner of another queue needs waking.
             f"notified AS (SELECT pg_notify(%s, woken.queue) FROM woken WHERE {notify}) "
-            f"SELECT (SELECT count(*) FROM notified), (SELECT id FROM woken), handed.* "
-            f"FROM (SELECT 1) AS one LEFT JOIN handed ON true"
         )
+        take_params: list[Any] = []
+        if taker is not None and known:
+            # Nothing handed over: the thread's next claim, in this same statement.
+            taking, take_params = self._take(taker.queues, 1, known=known, start=True, runner_id=taker.runner.pk,
+                                             thread=taker.thread, only_if="NOT EXISTS (SELECT 1 FROM handed)",
+                                             after="woken_recorded")
+            sql_text += (f", {taking} SELECT (SELECT count(*) FROM notified), (SELECT id FROM woken), picked.* "
+                         f"FROM (SELECT 1) AS one LEFT JOIN (SELECT * FROM handed UNION ALL SELECT * FROM taken) "
+                         f"AS picked ON true")
+        else:
+            sql_text += ("SELECT (SELECT count(*) FROM notified), (SELECT id FROM woken), handed.* "
+                         "FROM (SELECT 1) AS one LEFT JOIN handed ON true")
         params = [
             task_name, running_key,
             *hand_params, "REROUTED", task_name, running_key,
@@ -241,12 +252,13 @@ class Statements(sql.Statements):
             HANDED, *step_params,
             "TRANSITION", "REROUTED", "REGISTERED", runner_id, WOKEN,
             channel, *(queues if taker is not None else []),
+            *take_params,
         ]
         with self.cursor() as cursor:
             cursor.execute(sql_text, params)
             row = cursor.fetchone()
-        _, woken_id, *handed_row = row
-        handed = self._invocations([handed_row])[0] if handed_row[0] is not None else None
+        _, woken_id, *next_row = row
+        handed = self._invocations([next_row])[0] if next_row[0] is not None else None
         return handed, [woken_id] if woken_id is not None else []
 
 
