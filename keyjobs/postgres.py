@@ -16,6 +16,7 @@ from django.db.models import F
 from django.db.models.functions import Now
 
 from . import sql
+from .sql import _literal
 from .conf import conf
 from .models import Invocation
 from .claim import HANDED, WOKEN
@@ -78,7 +79,7 @@ class Statements(sql.Statements):
         ctes, params = self._take(queues, limit, known=known, start=start, runner_id=runner_id, thread=thread)
         with self.cursor() as cursor:
             cursor.execute(f"WITH {ctes} {self._taken_rows()}", params)
-            return self._taken(cursor.fetchall())
+            return self._taken(cursor.fetchall(), _names(cursor)[1:])
 
     def record_and_take(
         self, pk: int, steps: Sequence[tuple[str | None, str]], *, only_from: Collection[str], owner_id: int,
@@ -97,10 +98,10 @@ class Statements(sql.Statements):
             cursor.execute(f"WITH {moving}, {taking} "
                            + self._taken_rows("(SELECT status FROM locked), (SELECT runner_id FROM locked), "),
                            [*move_params, *take_params])
-            rows = cursor.fetchall()
+            rows, names = cursor.fetchall(), _names(cursor)
         # Each row: stopped, the outcome's row as it was (status, runner), then what was taken.
         found = (rows[0][1], rows[0][2]) if rows and rows[0][1] is not None else None
-        return (found, *self._taken([(row[0], *row[3:]) for row in rows]))
+        return (found, *self._taken([(row[0], *row[3:]) for row in rows], names[3:]))
 
     # -- the parts those statements are made of ---------------------------------------
 
@@ -121,8 +122,8 @@ class Statements(sql.Statements):
         ctes = (
             f"locked AS (SELECT {q('id')} AS id, {q('status')} AS status, {q('runner_id')} AS runner_id "
             f"FROM {inv} WHERE {q('id')} IN ({_marks(ids)}) ORDER BY {q('id')}{self.lock}), "
-            f"moved AS (UPDATE {inv} {assignments} FROM locked WHERE {inv}.{q('id')} = locked.id "
-            f"AND locked.status IN ({_marks(only_from)}){guard} RETURNING {inv}.{q('id')} AS id, locked.status), "
+            f"moved AS (UPDATE {inv} AS m {assignments} FROM locked WHERE m.{q('id')} = locked.id "
+            f"AND locked.status IN ({_marks(only_from)}){guard} RETURNING m.{q('id')} AS id, locked.status), "
             f"recorded AS (INSERT INTO {self.events} ({self.event_columns}) "
             f"SELECT moved.id, %s, COALESCE(step.came_from, moved.status), step.went_to, %s, %s, %s "
             f"FROM moved CROSS JOIN (VALUES {step_rows}) AS step(n, came_from, went_to) ORDER BY moved.id, step.n "
@@ -141,8 +142,8 @@ class Statements(sql.Statements):
         """
         q, inv = self.quote, self.invocations
         candidates, params = self.claimable_sql(
-            f"{q('id')} AS id, {q('priority')} AS priority, {q('registered_at')} AS registered_at, "
-            f"{q('task_name')} AS task_name, {q('running_key')} AS running_key", queues, limit)
+            ", ".join(q(column) for column in ("id", "priority", "registered_at", "task_name", "running_key")),
+            queues, limit)
         same_key = f"{q('task_name')} = candidate.task_name AND {q('running_key')} = candidate.running_key"
         values: dict[str, Any] = {"status": "RUNNING" if start else "PENDING", "runner_id": runner_id,
                                   "runner_thread": thread, "slot": 0}
@@ -157,15 +158,15 @@ class Statements(sql.Statements):
             # Free: a known task, and no key, or a key nobody holds with nothing due ahead of it.
             f"judged AS (SELECT candidate.id, row_number() OVER (ORDER BY candidate.priority DESC, "
             f"candidate.registered_at, candidate.id) AS n, "
-            f"candidate.task_name IN ({_marks(known)}) AND (candidate.running_key IS NULL OR ("
+            f"candidate.task_name = ANY(%s) AND (candidate.running_key IS NULL OR ("
             f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_owned}) AND "
             f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_waiting} "
             f"AND {self.due} AND {q('id')} <> candidate.id AND ({q('priority')} > candidate.priority "
             f"OR ({q('priority')} = candidate.priority AND {q('id')} < candidate.id))))) AS free FROM candidate), "
             f"cut AS (SELECT min(n) AS n FROM judged WHERE NOT free), "
-            f"taken AS (UPDATE {inv} {assignments} FROM judged WHERE {inv}.{q('id')} = judged.id "
+            f"taken AS (UPDATE {inv} AS t {assignments} FROM judged WHERE t.{q('id')} = judged.id "
             f"AND judged.n < COALESCE((SELECT n FROM cut), %s) AND {only_if} "
-            f"RETURNING {', '.join(f'{inv}.{c}' for c in self.column_list)}), "
+            f"RETURNING {self._returning('t')}), "
             f"taken_recorded AS (INSERT INTO {self.events} ({self.event_columns}) "
             f"SELECT taken.{q('id')}, %s, step.came_from, step.went_to, %s, %s, %s FROM taken "
             f"CROSS JOIN (VALUES {step_rows}) AS step(n, came_from, went_to) "
@@ -173,8 +174,15 @@ class Statements(sql.Statements):
             + (f"CROSS JOIN (SELECT count(*) FROM {after}) AS before " if after else "")
             + f"ORDER BY {self._queue_order('taken')}, step.n)"
         )
-        return ctes, [*params, *known, *set_params, limit + 1,
+        return ctes, [*params, list(known), *set_params, limit + 1,
                       "TRANSITION", runner_id, thread, "", *step_params]
+
+    def _returning(self, alias: str) -> str:
+        """Every column of the table aliased ``alias``: read back by name (``_invocations(columns=...)``).
+
+        Short on purpose: psycopg caches its parsing of a statement of at most 4 kB only.
+        """
+        return f"{alias}.*"
 
     def _queue_order(self, table: str) -> str:
         q = self.quote
@@ -185,9 +193,9 @@ class Statements(sql.Statements):
         return (f"SELECT (SELECT n FROM cut) IS NOT NULL AS stopped, {before}taken.* FROM (SELECT 1) AS one "
                 f"LEFT JOIN taken ON true ORDER BY {self._queue_order('taken')}")
 
-    def _taken(self, rows: Sequence[Sequence[Any]]) -> tuple[list[Invocation], bool]:
+    def _taken(self, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> tuple[list[Invocation], bool]:
         stopped = bool(rows and rows[0][0])
-        return self._invocations(row[1:] for row in rows if row[1] is not None), stopped
+        return self._invocations((row[1:] for row in rows if row[1] is not None), columns=columns), stopped
 
     def wake_next(
         self, task_name: str, running_key: str, *, runner_id: int | None, taker: Any, channel: str,
@@ -198,7 +206,7 @@ class Statements(sql.Statements):
         queues = list(taker.queues or []) if taker is not None else []
         if taker is not None:
             # Handed over only if it would be next anyway (see claim.wake_next).
-            nothing_waits, nothing_waits_params = self.claimable_sql("1", queues, 1, lock=False)
+            nothing_waits, nothing_waits_params = self.claimable_sql("1", queues, 1, lock=False, ordered=False)
             served = f"first.queue IN ({_marks(queues)})" if queues else "TRUE"
             hand, hand_params = f"(NOT EXISTS ({nothing_waits}) AND {served})", [*nothing_waits_params, *queues]
             notify = f"woken.queue NOT IN ({_marks(queues)})" if queues else "FALSE"
@@ -213,16 +221,16 @@ class Statements(sql.Statements):
         steps = [("REROUTED", "REGISTERED"), ("REGISTERED", "PENDING"), ("PENDING", "RUNNING")]
         step_rows, step_params = _steps(steps)
         sql_text = (
-            f"WITH first AS (SELECT {q('id')} AS id, {q('status')} AS status, {q('queue')} AS queue FROM {inv} "
+            f"WITH first AS (SELECT {q('id')}, {q('status')}, {q('queue')} FROM {inv} "
             f"WHERE {same_key} AND {self.is_waiting} AND {self.due} "
             f"ORDER BY {self.key_order} LIMIT 1), "
             # The first in line goes on if it is parked and the key has nobody holding it.
             f"go AS (SELECT first.id, first.queue, {hand} AS hand FROM first WHERE first.status = %s "
             f"AND NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_owned})), "
-            f"handed AS (UPDATE {inv} {handed_set} FROM go WHERE {inv}.{q('id')} = go.id AND go.hand "
-            f"AND {inv}.{q('status')} = %s RETURNING {', '.join(f'{inv}.{c}' for c in self.column_list)}), "
-            f"woken AS (UPDATE {inv} {woken_set} FROM go WHERE {inv}.{q('id')} = go.id AND NOT go.hand "
-            f"AND {inv}.{q('status')} = %s RETURNING {inv}.{q('id')} AS id, {inv}.{q('queue')} AS queue), "
+            f"handed AS (UPDATE {inv} AS h {handed_set} FROM go WHERE h.{q('id')} = go.id AND go.hand "
+            f"AND h.{q('status')} = %s RETURNING {self._returning('h')}), "
+            f"woken AS (UPDATE {inv} AS w {woken_set} FROM go WHERE w.{q('id')} = go.id AND NOT go.hand "
+            f"AND w.{q('status')} = %s RETURNING w.{q('id')} AS id, w.{q('queue')} AS queue), "
             f"handed_recorded AS (INSERT INTO {self.events} ({self.event_columns}) "
             f"SELECT handed.{q('id')}, %s, step.came_from, step.went_to, %s, %s, %s FROM handed "
             f"CROSS JOIN (VALUES {step_rows}) AS step(n, came_from, went_to) ORDER BY step.n), "
@@ -256,16 +264,24 @@ class Statements(sql.Statements):
         ]
         with self.cursor() as cursor:
             cursor.execute(sql_text, params)
-            row = cursor.fetchone()
+            row, names = cursor.fetchone(), _names(cursor)
         _, woken_id, *next_row = row
-        handed = self._invocations([next_row])[0] if next_row[0] is not None else None
+        handed = self._invocations([next_row], columns=names[2:])[0] if next_row[0] is not None else None
         return handed, [woken_id] if woken_id is not None else []
 
 
 def _steps(steps: Sequence[tuple[str | None, str]]) -> tuple[str, list[Any]]:
-    """The VALUES rows of a path, numbered: (n, from, to); a from of None means the row's own status."""
-    rows = ", ".join(["(%s::int, %s::varchar, %s::varchar)"] * len(steps))
-    return rows, [value for n, (came_from, went_to) in enumerate(steps) for value in (n, came_from, went_to)]
+    """The VALUES rows of a path, numbered: (n, from, to); a from of None means the row's own status.
+
+    Literals, not parameters: psycopg caches its parsing of a statement of
+    at most 50 parameters (and 4 kB) only.
+    """
+    rows = ", ".join(f"({n}, {_literal(came_from)}, {_literal(went_to)})" for n, (came_from, went_to) in enumerate(steps))
+    return rows, []
+
+
+def _names(cursor: Any) -> list[str]:
+    return [column.name for column in cursor.description]
 
 
 def _marks(values: Collection[Any]) -> str:

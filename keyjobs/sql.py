@@ -103,11 +103,13 @@ class Statements:
             cursor.execute(sql, params)
             return cursor.fetchall()
 
-    def _invocations(self, rows: Iterable[tuple[Any, ...]]) -> list[Invocation]:
+    def _invocations(self, rows: Iterable[Sequence[Any]], columns: Sequence[str] | None = None) -> list[Invocation]:
+        """Build invocations from rows of every column: in field order, or named by ``columns``."""
         using = self.connection.alias
+        order = [list(columns).index(field.column) for field in self.fields] if columns is not None else None
         found = []
         for row in rows:
-            values = list(row)
+            values = list(row) if order is None else [row[index] for index in order]
             for index, converters in enumerate(self.converters):
                 for converter, column in converters:
                     values[index] = converter(values[index], column, self.connection)
@@ -120,10 +122,10 @@ class Statements:
 
     def claimable_exists(self, queues: Sequence[str] | None) -> bool:
         """Return whether anything is waiting to be claimed from ``queues`` (all when empty)."""
-        return bool(self._rows(*self.claimable_sql("1", queues, 1, lock=False)))
+        return bool(self._rows(*self.claimable_sql("1", queues, 1, lock=False, ordered=False)))
 
     def claimable_sql(
-        self, columns: str, queues: Sequence[str] | None, limit: int, *, lock: bool = True
+        self, columns: str, queues: Sequence[str] | None, limit: int, *, lock: bool = True, ordered: bool = True
     ) -> tuple[str, list[Any]]:
         """Return the claim's query, the one the tests EXPLAIN: ``Invocation.objects.claimable()`` in SQL."""
         where, params = f"{self.is_registered} AND {self.due}", []
@@ -131,7 +133,8 @@ class Statements:
             where += f" AND {self.quote('queue')} IN ({', '.join(['%s'] * len(queues))})"
             params += list(queues)
         return (f"SELECT {columns} FROM {self.invocations} WHERE {where} "
-                f"ORDER BY {self.queue_order} LIMIT {int(limit)}{self.lock_skip if lock else ''}"), params
+                f"{'ORDER BY ' + self.queue_order if ordered else ''} LIMIT {int(limit)}"
+                f"{self.lock_skip if lock else ''}"), params
 
     def lock_invocation(self, pk: int, status: str) -> Invocation | None:
         """Lock and return invocation ``pk`` if it is still in ``status``."""
@@ -277,7 +280,9 @@ class Statements:
         if cache_key not in self._expressions:
             resolved = value.resolve_expression(self.update_query, allow_joins=False, for_save=True)
             sql, params = self.compiler.compile(resolved)
-            self._expressions[cache_key] = (sql, list(params))
+            # Unqualified, as SET may name the row's own columns: valid whatever alias the statement
+            # gives the table (the one-statement steps alias it to stay short).
+            self._expressions[cache_key] = (sql.replace(f"{self.invocations}.", ""), list(params))
         return self._expressions[cache_key]
 
     def _insert_events(self, rows: Sequence[EventRow]) -> tuple[str, list[Any]]:
@@ -287,7 +292,9 @@ class Statements:
         return sql, [value for row in rows for value in row]
 
 
-def _literal(status: str) -> str:
+def _literal(status: str | None) -> str:
     """Return a status as an SQL string literal (statuses are our own upper-case names, never user data)."""
+    if status is None:
+        return "NULL"
     assert status.replace("_", "").isalpha() and status.isupper(), status
     return f"'{status}'"
