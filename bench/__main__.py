@@ -70,6 +70,13 @@ def compare(results: list[Result]) -> list[Result]:
             if peer:
                 r.reference, r.reference_label = peer.measured, f"{peer.system}"
                 r.judge(r.measured / (peer.measured or 1), at_least=1.0)
+        elif r.metric == "keyed":
+            # Beside the limit, the same workload with no queue at all: the provider's own round trip.
+            workload = r.case.rsplit(" ", 2)[0]
+            bare = next((p for p in peers if p.system == "no queue" and p.db == r.db and p.case == f"{workload} direct"),
+                        None)
+            if bare and bare.measured:
+                r.note = f"{r.note}; {r.measured / bare.measured:.2f}x the no-queue run ({bare.measured:.2f} s)"
         elif r.metric == "latency":
             percentile_label = r.case.split()[1]
             peer = best("latency", f"enqueue-to-start {percentile_label}", low=True)

@@ -3,9 +3,11 @@
     .venv/bin/python -m bench.keyed [--db sqlite|postgres|both] [--workers 2] [--quick]
 
 For each database: a fresh scratch database (a SQLite file under /tmp, or the
-PostgreSQL database kj_bench, recreated), then for each workload and enqueue
-order: real ``manage.py runworker`` processes, every call enqueued at once
-with ``delay_many()``, a wait until every invocation is final, and the
+PostgreSQL database kj_bench, recreated); each workload run with no queue at
+all (threads calling the provider directly on a static schedule: what the
+provider's own round trip adds to the limit); then for each workload and
+enqueue order: real ``manage.py runworker`` processes, every call enqueued at
+once with ``delay_many()``, a wait until every invocation is final, and the
 elapsed time (last finished_at - first started_at, database clock) over the
 workload's limit. Each call is an HTTP call to the demo's provider, which
 must see no collision.
@@ -63,6 +65,48 @@ def run_one(workload: Workload, order: str, workers: int, db: str, provider: Pro
     return result
 
 
+def direct(workload: Workload, db: str, provider: ProviderProcess) -> Result:
+    """The workload without a queue: each thread calls the provider itself for a fixed share of the accounts.
+
+    Longest chains first, each to the thread with the least work (a static
+    schedule that meets the limit exactly when the work divides evenly), so
+    what it takes over the limit is the provider's own round trip: the
+    floor any queue has to stand on.
+    """
+    import threading
+
+    from django.test import override_settings
+
+    from demo_project.tasks import call_provider
+
+    chains: dict[str, list[str]] = {}
+    for account, op in workload.calls_in("grouped"):
+        chains.setdefault(account, []).append(op)
+    shares: list[list[tuple[str, str]]] = [[] for _ in range(workload.threads)]
+    for account, ops in sorted(chains.items(), key=lambda item: -len(item[1])):
+        min(shares, key=len).extend((account, op) for op in ops)
+    provider.reset(workload.seconds)
+
+    def run(share: list[tuple[str, str]]) -> None:
+        for account, op in share:
+            call_provider(account, op)
+
+    with override_settings(PROVIDER_URL=provider.url):
+        threads = [threading.Thread(target=run, args=(share,)) for share in shares]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - start
+    collisions = provider.stats()["collisions"]
+    result = Result(1, "keyed", f"{workload.label()} direct", db, "no queue", seconds, "s", workload.limit, "limit",
+                    note=f"threads call the provider directly, static schedule; {collisions} collisions")
+    result.judge(seconds / workload.limit)
+    say(f"  {db:8} {workload.label() + ' direct':48} {seconds:6.2f}s  limit {workload.limit:.2f}s  no queue")
+    return result
+
+
 def run_database(db: str, workloads: tuple[Workload, ...], worker_counts: list[int], orders: tuple[str, ...],
                  results: Recorder) -> None:
     """Run every workload on one database: a process of its own, since Django is set up once per process."""
@@ -72,6 +116,8 @@ def run_database(db: str, workloads: tuple[Workload, ...], worker_counts: list[i
 
     runs.setup(db)
     with ProviderProcess() as provider:
+        for workload in workloads:
+            results.add(direct(workload, db, provider))
         for workers in worker_counts:
             # Workers stay up for every workload of one thread count: a queue's workers are long-lived.
             by_threads = sorted(workloads, key=lambda w: w.threads)
