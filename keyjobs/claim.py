@@ -125,6 +125,8 @@ def _take_free(
     the head needs deciding here (parking, an unknown task, a lost race) or
     the database has no such statement.
     """
+    if not statements(using).one_statement_steps:
+        return None
     # A savepoint only inside a caller's transaction: alone, the statement is its own transaction.
     block = transaction.atomic(using=using) if connections[using].in_atomic_block else nullcontext()
     try:

@@ -36,6 +36,8 @@ class Statements(sql.Statements):
     portable path.
     """
 
+    one_statement_steps = True
+
     def cursor(self) -> Any:
         """Return a cursor that binds parameters on the server, so that these statements can be prepared.
 

@@ -24,6 +24,11 @@ from django.db.models.sql.subqueries import UpdateQuery
 from .models import Event, Invocation
 from .status import OWNED, WAITING, Status
 
+#: Field types whose get_db_prep_save() returns a str, an int or None unchanged.
+_PLAIN_TYPES = frozenset({"CharField", "TextField", "IntegerField", "PositiveIntegerField",
+                          "PositiveSmallIntegerField", "SmallIntegerField", "BigIntegerField", "BigAutoField",
+                          "AutoField", "ForeignKey"})
+
 #: Event rows per INSERT: 7 parameters each, within SQLite's 32,766 and PostgreSQL's 65,535.
 EVENT_BATCH = 2000
 
@@ -49,6 +54,9 @@ def statements(using: str) -> "Statements":
 class Statements:
     """The hot path's SQL for one connection; see the module docstring."""
 
+    #: Whether whole steps are single statements here (``move_checked``, ``take_free``, ...).
+    one_statement_steps = False
+
     def __init__(self, connection: BaseDatabaseWrapper) -> None:
         self.connection = connection
         ops, features = connection.ops, connection.features
@@ -59,6 +67,11 @@ class Statements:
         self.fields = [field for field in Invocation._meta.concrete_fields]
         self.attnames = [field.attname for field in self.fields]
         self.column_list = [quote(field.column) for field in self.fields]
+        #: By field name and attname: (quoted column, field, whether a str/int/None goes to it unprepared).
+        self._columns = {
+            name: (quote(field.column), field, field.get_internal_type() in _PLAIN_TYPES)
+            for field in self.fields for name in {field.name, field.attname}
+        }
         self.columns = ", ".join(self.column_list)
         self.converters = []
         for field in self.fields:
@@ -262,16 +275,18 @@ class Statements:
         """Return the SET clause writing ``values`` (field name to value or expression), and its parameters."""
         assignments, params = [], []
         for name, value in values.items():
-            field = Invocation._meta.get_field(name)
+            column, field, plain = self._columns[name]
             if hasattr(value, "resolve_expression"):
                 sql, expression_params = self._expression(value)
-                assignments.append(f"{self.quote(field.column)} = {sql}")
+                assignments.append(f"{column} = {sql}")
                 params += expression_params
                 continue
             if isinstance(value, Model):
                 value = value.pk
-            assignments.append(f"{self.quote(field.column)} = %s")
-            params.append(field.get_db_prep_save(value, self.connection))
+            assignments.append(f"{column} = %s")
+            # A text or number column takes a str, an int or None as it is: what save() would send.
+            params.append(value if plain and (value is None or type(value) in (str, int)) else
+                          field.get_db_prep_save(value, self.connection))
         return "SET " + ", ".join(assignments), params
 
     def _expression(self, value: Any) -> tuple[str, list[Any]]:

@@ -59,7 +59,7 @@ def move(
     ids = list(ids)
     if not ids:
         return []
-    if only_from is not None:
+    if only_from is not None and statements(using).one_statement_steps:
         moved = _move_in_one_statement(ids, to, using=using, only_from=only_from, owner=owner, runner=runner or owner,
                                        runner_thread=runner_thread, note=note, values=values, via=via)
         if moved is not None:
