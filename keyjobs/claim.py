@@ -62,8 +62,9 @@ def claim(
     for _ in range(SCAN):
         if len(claimed) >= limit:
             break
-        taken = _claim_next(runner, using=using, queues=queues, thread=thread, start=start,
-                            room=limit - len(claimed))
+        with statements(using).writing():
+            taken = _claim_next(runner, using=using, queues=queues, thread=thread, start=start,
+                                room=limit - len(claimed))
         if taken is None:
             break
         claimed += taken

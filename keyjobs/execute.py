@@ -28,6 +28,7 @@ from .declare import Task
 from .enqueue import check_json
 from .exceptions import ArgumentError, KeyjobsError, NotOwner, TimeLimitExceeded
 from .models import Invocation, Runner
+from .sql import statements
 from .status import Status
 from .transitions import move
 
@@ -126,6 +127,13 @@ def finish(
     """
     if taker is not None and not taker.goes_on():
         taker = None
+    with statements(using).writing():
+        return _finish(invocation, outcome, runner, using=using, thread=thread, taker=taker)
+
+
+def _finish(
+    invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None, taker: Taker | None
+) -> Status | None:
     try:
         done = None
         if taker is not None and invocation.running_key is None and outcome.status != Status.RETRY:

@@ -6,6 +6,7 @@ has the portable version beside it.
 
 import logging
 import threading
+from contextlib import nullcontext
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -37,6 +38,9 @@ class Statements(sql.Statements):
     """
 
     one_statement_steps = True
+
+    def writing(self) -> Any:
+        return nullcontext()  # row locks: writers of different rows go at once
 
     def cursor(self) -> Any:
         """Return a cursor that binds parameters on the server, so that these statements can be prepared.

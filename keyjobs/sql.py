@@ -12,6 +12,7 @@ Portable: it is SQL both SQLite and PostgreSQL take, through Django's cursor;
 ``keyjobs.postgres.Statements`` joins statements where PostgreSQL can.
 """
 
+import threading
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
@@ -34,6 +35,10 @@ EVENT_BATCH = 2000
 
 #: One event row: (invocation id, kind, from status, to status, runner id, runner thread, note).
 EventRow = tuple[int, str, str, str, int | None, int | None, str]
+
+
+#: SQLite's write turn within this process, per database file.
+_writers: dict[str, threading.RLock] = {}
 
 
 def statements(using: str) -> "Statements":
@@ -108,6 +113,16 @@ class Statements:
     def cursor(self) -> Any:
         """Return a cursor for these statements."""
         return self.connection.cursor()
+
+    def writing(self) -> Any:
+        """Return a context that holds this process's turn to write, where the database has one writer.
+
+        SQLite lets one transaction write at a time and makes the others
+        retry on a timer (1 ms, 2 ms, 5 ms ... up to 100 ms): threads of one
+        runner queue here instead and go in turn. Other processes still meet
+        SQLite's lock.
+        """
+        return _writers.setdefault(self.connection.settings_dict["NAME"], threading.RLock())
 
     # -- reading -----------------------------------------------------------
 

@@ -136,3 +136,38 @@ def test_an_outcome_refused_to_a_runner_that_lost_the_invocation_claims_nothing(
                         using="default")
     assert Invocation.objects.get(pk=taken_from_me.pk).status == Status.RUNNING
     assert Invocation.objects.get(pk=waiting.pk).status == Status.REGISTERED
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db(transaction=True)
+def test_threads_of_one_process_take_turns_to_write_to_sqlite():
+    import threading
+
+    runner = RunnerFactory()
+    jobs.add.delay(1)
+    order: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_turn() -> None:
+        with statements("default").writing():
+            order.append("held")
+            holding.set()
+            release.wait(5)
+            order.append("released")
+
+    def claim_meanwhile() -> None:
+        try:
+            holding.wait(5)
+            claim(runner, using="default")
+            order.append("claimed")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=hold_the_turn), threading.Thread(target=claim_meanwhile)]
+    for thread in threads:
+        thread.start()
+    holding.wait(5)
+    threading.Timer(0.2, release.set).start()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["held", "released", "claimed"]
