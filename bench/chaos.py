@@ -25,11 +25,11 @@ SERVER = "postgres://postgres@127.0.0.1:5432"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=100)
-    parser.add_argument("--per-key", type=int, default=20)
+    parser.add_argument("--per-key", type=int, default=80)
     parser.add_argument("--hold", type=float, default=0.1, help="seconds each invocation works")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--kill-every", type=float, default=3.0)
+    parser.add_argument("--kill-every", type=float, default=2.0)
     parser.add_argument("--restart-at", type=float, default=10.0, help="seconds in; negative: never")
     parser.add_argument("--lease", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=900)
