@@ -206,10 +206,12 @@ def history(db: str, size: Sizes, empty_rate: float | None) -> list[Result]:
     _fill_history(size.history_finished, size.history_waiting)
     filled = time.perf_counter() - start
     say(f"  {db:8} history: {size.history_finished:,} finished + {size.history_waiting:,} waiting in {filled:.0f}s")
-    with transaction.atomic():
-        plan = (Invocation.objects.claimable()
-                .select_for_update(skip_locked=connection.features.has_select_for_update_skip_locked)
-                .only("id")[:1].explain())
+    from keyjobs.sql import statements
+
+    query, params = statements("default").claimable_sql('"id"', None, 1)  # the statement the claim runs
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"{connection.ops.explain_query_prefix()} {query}", params)
+        plan = "\n".join(str(row[-1]) for row in cursor.fetchall())
     # The claim must read the queue in order from its index, not sort every waiting row.
     uses_index = "keyjobs_claim" in plan and "Sort" not in plan and "TEMP B-TREE" not in plan
     first_waiting = Invocation.objects.filter(status="REGISTERED").order_by("id").values_list("id", flat=True).first()

@@ -15,8 +15,8 @@ safety net for a runner that died in between.
 """
 
 import logging
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 

@@ -55,9 +55,6 @@ class InvocationQuerySet(models.QuerySet["Invocation"]):
             qs = qs.filter(queue__in=queues)
         return qs.order_by("-priority", "registered_at", "id")
 
-    def of_running_key(self, task_name: str, running_key: str) -> "InvocationQuerySet":
-        return self.filter(task_name=task_name, running_key=running_key)
-
 
 class Invocation(models.Model):
     """One call of a task, from delay() to its final status."""

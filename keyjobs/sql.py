@@ -155,7 +155,7 @@ class Statements:
     def claimable_sql(
         self, columns: str, queues: Sequence[str] | None, limit: int, *, lock: bool = True, ordered: bool = True
     ) -> tuple[str, list[Any]]:
-        """Return the claim's query, the one the tests EXPLAIN: ``Invocation.objects.claimable()`` in SQL."""
+        """Return the claim's query (``Invocation.objects.claimable()`` in SQL), the one the tests EXPLAIN."""
         where, params = f"{self.is_registered} AND {self.due}", []
         if queues:
             where += f" AND {self.quote('queue')} IN ({', '.join(['%s'] * len(queues))})"
