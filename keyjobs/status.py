@@ -11,7 +11,8 @@ from django.utils.translation import gettext_lazy as _
 class Status(models.TextChoices):
     # Created by delay(); waiting to be claimed by a runner.
     REGISTERED = "REGISTERED", _("Registered")
-    # Its key was busy when it came up; parked until the key frees, then registered again.
+    # Its key was busy when it came up (or delay_many() created it behind an earlier invocation
+    # of its key); parked until the key frees, then registered again.
     REROUTED = "REROUTED", _("Rerouted")
     # Claimed by a runner, which now holds the key; about to execute.
     PENDING = "PENDING", _("Pending")
