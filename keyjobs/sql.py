@@ -69,7 +69,7 @@ class Statements:
         self.quote = quote
         self.invocations = quote(Invocation._meta.db_table)
         self.events = quote(Event._meta.db_table)
-        self.fields = [field for field in Invocation._meta.concrete_fields]
+        self.fields = list(Invocation._meta.concrete_fields)
         self.attnames = [field.attname for field in self.fields]
         self.column_list = [quote(field.column) for field in self.fields]
         #: By field name and attname: (quoted column, field, whether a str/int/None goes to it unprepared).
@@ -122,7 +122,11 @@ class Statements:
         runner queue here instead and go in turn. Other processes still meet
         SQLite's lock.
         """
-        return _writers.setdefault(self.connection.settings_dict["NAME"], threading.RLock())
+        name = self.connection.settings_dict["NAME"]
+        turn = _writers.get(name)
+        if turn is None:
+            turn = _writers.setdefault(name, threading.RLock())  # setdefault: one lock even if two threads race
+        return turn
 
     # -- reading -----------------------------------------------------------
 
