@@ -39,6 +39,10 @@ class Statements(sql.Statements):
 
     one_statement_steps = True
 
+    def __init__(self, connection: Any) -> None:
+        super().__init__(connection)
+        self._columns_of: dict[str, list[str]] = {}
+
     def writing(self) -> Any:
         return nullcontext()  # row locks: writers of different rows go at once
 
@@ -83,9 +87,11 @@ class Statements(sql.Statements):
         if not known:
             return None
         ctes, params = self._take(queues, limit, known=known, start=start, runner_id=runner_id, thread=thread)
+        sql_text = f"WITH {ctes} {self._taken_rows()}"
         with self.cursor() as cursor:
-            cursor.execute(f"WITH {ctes} {self._taken_rows()}", params)
-            return self._taken(cursor.fetchall(), _names(cursor)[1:])
+            cursor.execute(sql_text, params)
+            rows = cursor.fetchall()
+            return self._taken(rows, self._names(cursor, sql_text)[1:])
 
     def record_and_take(
         self, pk: int, steps: Sequence[tuple[str | None, str]], *, only_from: Collection[str], owner_id: int,
@@ -100,11 +106,12 @@ class Statements(sql.Statements):
         taking, take_params = self._take(queues, 1, known=known, start=True, runner_id=runner_id,
                                          thread=runner_thread, only_if="EXISTS (SELECT 1 FROM moved)",
                                          after="recorded")
+        sql_text = (f"WITH {moving}, {taking} "
+                    + self._taken_rows("(SELECT status FROM locked), (SELECT runner_id FROM locked), "))
         with self.cursor() as cursor:
-            cursor.execute(f"WITH {moving}, {taking} "
-                           + self._taken_rows("(SELECT status FROM locked), (SELECT runner_id FROM locked), "),
-                           [*move_params, *take_params])
-            rows, names = cursor.fetchall(), _names(cursor)
+            cursor.execute(sql_text, [*move_params, *take_params])
+            rows = cursor.fetchall()
+            names = self._names(cursor, sql_text)
         # Each row: stopped, the outcome's row as it was (status, runner), then what was taken.
         found = (rows[0][1], rows[0][2]) if rows and rows[0][1] is not None else None
         return (found, *self._taken([(row[0], *row[3:]) for row in rows], names[3:]))
@@ -182,6 +189,13 @@ class Statements(sql.Statements):
         )
         return ctes, [*params, list(known), *set_params, limit + 1,
                       "TRANSITION", runner_id, thread, "", *step_params]
+
+    def _names(self, cursor: Any, sql_text: str) -> list[str]:
+        """The columns of a statement's rows: read once a statement (``description`` builds 20-odd objects)."""
+        names = self._columns_of.get(sql_text)
+        if names is None:
+            names = self._columns_of.setdefault(sql_text, [column.name for column in cursor.description])
+        return names
 
     def _returning(self, alias: str) -> str:
         """Every column of the table aliased ``alias``: read back by name (``_invocations(columns=...)``).
@@ -270,7 +284,8 @@ class Statements(sql.Statements):
         ]
         with self.cursor() as cursor:
             cursor.execute(sql_text, params)
-            row, names = cursor.fetchone(), _names(cursor)
+            row = cursor.fetchone()
+            names = self._names(cursor, sql_text)
         _, woken_id, *next_row = row
         handed = self._invocations([next_row], columns=names[2:])[0] if next_row[0] is not None else None
         return handed, [woken_id] if woken_id is not None else []
@@ -284,10 +299,6 @@ def _steps(steps: Sequence[tuple[str | None, str]]) -> tuple[str, list[Any]]:
     """
     rows = ", ".join(f"({n}, {_literal(came_from)}, {_literal(went_to)})" for n, (came_from, went_to) in enumerate(steps))
     return rows, []
-
-
-def _names(cursor: Any) -> list[str]:
-    return [column.name for column in cursor.description]
 
 
 def _marks(values: Collection[Any]) -> str:

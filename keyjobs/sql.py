@@ -109,6 +109,7 @@ class Statements:
         self.event_columns = ", ".join(quote(column) for column in (
             "invocation_id", "kind", "from_status", "to_status", "runner_id", "runner_thread", "note"))
         self._expressions: dict[str, tuple[str, list[Any]]] = {}
+        self._orders: dict[tuple[str, ...], list[int]] = {}
 
     def cursor(self) -> Any:
         """Return a cursor for these statements."""
@@ -138,7 +139,7 @@ class Statements:
     def _invocations(self, rows: Iterable[Sequence[Any]], columns: Sequence[str] | None = None) -> list[Invocation]:
         """Build invocations from rows of every column: in field order, or named by ``columns``."""
         using = self.connection.alias
-        order = [list(columns).index(field.column) for field in self.fields] if columns is not None else None
+        order = self._order(tuple(columns)) if columns is not None else None
         found = []
         for row in rows:
             values = list(row) if order is None else [row[index] for index in order]
@@ -147,6 +148,13 @@ class Statements:
                     values[index] = converter(values[index], column, self.connection)
             found.append(Invocation.from_db(using, self.attnames, values))
         return found
+
+    def _order(self, columns: tuple[str, ...]) -> list[int]:
+        """Where each field's column is among ``columns`` (worked out once for each list of columns)."""
+        order = self._orders.get(columns)
+        if order is None:
+            order = self._orders[columns] = [columns.index(field.column) for field in self.fields]
+        return order
 
     def claimable(self, queues: Sequence[str] | None, limit: int) -> list[Invocation]:
         """Lock (skipping locked ones) and return the first ``limit`` claimable invocations, in claim order."""
