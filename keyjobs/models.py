@@ -42,19 +42,6 @@ class InvocationQuerySet(models.QuerySet["Invocation"]):
     def due(self) -> "InvocationQuerySet":
         return self.filter(Q(run_after__isnull=True) | Q(run_after__lte=Now()))
 
-    def claimable(self, queues: list[str] | None = None) -> "InvocationQuerySet":
-        """Registered and due, in the order a runner should take them.
-
-        By when each entered the queue, not by id: the next invocation of a
-        key that has just freed goes behind the work already waiting, so
-        that a key with a deep backlog takes its turn with the others instead
-        of holding a runner thread for as long as its backlog lasts.
-        """
-        qs = self.filter(status=Status.REGISTERED).due()
-        if queues:
-            qs = qs.filter(queue__in=queues)
-        return qs.order_by("-priority", "registered_at", "id")
-
 
 class Invocation(models.Model):
     """One call of a task, from delay() to its final status."""

@@ -83,6 +83,7 @@ class Statements:
             column = field.get_col(Invocation._meta.db_table)
             found = ops.get_db_converters(column) + column.get_db_converters(connection)
             self.converters.append([(converter, column) for converter in found])
+        self._converters_of = dict(zip(self.attnames, self.converters))
         self.update_query = UpdateQuery(Invocation)
         self.compiler = self.update_query.get_compiler(connection=connection)
         self.now, _ = self.compiler.compile(Now())
@@ -103,7 +104,7 @@ class Statements:
         self.is_registered = f"{quote('status')} = {_literal(Status.REGISTERED)}"
         self.is_waiting = f"{quote('status')} IN ({', '.join(map(_literal, sorted(WAITING)))})"
         self.is_owned = f"{quote('status')} IN ({', '.join(map(_literal, sorted(OWNED)))})"
-        #: The order of one key's invocations, and the order of the queue (see ``InvocationQuerySet.claimable``).
+        #: The order of one key's invocations, and the order of the queue (see ``claimable``).
         self.key_order = f"{quote('priority')} DESC, {quote('id')}"
         self.queue_order = f"{quote('priority')} DESC, {quote('registered_at')}, {quote('id')}"
         self.event_columns = ", ".join(quote(column) for column in (
@@ -136,6 +137,12 @@ class Statements:
             cursor.execute(sql, params)
             return cursor.fetchall()
 
+    def read(self, attname: str, value: Any) -> Any:
+        """Return a column's value as the ORM reads it (through the converters of field ``attname``)."""
+        for converter, column in self._converters_of[attname]:
+            value = converter(value, column, self.connection)
+        return value
+
     def _invocations(self, rows: Iterable[Sequence[Any]], columns: Sequence[str] | None = None) -> list[Invocation]:
         """Build invocations from rows of every column: in field order, or named by ``columns``."""
         using = self.connection.alias
@@ -157,7 +164,14 @@ class Statements:
         return order
 
     def claimable(self, queues: Sequence[str] | None, limit: int) -> list[Invocation]:
-        """Lock (skipping locked ones) and return the first ``limit`` claimable invocations, in claim order."""
+        """Lock (skipping locked ones) and return the first ``limit`` claimable invocations, in claim order.
+
+        Registered and due, by priority, then by when each entered the queue
+        (``registered_at``), not by id: the next invocation of a key that has
+        just freed goes behind the work already waiting, so that a key with a
+        deep backlog takes its turn with the others instead of holding a
+        runner thread for as long as its backlog lasts.
+        """
         return self._invocations(self._rows(*self.claimable_sql(self.columns, queues, limit)))
 
     def claimable_exists(self, queues: Sequence[str] | None) -> bool:
@@ -167,7 +181,7 @@ class Statements:
     def claimable_sql(
         self, columns: str, queues: Sequence[str] | None, limit: int, *, lock: bool = True, ordered: bool = True
     ) -> tuple[str, list[Any]]:
-        """Return the claim's query (``Invocation.objects.claimable()`` in SQL), the one the tests EXPLAIN."""
+        """Return the claim's query (see ``claimable``), the one the tests EXPLAIN."""
         where, params = f"{self.is_registered} AND {self.due}", []
         if queues:
             where += f" AND {self.quote('queue')} IN ({', '.join(['%s'] * len(queues))})"
