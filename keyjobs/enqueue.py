@@ -20,14 +20,12 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, connections, transaction
-from django.db.models.expressions import Col
 from django.utils import timezone
 
-from . import wakeups
+from . import sql, wakeups
 from .conf import conf
 from .exceptions import ArgumentError, KeyjobsError
 from .models import Event, Invocation
-from .sql import statements
 from .status import Status
 from .transitions import record
 
@@ -41,7 +39,6 @@ _REGISTRATION_ATTEMPTS = 20
 
 #: What the database fills in and hands back (the id, its clock readings); delay() writes the rest.
 _RETURNED = Invocation._meta.db_returning_fields
-_RETURNED_COLUMNS = [field.get_col(Invocation._meta.db_table) for field in _RETURNED]
 _WRITTEN = [field for field in Invocation._meta.concrete_fields if field not in _RETURNED]
 # getattr, not pre_save(): no field of Invocation changes its value on save (no auto_now).
 _written_values = operator.attrgetter(*(field.attname for field in _WRITTEN))
@@ -115,7 +112,7 @@ def enqueue_many(options: "Options", calls: Iterable[Any]) -> list[Invocation]:
     with transaction.atomic(using=using) if parked else nullcontext():
         _insert(invocations, using)
         if parked:
-            statements(using).insert_events([
+            sql.statements(using).insert_events([
                 (invocation.pk, Event.Kind.TRANSITION, "", Status.REROUTED, None, None,
                  f"parked at enqueue behind #{first.pk} of its key, enqueued with it")
                 for invocation, first in parked
@@ -217,25 +214,17 @@ def _rows(invocations: list[Invocation], connection: "BaseDatabaseWrapper") -> l
 
 def _adopt(invocations: list[Invocation], rows: list[tuple[Any, ...]], connection: "BaseDatabaseWrapper") -> None:
     """Set on inserted invocations what the database returned, read as the ORM reads it, and mark them saved."""
+    statements = sql.statements(connection.alias)
     # SQLite documents the order of RETURNING rows as arbitrary; ids grow in insert order on both databases.
     rows = sorted(rows)
-    for field, column, values in zip(_RETURNED, _RETURNED_COLUMNS, zip(*rows)):
-        converters = [*connection.ops.get_db_converters(column), *column.get_db_converters(connection)]
-        if converters:
-            # The rows of a statement share their clock reading: read each distinct value once.
-            read = {value: _convert(value, column, converters, connection) for value in set(values)}
-            values = tuple(read[value] for value in values)
+    for field, values in zip(_RETURNED, zip(*rows)):
+        # The rows of a statement share their clock reading: read each distinct value once.
+        read = {value: statements.read(field.attname, value) for value in set(values)}
         for invocation, value in zip(invocations, values, strict=True):
-            setattr(invocation, field.attname, value)
+            setattr(invocation, field.attname, read[value])
     for invocation in invocations:
         invocation._state.adding = False
         invocation._state.db = connection.alias
-
-
-def _convert(value: Any, column: Col, converters: list[Any], connection: "BaseDatabaseWrapper") -> Any:
-    for converter in converters:
-        value = converter(value, column, connection)
-    return value
 
 
 def _build(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
