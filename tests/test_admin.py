@@ -104,7 +104,7 @@ def test_the_list_shows_id_task_key_status_runner_times_and_duration(viewer: Cli
 def test_every_status_is_shown_as_a_coloured_badge(viewer: Client, status: str) -> None:
     InvocationFactory(status=status)
     page = viewer.get(reverse(CHANGELIST)).content.decode()
-    assert f'class="kj-badge" style="background:#' in page
+    assert 'class="kj-badge" style="background:#' in page
     assert f">{Status(status).label}</span>" in page
 
 

@@ -7,7 +7,6 @@ from keyjobs import Status
 from keyjobs.claim import claim
 from keyjobs.execute import execute
 from keyjobs.models import Event, Invocation
-from keyjobs.transitions import move
 from tests import jobs
 from tests.factories import RunnerFactory
 

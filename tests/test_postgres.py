@@ -1,6 +1,5 @@
 """What only PostgreSQL does: row locks between connections, the claim's index, LISTEN/NOTIFY."""
 
-import json
 import threading
 import time
 
@@ -11,7 +10,7 @@ from keyjobs.claim import claim
 from keyjobs.models import Invocation
 from keyjobs.worker import Worker
 from tests import jobs
-from tests.factories import InvocationFactory, RunnerFactory
+from tests.factories import RunnerFactory
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 

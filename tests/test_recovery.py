@@ -1,5 +1,3 @@
-import time
-
 import pytest
 from django.db.models.functions import Now
 
