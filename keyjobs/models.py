@@ -68,6 +68,8 @@ class Invocation(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     return_value = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
+    #: The dotted class path of the exception that failed the run, e.g. ``httpx.ConnectTimeout``.
+    error_type = models.CharField(_("error type"), max_length=255, blank=True)
     traceback = models.TextField(blank=True)
     created_at = models.DateTimeField(db_default=Now())
     registered_at = models.DateTimeField(
@@ -202,6 +204,9 @@ class Runner(models.Model):
     started_at = models.DateTimeField(db_default=Now())
     heartbeat_at = models.DateTimeField(db_default=Now())
     stopped_at = models.DateTimeField(null=True, blank=True)
+    stop_reason = models.TextField(
+        blank=True, help_text=_("Why the runner stopped, when it was not asked to: a thread that could not go on.")
+    )
     lost = models.BooleanField(
         default=False, help_text=_("Declared dead by another runner after its heartbeat lapsed; its work was recovered.")
     )
