@@ -1,0 +1,89 @@
+"""What a retry can fix: database errors, classified once for every path that writes.
+
+A transient error is one the same step may get past if tried again: the
+connection was lost, the server is shutting down, restarting or refusing
+connections, or the transaction lost a race (a serialization failure, a
+deadlock, a lock timeout; SQLite's "database is locked"). Anything else the
+database refuses (data it cannot store, a broken constraint, a missing
+column) fails the same way every time: retrying it would only wedge the
+thread that tries.
+
+Portable: psycopg is never imported; its errors are read through the
+``sqlstate`` they carry, sqlite3's through ``sqlite_errorname``.
+"""
+
+from django.db import InterfaceError, OperationalError
+
+from .values import storable_text
+
+#: SQLSTATEs a retry can get past (besides class 08, connection exceptions).
+TRANSIENT_SQLSTATES = frozenset({
+    "40001",  # serialization_failure
+    "40P01",  # deadlock_detected
+    "55P03",  # lock_not_available (lock_timeout)
+    "57P01",  # admin_shutdown: the server is stopping or restarting
+    "57P02",  # crash_shutdown
+    "57P03",  # cannot_connect_now: the server is starting
+    "53300",  # too_many_connections: refused for now
+})
+
+#: Why PostgreSQL refused a value, by SQLSTATE, in words a person understands.
+_REASONS = {
+    "22P05": "contains a NUL character, which PostgreSQL cannot store in JSON",
+    "22021": "contains a character PostgreSQL cannot store in the database's encoding",
+    "22001": "is too long for its column",
+    "22003": "holds a number out of the range the database can store",
+}
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """Return the SQLSTATE of a database error (PostgreSQL's), or None."""
+    for error in (exc, exc.__cause__):
+        state = getattr(error, "sqlstate", None)
+        if state:
+            return str(state)
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Return whether the step that raised ``exc`` may succeed if tried again (after reconnecting)."""
+    state = sqlstate(exc)
+    if state is not None:
+        return state.startswith("08") or state in TRANSIENT_SQLSTATES
+    cause = exc.__cause__
+    sqlite_error = getattr(cause, "sqlite_errorname", None)
+    if sqlite_error is not None:
+        return str(sqlite_error).startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        # A driver error without a SQLSTATE never reached the server's checks: the connection
+        # failed or was closed under it ("server closed the connection unexpectedly").
+        if cause is not None and type(cause).__module__.startswith("sqlite3"):
+            return "locked" in str(cause) or "busy" in str(cause)  # sqlite3 before Python 3.11
+        return True
+    return False
+
+
+def reason(exc: BaseException, *, what: str = "the outcome") -> str:
+    """Return why the database refused to store ``what``, for a person to read (made storable)."""
+    state = sqlstate(exc)
+    message = _message(exc)
+    if state in _REASONS:
+        explained = f"{what} {_REASONS[state]}"
+    elif "NUL" in message or "\\u0000" in message:
+        explained = f"{what} contains a NUL character, which PostgreSQL cannot store"
+    elif "surrogate" in message:
+        explained = f"{what} contains a surrogate code point, which is not a character and cannot be stored as UTF-8"
+    elif isinstance(exc, RecursionError):
+        explained = f"{what} nests too deep to be written as JSON"
+    elif "integer string conversion" in message:
+        explained = f"{what} contains an integer too long to be written as JSON"
+    else:
+        explained = f"the database refused to store {what}"
+    return storable_text(f"{explained} ({type(exc).__module__}.{type(exc).__qualname__}: {message})", limit=4000)
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc).strip()
+    except Exception:  # an exception whose __str__ fails still has a class
+        return "(its message could not be read)"
