@@ -43,6 +43,15 @@ class Settings:
         return lease if lease is not None else 6 * self.HEARTBEAT_INTERVAL
 
     @property
+    def MAX_VALUE_BYTES(self) -> int:
+        """The most bytes of JSON a call's arguments, or a result, may take (``KEYJOBS_MAX_VALUE_BYTES``).
+
+        Every claim reads an invocation's arguments: large data belongs
+        elsewhere (a file, a table), with its id as the argument. Default 1 MB.
+        """
+        return getattr(settings, "KEYJOBS_MAX_VALUE_BYTES", 1_000_000)
+
+    @property
     def AUTODISCOVER(self) -> bool:
         """Import every installed app's ``tasks`` module at start-up (``KEYJOBS_AUTODISCOVER``)."""
         return getattr(settings, "KEYJOBS_AUTODISCOVER", True)

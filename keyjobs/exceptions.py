@@ -13,6 +13,10 @@ class ArgumentError(KeyjobsError, TypeError):
     """delay() was called with arguments the task cannot accept or store."""
 
 
+class ResultNotStorable(KeyjobsError, TypeError):
+    """A task returned a value keyjobs cannot store (see ``keyjobs.values``); its invocation ends FAILED."""
+
+
 class TaskNotFound(KeyjobsError, LookupError):
     """No task is registered under this name."""
 
