@@ -7,6 +7,7 @@ registration key.
 """
 
 import time
+from datetime import timedelta
 from typing import Any
 
 from django.db import connections, models
@@ -15,6 +16,7 @@ from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
 
 from .concurrency import key_label
+from .conf import conf
 from .exceptions import InvocationDropped, InvocationFailed, InvocationNotFinished
 from .status import FINAL, OWNED, WAITING, Status
 
@@ -190,8 +192,43 @@ class Event(models.Model):
 
 
 class RunnerQuerySet(models.QuerySet["Runner"]):
+    """Whether a runner lives, judged on the database's clock: recovery, the admin and the monitor ask here.
+
+    A runner is alive while it has not stopped and its last heartbeat is at
+    most one lease (``KEYJOBS_LEASE``) old. The heartbeat is stamped with the
+    database's ``NOW()``, so it is compared with the same clock: a host whose
+    own clock drifts neither loses its runners nor keeps a dead one.
+    """
+
     def active(self) -> "RunnerQuerySet":
+        """Return the runners that have not stopped, silent or not."""
         return self.filter(stopped_at__isnull=True)
+
+    def alive(self, lease: float | None = None) -> "RunnerQuerySet":
+        """Return the runners that have not stopped and heartbeat within ``lease`` seconds (default: the lease)."""
+        return self.active().filter(heartbeat_at__gte=self._lease_start(lease))
+
+    def silent(self, lease: float | None = None) -> "RunnerQuerySet":
+        """Return the runners that have not stopped yet sent no heartbeat for longer than ``lease`` seconds.
+
+        These are the runners recovery declares lost; ``lease`` defaults to
+        ``KEYJOBS_LEASE``.
+        """
+        return self.active().filter(heartbeat_at__lt=self._lease_start(lease))
+
+    def with_state(self, lease: float | None = None) -> "RunnerQuerySet":
+        """Annotate each runner with ``state``, a ``Runner.State`` the database computes."""
+        return self.annotate(state=models.Case(
+            models.When(lost=True, then=models.Value(Runner.State.LOST)),
+            models.When(stopped_at__isnull=False, then=models.Value(Runner.State.STOPPED)),
+            models.When(heartbeat_at__gte=self._lease_start(lease), then=models.Value(Runner.State.ALIVE)),
+            default=models.Value(Runner.State.GONE),
+            output_field=models.CharField(),
+        ))
+
+    @staticmethod
+    def _lease_start(lease: float | None) -> Any:
+        return Now() - timedelta(seconds=conf.LEASE if lease is None else lease)
 
 
 class Runner(models.Model):
@@ -212,6 +249,16 @@ class Runner(models.Model):
     )
 
     objects = RunnerQuerySet.as_manager()
+
+    class State(models.TextChoices):
+        # Not stopped, and its last heartbeat is at most one lease old.
+        ALIVE = "alive", _("alive")
+        # Not stopped, but silent for longer than the lease: recovery will declare it lost.
+        GONE = "gone", _("gone")
+        # It stopped by itself (see stop_reason when it was not asked to).
+        STOPPED = "stopped", _("stopped")
+        # Declared dead by another runner, which recovered its work.
+        LOST = "lost", _("lost")
 
     class Meta:
         indexes = [models.Index(fields=["stopped_at", "heartbeat_at"], name="keyjobs_runner_alive")]
