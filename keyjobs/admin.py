@@ -1,4 +1,4 @@
-"""The admin of invocations and runners, and the entry to the monitor (``keyjobs.views``).
+"""The admin of invocations and runners, and the entry to the monitor (``keyjobs.monitor``).
 
 Nothing here writes a status: an invocation is never saved from a form,
 because ``save()`` writes every column and would overwrite a status the
@@ -9,7 +9,7 @@ worker.
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
@@ -20,23 +20,31 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
-from django.utils.timesince import timesince
 from django.views.decorators.http import require_POST
 
 from . import control, registry
 from .conf import conf
-from .models import Event, Invocation, Runner
-from .status import Status
-from .views import (
-    STATUS_COLOURS,
-    MonitorViews,
-    alive_cutoff,
+from .models import Event, Invocation, Runner, RunnerQuerySet
+from .monitor.display import (
     format_duration,
     key_url,
     monitor_links,
-    runner_is_alive,
+    runner_badge,
+    runner_label,
+    short_task,
     status_badge,
 )
+from .monitor.views import MonitorViews
+from .status import Status
+
+if TYPE_CHECKING:
+    # The admin's classes are generic to the type checker only (django-stubs), not at run time.
+    InvocationModelAdmin = admin.ModelAdmin[Invocation]
+    RunnerModelAdmin = admin.ModelAdmin[Runner]
+    EventTabularInline = admin.TabularInline[Event, Invocation]
+else:
+    InvocationModelAdmin = RunnerModelAdmin = admin.ModelAdmin
+    EventTabularInline = admin.TabularInline
 
 #: How many of the newest invocations the task and queue filters look at for names the registry lacks.
 RECENT_NAMES = 1000
@@ -62,10 +70,10 @@ class TaskFilter(admin.SimpleListFilter):
     title = "task"
     parameter_name = "task"
 
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+    def lookups(self, request: HttpRequest, model_admin: "admin.ModelAdmin[Any]") -> list[tuple[str, str]]:
         names = set(registry.all_tasks()) | {task_name for task_name, _ in _recent(request)}
-        if self.value():
-            names.add(self.value())
+        if value := self.value():
+            names.add(value)
         return [(name, name) for name in sorted(names)]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Invocation]) -> QuerySet[Invocation]:
@@ -76,10 +84,10 @@ class QueueFilter(admin.SimpleListFilter):
     title = "queue"
     parameter_name = "queue"
 
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+    def lookups(self, request: HttpRequest, model_admin: "admin.ModelAdmin[Any]") -> list[tuple[str, str]]:
         names = {task.queue for task in registry.all_tasks().values()} | {queue for _, queue in _recent(request)}
-        if self.value():
-            names.add(self.value())
+        if value := self.value():
+            names.add(value)
         return [(name, name) for name in sorted(names)]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Invocation]) -> QuerySet[Invocation]:
@@ -91,7 +99,7 @@ class RunnerFilter(admin.SimpleListFilter):
     title = "runner"
     parameter_name = "runner"
 
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+    def lookups(self, request: HttpRequest, model_admin: "admin.ModelAdmin[Any]") -> list[tuple[str, str]]:
         return [
             (str(runner.pk), str(runner))
             for runner in Runner.objects.using(conf.DATABASE).order_by("-pk")[:RECENT_RUNNERS]
@@ -104,7 +112,7 @@ class RunnerFilter(admin.SimpleListFilter):
         return queryset
 
 
-class EventInline(admin.TabularInline):
+class EventInline(EventTabularInline):
     model = Event
     verbose_name = "status change"
     verbose_name_plural = "history"
@@ -132,7 +140,7 @@ class EventInline(admin.TabularInline):
 
 
 @admin.register(Invocation)
-class InvocationAdmin(admin.ModelAdmin):
+class InvocationAdmin(InvocationModelAdmin):
     list_display = ("id", "task_name", "key_link", "status_display", "runner_display", "created_at", "started_at",
                     "finished_at", "duration")
     list_display_links = ("id", "task_name")
@@ -202,7 +210,7 @@ class InvocationAdmin(admin.ModelAdmin):
         if obj.runner is None:
             return "–"
         thread = "" if obj.runner_thread is None else f" · thread {obj.runner_thread}"
-        return f"{obj.runner.host}:{obj.runner.pid}{thread}"
+        return f"{runner_label(obj.runner.host, obj.runner.pid)}{thread}"
 
     @admin.display(description="duration")
     def duration(self, obj: Invocation) -> str:
@@ -308,35 +316,29 @@ class InvocationAdmin(admin.ModelAdmin):
 
 
 class RunnerStateFilter(admin.SimpleListFilter):
+    # The state is the database's annotation (RunnerQuerySet.with_state), on the database's clock.
     title = "state"
     parameter_name = "state"
 
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
-        return [("alive", "alive"), ("gone", "gone (no recent heartbeat)"), ("stopped", "stopped"),
-                ("lost", "lost (declared dead)")]
+    def lookups(self, request: HttpRequest, model_admin: "admin.ModelAdmin[Any]") -> list[tuple[str, str]]:
+        return [(Runner.State.ALIVE, "alive"), (Runner.State.GONE, "gone (no recent heartbeat)"),
+                (Runner.State.STOPPED, "stopped"), (Runner.State.LOST, "lost (declared dead)")]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Runner]) -> QuerySet[Runner]:
-        running = queryset.filter(stopped_at__isnull=True)
-        if self.value() == "alive":
-            return running.filter(heartbeat_at__gte=alive_cutoff())
-        if self.value() == "gone":
-            return running.filter(heartbeat_at__lt=alive_cutoff())
-        if self.value() == "stopped":
-            return queryset.filter(stopped_at__isnull=False)
-        if self.value() == "lost":
-            return queryset.filter(lost=True)
+        if self.value() in Runner.State.values:
+            return queryset.filter(state=self.value())  # type: ignore[misc]  # the annotation of with_state()
         return queryset
 
 
 @admin.register(Runner)
-class RunnerAdmin(admin.ModelAdmin):
-    list_display = ("id", "host", "pid", "threads", "queues_display", "started_at", "heartbeat_at", "state",
+class RunnerAdmin(RunnerModelAdmin):
+    list_display = ("id", "host", "pid", "threads", "queues_display", "started_at", "heartbeat_at", "state_display",
                     "running_now")
     list_filter = (RunnerStateFilter, "host")
     ordering = ("-pk",)
     show_full_result_count = False
-    fields = ("host", "pid", "threads", "queues_display", "started_at", "heartbeat_at", "stopped_at", "lost", "state",
-              "running_now")
+    fields = ("host", "pid", "threads", "queues_display", "started_at", "heartbeat_at", "stopped_at", "stop_reason",
+              "lost", "state_display", "running_now")
     readonly_fields = fields
 
     class Media:
@@ -346,7 +348,12 @@ class RunnerAdmin(admin.ModelAdmin):
         owned = Invocation.objects.owned().order_by("runner_thread", "pk").only(
             "pk", "task_name", "running_key", "registration_key", "status", "runner_id", "runner_thread"
         )
-        return super().get_queryset(request).prefetch_related(Prefetch("invocations", owned, to_attr="owned_now"))
+        runners: RunnerQuerySet = super().get_queryset(request)  # type: ignore[assignment]
+        return runners.with_state().prefetch_related(Prefetch("invocations", owned, to_attr="owned_now"))
+
+    def get_fields(self, request: HttpRequest, obj: Runner | None = None) -> tuple[str, ...]:
+        # Most runners stop because they were asked to: a reason is shown only when there is one.
+        return tuple(name for name in self.fields if name != "stop_reason" or (obj is not None and obj.stop_reason))
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -361,18 +368,9 @@ class RunnerAdmin(admin.ModelAdmin):
     def queues_display(self, obj: Runner) -> str:
         return obj.queues or "every queue"
 
-    @admin.display(description="state")
-    def state(self, obj: Runner) -> SafeString:
-        if obj.lost:
-            return format_html('<span class="kj-badge" style="background:{}">lost</span> its work was recovered',
-                               STATUS_COLOURS[Status.FAILED])
-        if obj.stopped_at is not None:
-            return format_html('<span class="kj-badge" style="background:{}">stopped</span>', "#6c757d")
-        if runner_is_alive(obj):
-            return format_html('<span class="kj-badge" style="background:{}">alive</span>',
-                               STATUS_COLOURS[Status.SUCCESS])
-        return format_html('<span class="kj-badge" style="background:{}">gone</span> no heartbeat for {}',
-                           STATUS_COLOURS[Status.FAILED], timesince(obj.heartbeat_at))
+    @admin.display(description="state", ordering="state")
+    def state_display(self, obj: Runner) -> SafeString:
+        return runner_badge(obj.state, obj.heartbeat_at, obj.stop_reason)  # type: ignore[attr-defined]
 
     @admin.display(description="running now")
     def running_now(self, obj: Runner) -> SafeString | str:
@@ -384,7 +382,7 @@ class RunnerAdmin(admin.ModelAdmin):
             '<a href="{}">#{} {}({})</a> {} thread {}',
             (
                 (reverse(f"{self.admin_site.name}:keyjobs_invocation_change", args=[inv.pk]), inv.pk,
-                 inv.task_name.rpartition(".")[2], inv.key, status_badge(inv.status), inv.runner_thread)
+                 short_task(inv.task_name), inv.key, status_badge(inv.status), inv.runner_thread)
                 for inv in owned
             ),
         )

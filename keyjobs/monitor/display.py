@@ -1,0 +1,143 @@
+"""How the admin and the monitor show values: colours, badges, labels, durations, links, epoch times.
+
+Pure functions of what they are given: nothing here reads the database.
+"""
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+from django.utils.timesince import timesince
+
+from ..concurrency import key_label
+from ..models import Invocation, Runner
+from ..status import Status
+
+#: One colour per status: the admin's badges and the timeline's bars share them.
+STATUS_COLOURS: dict[str, str] = {
+    Status.REGISTERED: "#6c757d",
+    Status.REROUTED: "#d39e00",
+    Status.PENDING: "#5bc0de",
+    Status.RUNNING: "#1f6feb",
+    Status.SUCCESS: "#2e8540",
+    Status.FAILED: "#c9302c",
+    Status.RETRY: "#e8710a",
+    Status.CONCURRENCY_CONTROLLED_FINAL: "#7b3fa0",
+}
+#: The colours of the timeline's markers: a parked, a dropped and a deduplicated invocation.
+MARKER_COLOURS = {
+    "rerouted": STATUS_COLOURS[Status.REROUTED],
+    "dropped": STATUS_COLOURS[Status.CONCURRENCY_CONTROLLED_FINAL],
+    "reused": "#0b7285",
+}
+#: One colour per runner state.
+RUNNER_COLOURS: dict[str, str] = {
+    Runner.State.ALIVE: STATUS_COLOURS[Status.SUCCESS],
+    Runner.State.GONE: STATUS_COLOURS[Status.FAILED],
+    Runner.State.STOPPED: "#6c757d",
+    Runner.State.LOST: STATUS_COLOURS[Status.FAILED],
+}
+
+
+def label_of(key: str) -> str:
+    """Return the label of a stored key, or ``key`` itself if it is not one (typed by hand)."""
+    try:
+        return key_label(key)
+    except (ValueError, AttributeError):
+        return key
+
+
+def runner_label(host: str, pid: int) -> str:
+    """Return how a runner is named on the pages: ``host:pid``."""
+    return f"{host}:{pid}"
+
+
+def short_task(task_name: str) -> str:
+    """Return the last part of a dotted task name: ``call_keyed`` for ``demo_project.tasks.call_keyed``."""
+    return task_name.rpartition(".")[2]
+
+
+def status_badge(status: str) -> SafeString:
+    """Return the status as a coloured badge."""
+    return format_html(
+        '<span class="kj-badge" style="background:{}">{}</span>',
+        STATUS_COLOURS.get(status, "#444"), Status(status).label if status in Status.values else status,
+    )
+
+
+def runner_badge(state: str, heartbeat_at: datetime, stop_reason: str = "") -> SafeString:
+    """Return a runner's state as a coloured badge, with what explains it: the silence, the recovery, the reason."""
+    badge = format_html('<span class="kj-badge" style="background:{}">{}</span>', RUNNER_COLOURS.get(state, "#444"),
+                        state)
+    if state == Runner.State.GONE:
+        badge = format_html("{} no heartbeat for {}", badge, timesince(heartbeat_at))
+    elif state == Runner.State.LOST:
+        badge = format_html("{} its work was recovered", badge)
+    if stop_reason:
+        badge = format_html('{} <span class="kj-error">{}</span>', badge, stop_reason)
+    return badge
+
+
+def format_duration(delta: timedelta) -> str:
+    """Return a duration as a person reads it: ``2.50 s``, ``3 min 04 s``, ``1 h 05 min``."""
+    seconds = delta.total_seconds()
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
+def epoch_ms(moment: datetime | None) -> int | None:
+    """Return ``moment`` in milliseconds since the epoch, as the page scripts read times."""
+    return None if moment is None else round(moment.timestamp() * 1000)
+
+
+def key_url(task_name: str, raw_key: str, site_name: str = "admin") -> str:
+    """Return the URL of the key view of (task, stored key)."""
+    return f"{reverse(f'{site_name}:keyjobs_invocation_key')}?{urlencode({'task': task_name, 'key': raw_key})}"
+
+
+def monitor_links(site_name: str = "admin") -> list[tuple[str, str]]:
+    """Return the (title, url) of each monitor page, for the admin's index and the pages' navigation."""
+    return [
+        ("Dashboard", reverse(f"{site_name}:keyjobs_invocation_dashboard")),
+        ("Timeline", reverse(f"{site_name}:keyjobs_invocation_timeline")),
+        ("Invocations", reverse(f"{site_name}:keyjobs_invocation_changelist")),
+        ("Runners", reverse(f"{site_name}:keyjobs_runner_changelist")),
+    ]
+
+
+def invocation_row(invocation: Invocation, url: str) -> dict[str, Any]:
+    """Return what the key view shows of an invocation."""
+    arguments = ", ".join(
+        [json.dumps(value, ensure_ascii=False) for value in invocation.args]
+        + [f"{name}={json.dumps(value, ensure_ascii=False)}" for name, value in invocation.kwargs.items()]
+    )
+    if invocation.started_at and invocation.finished_at:
+        duration = format_duration(invocation.finished_at - invocation.started_at)
+    else:
+        duration = "–"
+    return {
+        "id": invocation.pk, "url": url, "badge": status_badge(invocation.status), "arguments": arguments,
+        "created_at": invocation.created_at, "started_at": invocation.started_at,
+        "finished_at": invocation.finished_at, "duration": duration,
+        "runner": (f"{runner_label(invocation.runner.host, invocation.runner.pid)} · thread "
+                   f"{invocation.runner_thread}" if invocation.runner else "–"),
+        "error": invocation.error,
+    }
+
+
+def throughput_bars(counts: list[tuple[datetime, int]]) -> list[dict[str, Any]]:
+    """Return the bars of the dashboard's chart of finished invocations per minute: 20 units a minute, 64 high."""
+    peak = max((count for _, count in counts), default=0)
+    bars = []
+    for number, (minute, count) in enumerate(counts):
+        height = round(64 * count / peak) if peak else 0
+        bars.append({"minute": minute, "count": count, "height": height, "x": 20 * number + 2, "y": 66 - height,
+                     "label_x": 20 * number + 10})
+    return bars

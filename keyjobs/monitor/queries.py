@@ -1,0 +1,494 @@
+"""What the monitor's pages read: one function per page, each returning a named result.
+
+Each page is a plain query over the append-only event history (indexed on
+``at``) or over the status indexes of the invocations, bounded in time and in
+rows; tests pin how many queries each one takes. Whether a runner is alive is
+``RunnerQuerySet``'s to say, on the database's clock.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypedDict, TypeVar
+
+from django.db import connections
+from django.db.models import Count, Q, QuerySet
+from django.db.models.functions import Coalesce, TruncMinute
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from ..concurrency import key_label
+from ..conf import conf
+from ..models import Event, Invocation, Runner
+from ..status import OWNED, WAITING, Status
+from .display import epoch_ms, runner_label, short_task
+
+#: The timeline reads at most this many events; a busier window is cut to its most recent part, and says so.
+MAX_EVENTS = 40_000
+DEFAULT_MINUTES = 15
+#: The longest window the timeline accepts, in minutes (a week).
+MAX_MINUTES = 7 * 24 * 60
+#: Minutes of throughput and of busy keys on the dashboard.
+THROUGHPUT_MINUTES = 15
+#: How many finished and dropped invocations the key view lists, newest first.
+KEY_HISTORY = 200
+
+
+# -- the timeline ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """The span of time the timeline shows; ``follows_now`` when it is "the last N minutes"."""
+
+    start: datetime
+    end: datetime
+    minutes: int | None = None
+
+    @property
+    def follows_now(self) -> bool:
+        return self.minutes is not None
+
+    @classmethod
+    def last(cls, minutes: int, now: datetime) -> "Window":
+        """Return the window of the last ``minutes`` minutes before ``now``."""
+        return cls(now - timedelta(minutes=minutes), now, minutes)
+
+    @classmethod
+    def from_query(cls, params: Any, now: datetime) -> "Window":
+        """Read ``minutes``, or ``from`` and ``to``, from query parameters; raise ValueError if they make no window."""
+        start_text, end_text = params.get("from", "").strip(), params.get("to", "").strip()
+        if start_text or end_text:
+            start = _parse_moment(start_text, "from") if start_text else None
+            end = _parse_moment(end_text, "to") if end_text else now
+            if start is None:
+                start = end - timedelta(minutes=DEFAULT_MINUTES)
+            if end <= start:
+                raise ValueError("'to' must be after 'from'")
+            if end - start > timedelta(minutes=MAX_MINUTES):
+                raise ValueError(f"a window is at most {MAX_MINUTES // 1440} days long")
+            return cls(start, end)
+        try:
+            minutes = int(params.get("minutes", DEFAULT_MINUTES))
+        except ValueError:
+            raise ValueError("'minutes' must be a whole number") from None
+        if not 1 <= minutes <= MAX_MINUTES:
+            raise ValueError(f"'minutes' must be from 1 to {MAX_MINUTES}")
+        return cls.last(minutes, now)
+
+    def as_query(self) -> dict[str, str]:
+        """Return the query parameters that name this window again."""
+        if self.follows_now:
+            return {"minutes": str(self.minutes)}
+        return {"from": self.start.isoformat(), "to": self.end.isoformat()}
+
+
+def _parse_moment(text: str, name: str) -> datetime:
+    try:
+        moment = parse_datetime(text)
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise ValueError(f"{name!r} is not a date and time: {text!r}")
+    if timezone.is_naive(moment):
+        # What a datetime-local input sends: the wall clock of the site's time zone.
+        moment = timezone.make_aware(moment)
+    return moment
+
+
+class Run(TypedDict):
+    """A bar: from a RUNNING event to the invocation's next status change (``end`` None while it runs)."""
+
+    id: int
+    start: int | None
+    end: int | None
+    status: str
+    thread_lane: int
+    key_lane: int
+
+
+class Marker(TypedDict):
+    """A moment: an invocation parked (``rerouted``), ``dropped`` or deduplicated (``reused``)."""
+
+    id: int
+    at: int
+    kind: str
+    key_lane: int
+
+
+class ThreadLane(TypedDict):
+    id: str
+    label: str
+    runner: int | None
+    thread: int | None
+
+
+class KeyLane(TypedDict):
+    id: str
+    task: str
+    key: str
+    raw_key: str
+    label: str
+
+
+class Lanes(TypedDict):
+    thread: list[ThreadLane]
+    key: list[KeyLane]
+
+
+class Timeline(TypedDict):
+    """What the timeline page's script reads, as JSON; times in epoch milliseconds."""
+
+    now: int
+    start: int
+    end: int
+    follows_now: bool
+    runs: list[Run]
+    markers: list[Marker]
+    lanes: Lanes
+    truncated: bool
+    limit: int
+    active: bool
+
+
+def timeline_events(window: Window, *, task: str = "", key: str = "", using: str | None = None) -> QuerySet[Any]:
+    """Return the rows of the events the timeline draws in ``window``, newest first (the index on ``at``)."""
+    events = Event.objects.using(using or conf.DATABASE).filter(at__gte=window.start, at__lte=window.end).filter(
+        Q(kind=Event.Kind.TRANSITION)
+        & (
+            Q(to_status=Status.RUNNING)
+            | Q(from_status=Status.RUNNING)
+            | Q(to_status__in=[Status.REROUTED, Status.CONCURRENCY_CONTROLLED_FINAL])
+        )
+        | Q(kind=Event.Kind.REUSED)
+    )
+    if task:
+        events = events.filter(invocation__task_name=task)
+    if key:
+        events = events.filter(Q(invocation__running_key=key) | Q(invocation__registration_key=key))
+    # Newest first, so that a cut keeps the end of the window, where the eye is.
+    return events.order_by("-at").values_list(
+        "id", "invocation_id", "kind", "from_status", "to_status", "at", "runner_id", "runner_thread",
+        "invocation__task_name", "invocation__running_key", "invocation__registration_key",
+    )
+
+
+def timeline(
+    window: Window,
+    *,
+    now: datetime,
+    task: str = "",
+    key: str = "",
+    limit: int = MAX_EVENTS,
+    using: str | None = None,
+) -> Timeline:
+    """Return the runs, markers and lanes of ``window``, optionally of one task and key.
+
+    A run is a RUNNING event paired with the next status change of its
+    invocation, whose ``to_status`` colours the bar; a run with no end yet is
+    running. Markers are the parked (REROUTED), dropped
+    (CONCURRENCY_CONTROLLED_FINAL) and deduplicated (REUSED) moments. Runs
+    and markers name their lanes by index: ``thread_lane`` into
+    ``lanes["thread"]`` (runner and thread), ``key_lane`` into
+    ``lanes["key"]`` (task and key).
+    """
+    using = using or conf.DATABASE
+    invocations = Invocation.objects.using(using)
+    if task:
+        invocations = invocations.filter(task_name=task)
+    if key:
+        invocations = invocations.filter(Q(running_key=key) | Q(registration_key=key))
+    rows = _fetch(timeline_events(window, task=task, key=key, using=using)[: limit + 1], using)
+    truncated = len(rows) > limit
+    if truncated:
+        rows.pop()
+    rows.reverse()
+
+    runs: list[Run] = []
+    markers: list[Marker] = []
+    open_runs: dict[int, Run] = {}
+    clipped: list[Run] = []
+    # Lanes are numbered as they are first met, and sorted at the end.
+    thread_index: dict[tuple[int | None, int | None], int] = {}
+    key_index: dict[tuple[str, str | None], int] = {}
+    task_first_seen: dict[str, int] = {}
+
+    def key_lane(task_name: str, raw_key: str | None, at: int) -> int:
+        task_first_seen.setdefault(task_name, at)
+        return key_index.setdefault((task_name, raw_key), len(key_index))
+
+    def thread_lane(runner_id: int | None, thread: int | None) -> int:
+        return thread_index.setdefault((runner_id, thread), len(thread_index))
+
+    running, reused, rerouted = Status.RUNNING, Event.Kind.REUSED, Status.REROUTED
+    database_zone = connections[using].timezone
+    for (_, pk, kind, from_status, to_status, at, runner_id, thread,
+         task_name, running_key, registration_key) in rows:
+        if at.tzinfo is None:
+            # What Django's converter would do: the database stores its own time zone's wall clock.
+            at = at.replace(tzinfo=database_zone)
+        moment = round(at.timestamp() * 1000)
+        lane_key = (task_name, running_key or registration_key)
+        lane = key_index.get(lane_key)
+        if lane is None:
+            lane = key_lane(task_name, lane_key[1], moment)
+        if kind == reused or (to_status != running and from_status != running):
+            markers.append({
+                "id": pk, "at": moment, "key_lane": lane,
+                "kind": "reused" if kind == reused else "rerouted" if to_status == rerouted else "dropped",
+            })
+            continue
+        if to_status == running:
+            open_runs[pk] = {"id": pk, "start": moment, "end": None, "status": running,
+                             "thread_lane": thread_lane(runner_id, thread), "key_lane": lane}
+            continue
+        run = open_runs.pop(pk, None)
+        if run is None:
+            # Started before the window: its start is read below.
+            run = {"id": pk, "start": None, "end": moment, "status": to_status,
+                   "thread_lane": thread_lane(runner_id, thread), "key_lane": lane}
+            clipped.append(run)
+        run["end"], run["status"] = moment, to_status
+        runs.append(run)
+
+    if clipped:
+        started = dict(invocations.filter(pk__in=[run["id"] for run in clipped]).values_list("pk", "started_at"))
+        for run in clipped:
+            began = epoch_ms(started.get(run["id"]))
+            run["start"] = began if began is not None and run["end"] is not None and began <= run["end"] else None
+    if open_runs and not window.follows_now:
+        # Runs that started in a past window and ended after it.
+        for pk, at, to_status in (
+            Event.objects.using(using)
+            .filter(invocation_id__in=list(open_runs), kind=Event.Kind.TRANSITION, from_status=Status.RUNNING,
+                    at__gt=window.end)
+            .order_by("at")
+            .values_list("invocation_id", "at", "to_status")
+        ):
+            ended = open_runs.pop(pk, None)
+            if ended is not None:
+                ended["end"], ended["status"] = epoch_ms(at), to_status
+                runs.append(ended)
+    runs.extend(open_runs.values())
+    if window.end >= now - timedelta(seconds=1):
+        # Runs still going that began before the window: no event of theirs falls in it.
+        seen = {run["id"] for run in runs}
+        for pk, task_name, running_key, registration_key, started_at, runner_id, thread in (
+            invocations.filter(status=Status.RUNNING, started_at__lt=window.start)
+            .values_list("pk", "task_name", "running_key", "registration_key", "started_at", "runner_id",
+                         "runner_thread")
+        ):
+            if pk not in seen:
+                runs.append({
+                    "id": pk, "start": epoch_ms(started_at), "end": None, "status": Status.RUNNING.value,
+                    "thread_lane": thread_lane(runner_id, thread),
+                    "key_lane": key_lane(task_name, running_key or registration_key, epoch_ms(started_at) or 0),
+                })
+
+    runner_ids = {runner_id for runner_id, _ in thread_index if runner_id is not None}
+    runners = {
+        pk: runner_label(host, pid)
+        for pk, host, pid in Runner.objects.using(using).filter(pk__in=runner_ids).values_list("pk", "host", "pid")
+    } if runner_ids else {}
+    thread_lanes: list[ThreadLane] = [
+        {"id": f"{runner_id}/{thread}",
+         "label": "no runner" if runner_id is None else f"{runners.get(runner_id, runner_id)} · thread {thread}",
+         "runner": runner_id, "thread": thread}
+        for runner_id, thread in thread_index
+    ]
+    key_lanes: list[KeyLane] = []
+    for task_name, raw_key in key_index:
+        label = key_label(raw_key)
+        key_lanes.append({"id": f"{task_name}\n{raw_key or ''}", "task": task_name, "key": label,
+                          "raw_key": raw_key or "", "label": f"{short_task(task_name)} · {label or 'no key'}"})
+    # Lanes in a stable order: threads by runner; keys grouped by task, the task seen first on top.
+    thread_order = _reorder(runs, "thread_lane", thread_lanes,
+                            lambda lane: (lane["runner"] or 0, -1 if lane["thread"] is None else lane["thread"]))
+    key_order = _reorder([*runs, *markers], "key_lane", key_lanes,
+                         lambda lane: (task_first_seen[lane["task"]], lane["task"], lane["raw_key"] == "",
+                                       lane["key"]))
+    return {
+        "now": round(now.timestamp() * 1000),
+        "start": round(window.start.timestamp() * 1000),
+        "end": round(window.end.timestamp() * 1000),
+        "follows_now": window.follows_now,
+        "runs": runs,
+        "markers": markers,
+        "lanes": {"thread": thread_order, "key": key_order},
+        "truncated": truncated,
+        "limit": limit,
+        "active": invocations.filter(status__in=sorted(WAITING | OWNED)).exists(),
+    }
+
+
+Lane = TypeVar("Lane", ThreadLane, KeyLane)
+
+
+def _fetch(queryset: QuerySet[Any], using: str) -> list[tuple[Any, ...]]:
+    """Return the rows of a ``values_list()`` queryset as the database driver hands them over.
+
+    The timeline's event query returns tens of thousands of rows; on SQLite,
+    Django's per-value converters cost more than running the query, so that
+    one query is read from a cursor and its one datetime column made aware by
+    the caller.
+    """
+    sql, params = queryset.query.sql_with_params()
+    with connections[using].cursor() as cursor:
+        cursor.execute(sql, params)
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+    return rows
+
+
+def _reorder(items: list[Any], field: str, lanes: list[Lane], order: Callable[[Lane], Any]) -> list[Lane]:
+    """Sort ``lanes`` by ``order`` and renumber the lane index ``field`` of ``items`` to match."""
+    ranked = sorted(range(len(lanes)), key=lambda number: order(lanes[number]))
+    renumber = {old: new for new, old in enumerate(ranked)}
+    for item in items:
+        item[field] = renumber[item[field]]
+    return [lanes[number] for number in ranked]
+
+
+# -- the dashboard ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LiveRunner:
+    """A runner alive now, and how many invocations it owns."""
+
+    pk: int
+    host: str
+    pid: int
+    threads: int
+    heartbeat_at: datetime
+    running: int
+
+
+@dataclass(frozen=True)
+class BusyKey:
+    """How many invocations of one (task, key) were created lately, and where they stand."""
+
+    task: str
+    raw_key: str
+    total: int
+    waiting: int
+    owned: int
+    dropped: int
+
+    @property
+    def key(self) -> str:
+        return key_label(self.raw_key)
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    """Counts per status and per task, recent throughput, live runners, busy keys and the oldest waiter."""
+
+    #: Every status, in the lifecycle's order, with its count.
+    per_status: dict[str, int]
+    #: Per task name, in name order: every status with its count.
+    per_task: dict[str, dict[str, int]]
+    #: Invocations finished in each of the last ``THROUGHPUT_MINUTES`` minutes, oldest first.
+    throughput: list[tuple[datetime, int]]
+    runners: list[LiveRunner]
+    #: The keys with the most invocations created in the last ``THROUGHPUT_MINUTES`` minutes, at most ten.
+    busiest: list[BusyKey]
+    oldest_waiting: Invocation | None
+
+    @property
+    def active(self) -> bool:
+        """Whether anything waits or runs."""
+        return any(self.per_status[status] for status in WAITING | OWNED)
+
+
+def dashboard(*, now: datetime, using: str | None = None) -> Dashboard:
+    """Return what the dashboard shows at ``now``."""
+    using = using or conf.DATABASE
+    invocations = Invocation.objects.using(using)
+    per_status = dict.fromkeys(Status.values, 0)
+    per_task: dict[str, dict[str, int]] = {}
+    for task_name, status, count in (
+        invocations.order_by().values_list("task_name", "status").annotate(count=Count("id"))
+    ):
+        per_status[status] = per_status.get(status, 0) + count
+        per_task.setdefault(task_name, dict.fromkeys(Status.values, 0))[status] = count
+
+    since = (now - timedelta(minutes=THROUGHPUT_MINUTES - 1)).replace(second=0, microsecond=0)
+    finished = dict(
+        invocations.finished().filter(finished_at__gte=since)
+        .annotate(minute=TruncMinute("finished_at"))
+        .order_by()
+        .values_list("minute")
+        .annotate(count=Count("id"))
+        .values_list("minute", "count")
+    )
+    minutes = (since + timedelta(minutes=n) for n in range(THROUGHPUT_MINUTES))
+
+    # Counted from the status index, not through each runner's whole history.
+    owned = dict(
+        invocations.owned().order_by().values_list("runner_id").annotate(count=Count("id")).values_list(
+            "runner_id", "count")
+    )
+    runners = [
+        LiveRunner(pk, host, pid, threads, heartbeat_at, owned.get(pk, 0))
+        for pk, host, pid, threads, heartbeat_at in Runner.objects.using(using).alive().order_by("pk").values_list(
+            "pk", "host", "pid", "threads", "heartbeat_at")
+    ]
+
+    busiest = [
+        BusyKey(*row)
+        for row in (
+            invocations.filter(created_at__gte=now - timedelta(minutes=THROUGHPUT_MINUTES))
+            .annotate(raw_key=Coalesce("running_key", "registration_key"))
+            .filter(raw_key__isnull=False)
+            .order_by()
+            .values_list("task_name", "raw_key")
+            .annotate(
+                total=Count("id"),
+                waiting=Count("id", filter=Q(status__in=sorted(WAITING))),
+                owned=Count("id", filter=Q(status__in=sorted(OWNED))),
+                dropped=Count("id", filter=Q(status=Status.CONCURRENCY_CONTROLLED_FINAL)),
+            )
+            .order_by("-total", "task_name", "raw_key")[:10]
+        )
+    ]
+    return Dashboard(
+        per_status=per_status,
+        per_task=dict(sorted(per_task.items())),
+        throughput=[(minute, finished.get(minute, 0)) for minute in minutes],
+        runners=runners,
+        busiest=busiest,
+        oldest_waiting=invocations.waiting().order_by("created_at", "pk").first(),
+    )
+
+
+# -- the key view ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyHistory:
+    """What ran, runs, waits and was dropped for one (task, key)."""
+
+    running: list[Invocation]
+    #: In the order in which the key will take them.
+    waiting: list[Invocation]
+    #: Succeeded or failed, newest first, at most ``limit``.
+    ran: list[Invocation]
+    #: Dropped by concurrency control, newest first, at most ``limit``.
+    dropped: list[Invocation]
+    limit: int = KEY_HISTORY
+
+
+def key_history(task_name: str, key: str, *, using: str | None = None) -> KeyHistory:
+    """Return the history of one (task, key); ``key`` is the stored key, running or registration."""
+    of_key = (
+        Invocation.objects.using(using or conf.DATABASE)
+        .filter(task_name=task_name)
+        .filter(Q(running_key=key) | Q(registration_key=key))
+        .select_related("runner")
+    )
+    return KeyHistory(
+        running=list(of_key.owned().order_by("pk")),
+        waiting=list(of_key.waiting().order_by("-priority", "pk")),
+        ran=list(of_key.filter(status__in=[Status.SUCCESS, Status.FAILED]).order_by("-pk")[:KEY_HISTORY]),
+        dropped=list(of_key.filter(status=Status.CONCURRENCY_CONTROLLED_FINAL).order_by("-pk")[:KEY_HISTORY]),
+    )

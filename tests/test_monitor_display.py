@@ -1,0 +1,126 @@
+"""How the admin and the monitor show values: badges, labels, durations, links and times."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+
+from keyjobs.models import Runner
+from keyjobs.monitor.display import (
+    MARKER_COLOURS,
+    RUNNER_COLOURS,
+    STATUS_COLOURS,
+    epoch_ms,
+    format_duration,
+    invocation_row,
+    key_url,
+    label_of,
+    monitor_links,
+    runner_badge,
+    short_task,
+    status_badge,
+    throughput_bars,
+)
+from keyjobs.status import Status
+from tests.factories import InvocationFactory, RunnerFactory
+
+ACME = '{"account_id":"acme"}'
+XSS = '<script>alert("x")</script>'
+
+
+def test_every_status_every_marker_and_every_runner_state_has_a_colour() -> None:
+    assert set(STATUS_COLOURS) == set(Status.values)
+    assert set(MARKER_COLOURS) == {"rerouted", "dropped", "reused"}
+    assert set(RUNNER_COLOURS) == set(Runner.State.values)
+
+
+def test_a_status_badge_is_its_label_on_its_colour() -> None:
+    colour = STATUS_COLOURS[Status.FAILED]
+    assert status_badge(Status.FAILED) == f'<span class="kj-badge" style="background:{colour}">Failed</span>'
+
+
+def test_a_status_that_is_not_one_is_shown_as_text() -> None:
+    assert status_badge(XSS) == (
+        '<span class="kj-badge" style="background:#444">&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;</span>'
+    )
+
+
+def test_a_gone_runners_badge_says_how_long_it_has_been_silent() -> None:
+    badge = runner_badge(Runner.State.GONE, timezone.now() - timedelta(hours=1))
+    assert badge.endswith(">gone</span> no heartbeat for 1\xa0hour")
+
+
+def test_a_lost_runners_badge_says_its_work_was_recovered() -> None:
+    assert runner_badge(Runner.State.LOST, timezone.now()).endswith(">lost</span> its work was recovered")
+
+
+def test_a_runners_stop_reason_follows_its_badge_as_text() -> None:
+    badge = runner_badge(Runner.State.STOPPED, timezone.now(), f"thread 2 could not go on: {XSS}")
+    assert badge.endswith('>stopped</span> <span class="kj-error">thread 2 could not go on: &lt;script&gt;alert('
+                          '&quot;x&quot;)&lt;/script&gt;</span>')
+
+
+@pytest.mark.parametrize("seconds, expected", [
+    (2.5, "2.50 s"), (59.994, "59.99 s"), (184, "3 min 04 s"), (3900, "1 h 05 min"),
+])
+def test_durations_read_in_seconds_minutes_or_hours(seconds: float, expected: str) -> None:
+    assert format_duration(timedelta(seconds=seconds)) == expected
+
+
+def test_times_are_handed_to_page_scripts_in_epoch_milliseconds() -> None:
+    assert epoch_ms(datetime(2030, 1, 1, tzinfo=UTC) + timedelta(milliseconds=1.6)) == 1893456000002
+    assert epoch_ms(None) is None
+
+
+def test_a_stored_key_reads_as_its_label_and_anything_else_as_itself() -> None:
+    assert label_of(ACME) == "acme"
+    assert label_of("typed by hand") == "typed by hand"
+
+
+def test_a_task_is_named_by_the_last_part_of_its_path() -> None:
+    assert short_task("demo_project.tasks.call_keyed") == "call_keyed"
+    assert short_task("plain") == "plain"
+
+
+def test_the_key_url_carries_the_task_and_the_stored_key() -> None:
+    assert key_url("tests.jobs.keyed", ACME) == (
+        f"{reverse('admin:keyjobs_invocation_key')}?task=tests.jobs.keyed&key=%7B%22account_id%22%3A%22acme%22%7D"
+    )
+
+
+def test_the_monitor_links_its_pages_and_the_admin_lists() -> None:
+    assert [title for title, _ in monitor_links()] == ["Dashboard", "Timeline", "Invocations", "Runners"]
+    assert dict(monitor_links())["Runners"] == reverse("admin:keyjobs_runner_changelist")
+
+
+def test_throughput_bars_are_scaled_to_the_busiest_minute() -> None:
+    minute = datetime(2030, 1, 1, tzinfo=UTC)
+    bars = throughput_bars([(minute, 2), (minute + timedelta(minutes=1), 8), (minute + timedelta(minutes=2), 0)])
+    assert [(bar["count"], bar["height"], bar["x"], bar["y"]) for bar in bars] == [
+        (2, 16, 2, 50), (8, 64, 22, 2), (0, 0, 42, 66),
+    ]
+
+
+def test_no_throughput_draws_flat_bars() -> None:
+    assert [bar["height"] for bar in throughput_bars([(datetime(2030, 1, 1, tzinfo=UTC), 0)])] == [0]
+
+
+@pytest.mark.django_db
+def test_a_key_view_row_shows_arguments_as_json_the_duration_and_the_runner() -> None:
+    runner, now = RunnerFactory(host="box", pid=7), timezone.now()
+    invocation = InvocationFactory(args=["acme", 3], kwargs={"op": "fetch"}, runner=runner, runner_thread=2,
+                                   status=Status.SUCCESS, started_at=now - timedelta(seconds=1.5), finished_at=now)
+
+    row = invocation_row(invocation, "/x/")
+
+    assert (row["arguments"], row["duration"], row["runner"], row["url"]) == (
+        '"acme", 3, op="fetch"', "1.50 s", "box:7 · thread 2", "/x/",
+    )
+    assert row["badge"] == status_badge(Status.SUCCESS)
+
+
+@pytest.mark.django_db
+def test_a_key_view_row_of_an_invocation_that_never_ran_has_no_duration_and_no_runner() -> None:
+    row = invocation_row(InvocationFactory(), "/x/")
+    assert (row["duration"], row["runner"]) == ("–", "–")

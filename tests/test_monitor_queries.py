@@ -1,0 +1,405 @@
+"""What the monitor's pages read: the timeline's runs, markers and lanes, the dashboard, a key's history."""
+
+from datetime import datetime, timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from keyjobs.models import Event, Invocation, Runner
+from keyjobs.monitor.queries import Window, dashboard, key_history, timeline, timeline_events
+from keyjobs.status import Status
+from tests.factories import EventFactory, InvocationFactory, RunnerFactory, give_run
+
+pytestmark = pytest.mark.django_db
+
+ACME = '{"account_id":"acme"}'
+GLOBEX = '{"account_id":"globex"}'
+
+
+def window(minutes: int = 15, now: datetime | None = None) -> Window:
+    return Window.last(minutes, now or timezone.now())
+
+
+def ms(moment: datetime) -> int:
+    return round(moment.timestamp() * 1000)
+
+
+# -- the timeline -------------------------------------------------------------------------
+
+
+def test_a_run_is_a_bar_from_its_running_event_to_its_next_status_change() -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    start, end = now - timedelta(seconds=30), now - timedelta(seconds=28)
+    invocation = give_run(InvocationFactory(running_key=ACME, task_name="tests.jobs.keyed"),
+                          runner=runner, thread=2, start=start, end=end, status=Status.FAILED)
+
+    data = timeline(window(now=now), now=now)
+
+    [run] = data["runs"]
+    assert (run["id"], run["start"], run["end"], run["status"]) == (invocation.pk, ms(start), ms(end), "FAILED")
+    assert data["lanes"]["thread"][run["thread_lane"]] == {
+        "id": f"{runner.pk}/2", "label": f"test-host:{runner.pid} · thread 2", "runner": runner.pk, "thread": 2,
+    }
+    assert data["lanes"]["key"][run["key_lane"]]["label"] == "keyed · acme"
+    assert data["lanes"]["key"][run["key_lane"]]["raw_key"] == ACME
+
+
+def test_runs_of_one_thread_share_a_lane_and_keys_have_lanes_of_their_own() -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    for number, key in enumerate([ACME, GLOBEX, ACME]):
+        start = now - timedelta(seconds=60 - 10 * number)
+        give_run(InvocationFactory(running_key=key), runner=runner, thread=0, start=start,
+                 end=start + timedelta(seconds=1))
+
+    data = timeline(window(now=now), now=now)
+
+    assert [lane["label"] for lane in data["lanes"]["thread"]] == [f"test-host:{runner.pid} · thread 0"]
+    assert [lane["key"] for lane in data["lanes"]["key"]] == ["acme", "globex"]
+    by_key = [data["lanes"]["key"][run["key_lane"]]["key"] for run in data["runs"]]
+    assert sorted(by_key) == ["acme", "acme", "globex"]
+
+
+def test_key_lanes_are_grouped_by_task_the_earliest_task_first() -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    for seconds, task_name, key in [(50, "tests.jobs.z_first", GLOBEX), (40, "tests.jobs.a_second", ACME),
+                                    (30, "tests.jobs.z_first", ACME), (20, "tests.jobs.a_second", None)]:
+        start = now - timedelta(seconds=seconds)
+        give_run(InvocationFactory(task_name=task_name, running_key=key), runner=runner, thread=0, start=start,
+                 end=start + timedelta(seconds=1))
+
+    labels = [lane["label"] for lane in timeline(window(now=now), now=now)["lanes"]["key"]]
+
+    assert labels == ["z_first · acme", "z_first · globex", "a_second · acme", "a_second · no key"]
+
+
+def test_a_run_still_going_has_no_end_and_the_data_says_work_is_active() -> None:
+    now = timezone.now()
+    give_run(InvocationFactory(running_key=ACME), runner=RunnerFactory(), thread=0,
+             start=now - timedelta(seconds=5))
+
+    data = timeline(window(now=now), now=now)
+
+    assert [(run["status"], run["end"]) for run in data["runs"]] == [("RUNNING", None)]
+    assert data["active"] is True
+
+
+def test_the_data_says_no_work_is_active_when_everything_is_final() -> None:
+    now = timezone.now()
+    give_run(InvocationFactory(), runner=RunnerFactory(), thread=0, start=now - timedelta(seconds=5), end=now)
+    assert timeline(window(now=now), now=now)["active"] is False
+
+
+def test_a_run_that_began_before_the_window_starts_at_its_started_at() -> None:
+    now = timezone.now()
+    start, end = now - timedelta(minutes=20), now - timedelta(minutes=10)
+    give_run(InvocationFactory(), runner=RunnerFactory(), thread=0, start=start, end=end)
+
+    [run] = timeline(window(15, now), now=now)["runs"]
+
+    assert (run["start"], run["end"]) == (ms(start), ms(end))
+
+
+def test_a_run_still_going_that_began_before_the_window_is_shown() -> None:
+    now = timezone.now()
+    invocation = give_run(InvocationFactory(), runner=RunnerFactory(), thread=1, start=now - timedelta(hours=1))
+
+    [run] = timeline(window(15, now), now=now)["runs"]
+
+    assert (run["id"], run["end"], run["status"]) == (invocation.pk, None, "RUNNING")
+
+
+def test_a_run_of_a_past_window_that_ended_after_it_gets_its_end() -> None:
+    now = timezone.now()
+    start, end = now - timedelta(minutes=30), now - timedelta(minutes=5)
+    give_run(InvocationFactory(), runner=RunnerFactory(), thread=0, start=start, end=end)
+    past = Window(now - timedelta(minutes=40), now - timedelta(minutes=20))
+
+    [run] = timeline(past, now=now)["runs"]
+
+    assert (run["start"], run["end"], run["status"]) == (ms(start), ms(end), "SUCCESS")
+
+
+def test_an_invocation_run_twice_shows_two_bars() -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    invocation = InvocationFactory()
+    give_run(invocation, runner=runner, thread=0, start=now - timedelta(seconds=50),
+             end=now - timedelta(seconds=49), status=Status.RETRY)
+    EventFactory(invocation=invocation, from_status=Status.RETRY, to_status=Status.REGISTERED,
+                 at=now - timedelta(seconds=45))
+    invocation.status = Status.REGISTERED
+    give_run(invocation, runner=runner, thread=3, start=now - timedelta(seconds=40),
+             end=now - timedelta(seconds=39))
+
+    runs = timeline(window(now=now), now=now)["runs"]
+
+    assert [(run["id"], run["status"]) for run in runs] == [(invocation.pk, "RETRY"), (invocation.pk, "SUCCESS")]
+
+
+def test_rerouted_dropped_and_deduplicated_invocations_are_markers() -> None:
+    now = timezone.now()
+    parked, dropped, merged = (InvocationFactory(running_key=ACME) for _ in range(3))
+    EventFactory(invocation=parked, from_status=Status.REGISTERED, to_status=Status.REROUTED,
+                 at=now - timedelta(seconds=3))
+    EventFactory(invocation=dropped, from_status=Status.REGISTERED, to_status=Status.CONCURRENCY_CONTROLLED_FINAL,
+                 at=now - timedelta(seconds=2))
+    EventFactory(invocation=merged, kind=Event.Kind.REUSED, from_status=Status.REGISTERED,
+                 to_status=Status.REGISTERED, at=now - timedelta(seconds=1))
+
+    data = timeline(window(now=now), now=now)
+
+    assert [(marker["id"], marker["kind"]) for marker in data["markers"]] == [
+        (parked.pk, "rerouted"), (dropped.pk, "dropped"), (merged.pk, "reused"),
+    ]
+    assert {data["lanes"]["key"][marker["key_lane"]]["key"] for marker in data["markers"]} == {"acme"}
+    assert data["runs"] == []
+
+
+def test_events_that_change_no_status_are_neither_runs_nor_markers() -> None:
+    now = timezone.now()
+    invocation = give_run(InvocationFactory(), runner=RunnerFactory(), thread=0, start=now - timedelta(seconds=9),
+                          end=now - timedelta(seconds=1))
+    EventFactory(invocation=invocation, kind="OVERDUE", from_status=Status.RUNNING, to_status=Status.RUNNING,
+                 at=now - timedelta(seconds=5))
+
+    data = timeline(window(now=now), now=now)
+
+    assert [(run["start"], run["end"]) for run in data["runs"]] == [
+        (ms(now - timedelta(seconds=9)), ms(now - timedelta(seconds=1)))
+    ]
+    assert data["markers"] == []
+
+
+def test_nothing_outside_the_window_is_read() -> None:
+    now = timezone.now()
+    give_run(InvocationFactory(), runner=RunnerFactory(), thread=0, start=now - timedelta(hours=2),
+             end=now - timedelta(hours=2) + timedelta(seconds=1))
+    assert timeline(window(15, now), now=now)["runs"] == []
+
+
+def test_a_busy_window_is_cut_to_its_most_recent_events_and_says_so() -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    for number in range(4):
+        start = now - timedelta(seconds=50 - 10 * number)
+        give_run(InvocationFactory(), runner=runner, thread=0, start=start, end=start + timedelta(seconds=1))
+
+    data = timeline(window(now=now), now=now, limit=4)
+
+    assert data["truncated"] is True
+    assert [run["start"] for run in data["runs"]] == [ms(now - timedelta(seconds=30)), ms(now - timedelta(seconds=20))]
+
+
+def test_the_timeline_can_show_one_task_and_key() -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    mine = give_run(InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME), runner=runner, thread=0,
+                    start=now - timedelta(seconds=9), end=now - timedelta(seconds=8))
+    for task_name, key in [("tests.jobs.keyed", GLOBEX), ("tests.jobs.other", ACME)]:
+        give_run(InvocationFactory(task_name=task_name, running_key=key), runner=runner, thread=1,
+                 start=now - timedelta(seconds=7), end=now - timedelta(seconds=6))
+
+    data = timeline(window(now=now), now=now, task="tests.jobs.keyed", key=ACME)
+
+    assert [run["id"] for run in data["runs"]] == [mine.pk]
+
+
+@pytest.mark.sqlite
+def test_the_timeline_reads_its_events_through_the_index_on_at() -> None:
+    explained = timeline_events(window()).explain()
+    assert "keyjobs_event_at" in explained, explained
+
+
+@pytest.mark.postgres
+def test_the_timeline_query_uses_the_index_on_postgresql_even_when_a_scan_looks_cheap() -> None:
+    # On a tiny table the planner prefers a scan; forbid it to see that the index can serve the query.
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+    explained = timeline_events(window()).explain()
+    assert "keyjobs_event_at" in explained, explained
+
+
+def test_the_timeline_takes_the_same_queries_however_many_runs(django_assert_num_queries) -> None:
+    runners, now = [RunnerFactory() for _ in range(3)], timezone.now()
+    for number in range(30):
+        start = now - timedelta(seconds=100 - number)
+        give_run(InvocationFactory(running_key=f'{{"account_id":"a{number}"}}'), runner=runners[number % 3],
+                 thread=number % 4, start=start, end=start + timedelta(milliseconds=500))
+    give_run(InvocationFactory(), runner=runners[0], thread=0, start=now - timedelta(hours=1))  # still running
+    # Events; runs still going; runners; whether any work is left.
+    with django_assert_num_queries(4):
+        data = timeline(window(now=now), now=now)
+    assert len(data["runs"]) == 31
+
+
+def test_a_past_window_reads_where_its_runs_began_and_ended_in_two_more_queries(django_assert_num_queries) -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    for number in range(5):
+        # Begun before the window and ended in it; begun in it and ended after it.
+        give_run(InvocationFactory(), runner=runner, thread=0, start=now - timedelta(minutes=50 + number),
+                 end=now - timedelta(minutes=35))
+        give_run(InvocationFactory(), runner=runner, thread=1, start=now - timedelta(minutes=25 + number),
+                 end=now - timedelta(minutes=5))
+    past = Window(now - timedelta(minutes=40), now - timedelta(minutes=20))
+    # Events; when the clipped runs began; when the open runs ended; runners; whether any work is left.
+    with django_assert_num_queries(5):
+        runs = timeline(past, now=now)["runs"]
+    assert all(run["start"] is not None and run["end"] is not None for run in runs) and len(runs) == 10
+
+
+def test_window_reads_a_wall_clock_time_in_the_sites_time_zone() -> None:
+    now = timezone.now()
+    chosen = Window.from_query({"from": "2030-01-01T10:00", "to": "2030-01-01T11:00"}, now)
+    assert chosen.start == datetime(2030, 1, 1, 10, tzinfo=timezone.get_current_timezone())
+    assert not chosen.follows_now
+
+
+@pytest.mark.parametrize("query", [
+    {"minutes": "abc"}, {"minutes": "0"}, {"minutes": str(7 * 24 * 60 + 1)}, {"from": "yesterday"},
+    {"from": "2030-01-02T00:00", "to": "2030-01-01T00:00"},
+    {"from": "2020-01-01T00:00", "to": "2030-01-01T00:00"},
+])
+def test_window_refuses_parameters_that_make_no_window(query: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        Window.from_query(query, timezone.now())
+
+
+def test_window_names_itself_again_as_query_parameters() -> None:
+    now = timezone.now()
+    assert Window.from_query({"minutes": "60"}, now).as_query() == {"minutes": "60"}
+    since = now - timedelta(hours=2)
+    assert Window.from_query({"from": since.isoformat(), "to": now.isoformat()}, now).as_query() == {
+        "from": since.isoformat(), "to": now.isoformat(),
+    }
+
+
+# -- the dashboard ----------------------------------------------------------------------
+
+
+def test_the_dashboard_counts_per_status_and_per_task() -> None:
+    InvocationFactory.create_batch(2, status=Status.SUCCESS, task_name="tests.jobs.a")
+    InvocationFactory(status=Status.FAILED, task_name="tests.jobs.b")
+    InvocationFactory(status=Status.REGISTERED, task_name="tests.jobs.b")
+
+    data = dashboard(now=timezone.now())
+
+    assert data.per_status == {**dict.fromkeys(Status.values, 0), "SUCCESS": 2, "FAILED": 1, "REGISTERED": 1}
+    assert list(data.per_task) == ["tests.jobs.a", "tests.jobs.b"]
+    assert data.per_task["tests.jobs.a"]["SUCCESS"] == 2
+    assert (data.per_task["tests.jobs.b"]["FAILED"], data.per_task["tests.jobs.b"]["REGISTERED"]) == (1, 1)
+    assert data.active is True
+
+
+def test_the_dashboard_says_nothing_is_active_when_everything_is_final() -> None:
+    InvocationFactory(status=Status.SUCCESS)
+    InvocationFactory(status=Status.CONCURRENCY_CONTROLLED_FINAL)
+    assert dashboard(now=timezone.now()).active is False
+
+
+def test_the_dashboard_counts_what_finished_in_each_of_the_last_minutes() -> None:
+    now = timezone.now()
+    InvocationFactory.create_batch(3, status=Status.SUCCESS, finished_at=now)
+    InvocationFactory(status=Status.FAILED, finished_at=now - timedelta(minutes=2))
+    InvocationFactory(status=Status.SUCCESS, finished_at=now - timedelta(hours=1))
+
+    throughput = dashboard(now=now).throughput
+
+    assert len(throughput) == 15
+    assert throughput[-1] == (now.replace(second=0, microsecond=0), 3) and throughput[-3][1] == 1
+    assert sum(count for _, count in throughput) == 4
+
+
+def test_the_dashboard_lists_live_runners_with_what_they_run() -> None:
+    alive = RunnerFactory()
+    RunnerFactory(stopped_at=timezone.now())
+    silent = RunnerFactory()
+    Runner.objects.filter(pk=silent.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    give_run(InvocationFactory(), runner=alive, thread=0, start=timezone.now())
+
+    runners = dashboard(now=timezone.now()).runners
+
+    assert [(runner.pk, runner.running) for runner in runners] == [(alive.pk, 1)]
+
+
+def test_the_dashboard_judges_runners_alive_by_the_databases_clock_not_the_callers() -> None:
+    # The caller's clock says an hour has passed since the heartbeat; the database's says it just came.
+    alive = RunnerFactory()
+    assert [runner.pk for runner in dashboard(now=timezone.now() + timedelta(hours=1)).runners] == [alive.pk]
+
+
+def test_the_dashboard_counts_a_runner_alive_for_one_lease_after_its_heartbeat(settings) -> None:
+    runner = RunnerFactory()
+    Runner.objects.filter(pk=runner.pk).update(heartbeat_at=timezone.now() - timedelta(minutes=10))
+    settings.KEYJOBS_LEASE = 15 * 60
+    assert [live.pk for live in dashboard(now=timezone.now()).runners] == [runner.pk]
+    settings.KEYJOBS_LEASE = 5 * 60
+    assert dashboard(now=timezone.now()).runners == []
+
+
+def test_the_dashboard_names_the_busiest_keys_and_the_oldest_waiting_invocation() -> None:
+    now = timezone.now()
+    oldest = InvocationFactory(running_key=ACME, created_at=now - timedelta(minutes=5))
+    InvocationFactory.create_batch(2, running_key=ACME, status=Status.SUCCESS)
+    InvocationFactory(running_key=GLOBEX, status=Status.CONCURRENCY_CONTROLLED_FINAL)
+    InvocationFactory(status=Status.REGISTERED)  # no key
+
+    data = dashboard(now=now)
+
+    assert [(busy.key, busy.total, busy.waiting, busy.dropped) for busy in data.busiest] == [
+        ("acme", 3, 1, 0), ("globex", 1, 0, 1),
+    ]
+    assert data.oldest_waiting == oldest
+
+
+def test_the_dashboard_takes_the_same_queries_however_many_invocations(django_assert_num_queries) -> None:
+    runners = [RunnerFactory() for _ in range(3)]
+    for number in range(20):
+        InvocationFactory(task_name=f"tests.jobs.t{number % 4}", running_key=f'{{"account_id":"a{number % 7}"}}',
+                          status=Status.SUCCESS, finished_at=timezone.now(), runner=runners[number % 3])
+    InvocationFactory(status=Status.REGISTERED)
+    # Per task and status; throughput; what runners own; live runners; busiest keys; oldest waiting.
+    with django_assert_num_queries(6):
+        data = dashboard(now=timezone.now())
+    assert len(data.runners) == 3 and len(data.busiest) == 10  # the ten busiest of 20 (task, key)
+
+
+# -- the key view ----------------------------------------------------------------------
+
+
+def test_the_key_view_tells_what_ran_runs_waits_and_was_dropped() -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    ran = give_run(InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME), runner=runner, thread=0,
+                   start=now - timedelta(seconds=9), end=now - timedelta(seconds=8))
+    running = give_run(InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME), runner=runner, thread=1,
+                       start=now - timedelta(seconds=1))
+    second = InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME, status=Status.REROUTED)
+    first = InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME, status=Status.REGISTERED, priority=5)
+    dropped = InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME,
+                                status=Status.CONCURRENCY_CONTROLLED_FINAL)
+    InvocationFactory(task_name="tests.jobs.keyed", running_key=GLOBEX)
+    InvocationFactory(task_name="tests.jobs.other", running_key=ACME)
+
+    history = key_history("tests.jobs.keyed", ACME)
+
+    assert history.ran == [ran] and history.running == [running] and history.dropped == [dropped]
+    assert history.waiting == [first, second]
+
+
+def test_the_key_view_finds_a_registration_key_too() -> None:
+    merged = InvocationFactory(task_name="tests.jobs.once_per_key", registration_key=ACME)
+    assert key_history("tests.jobs.once_per_key", ACME).waiting == [merged]
+
+
+def test_invocations_outside_the_key_are_not_in_its_view() -> None:
+    InvocationFactory(task_name="tests.jobs.keyed", running_key=GLOBEX, status=Status.SUCCESS)
+    history = key_history("tests.jobs.keyed", ACME)
+    assert not (history.ran or history.running or history.waiting or history.dropped)
+    assert Invocation.objects.count() == 1
+
+
+def test_the_key_view_reads_each_part_in_one_query_with_its_runners(django_assert_num_queries) -> None:
+    runner = RunnerFactory()
+    for status in [Status.SUCCESS] * 5 + [Status.REGISTERED, Status.CONCURRENCY_CONTROLLED_FINAL, Status.RUNNING]:
+        InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME, status=status, runner=runner)
+    # Running, waiting, ran, dropped.
+    with django_assert_num_queries(4):
+        history = key_history("tests.jobs.keyed", ACME)
+        assert {invocation.runner.host for invocation in history.ran + history.running} == {runner.host}
