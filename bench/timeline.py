@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     scratch = None
     if database["ENGINE"].endswith("sqlite3"):
         # A file like the demo's, not the in-memory database Django tests default to.
-        scratch = tempfile.NamedTemporaryFile(prefix="keyjobs-bench-timeline-", suffix=".sqlite3", delete=False).name
+        with tempfile.NamedTemporaryFile(prefix="keyjobs-bench-timeline-", suffix=".sqlite3", delete=False) as file:
+            scratch = file.name
         database["TEST"]["NAME"] = scratch
     setup_test_environment()
     name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
@@ -66,7 +67,7 @@ def fill(count: int, seed: int) -> dict[str, int]:
     start = now - timedelta(minutes=10)
     runners = [Runner.objects.create(host="bench", pid=1000 + n, threads=8) for n in range(2)]
     lanes = [(runner, thread) for runner in runners for thread in range(8)]
-    free_at = {lane: start for lane in lanes}
+    free_at = dict.fromkeys(lanes, start)
     accounts = [f'{{"account_id":"account-{n}"}}' for n in range(60)]
     invocations: list[Invocation] = []
     plans: list[list[tuple[str, str, str, Any, Any, Any]]] = []
@@ -115,7 +116,7 @@ def fill(count: int, seed: int) -> dict[str, int]:
     events = [
         Event(invocation=invocation, kind=kind, from_status=before, to_status=after, at=at, runner=runner,
               runner_thread=thread)
-        for invocation, history in zip(invocations, plans)
+        for invocation, history in zip(invocations, plans, strict=True)
         for kind, before, after, at, runner, thread in history
     ]
     Event.objects.bulk_create(events, batch_size=5000)
