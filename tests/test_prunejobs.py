@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from datetime import timedelta
 from io import StringIO
 
@@ -6,11 +8,11 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from keyjobs.models import Event, Invocation
+from tests.conftest import ROOT
 from tests.factories import EventFactory, InvocationFactory
 
-pytestmark = pytest.mark.django_db
 
-
+@pytest.mark.django_db
 def test_prune_deletes_old_finished_invocations_and_their_history_only():
     old = InvocationFactory(status="SUCCESS", finished_at=timezone.now() - timedelta(days=10))
     EventFactory(invocation=old)
@@ -23,6 +25,7 @@ def test_prune_deletes_old_finished_invocations_and_their_history_only():
     assert "deleted 1 finished invocation(s)" in out.getvalue()
 
 
+@pytest.mark.django_db
 def test_prune_dry_run_deletes_nothing():
     InvocationFactory(status="SUCCESS", finished_at=timezone.now() - timedelta(days=10))
     out = StringIO()
@@ -30,6 +33,29 @@ def test_prune_dry_run_deletes_nothing():
     assert Invocation.objects.count() == 1 and "1 finished invocation(s) would be deleted" in out.getvalue()
 
 
-def test_prune_refuses_a_bad_duration():
-    with pytest.raises(Exception, match="is not a duration like 30d"):
-        call_command("prunejobs", "--older-than", "week")
+@pytest.mark.django_db
+def test_prune_deletes_in_batches_of_the_given_size():
+    for _ in range(3):
+        InvocationFactory(status="SUCCESS", finished_at=timezone.now() - timedelta(days=10))
+    out = StringIO()
+    call_command("prunejobs", "--batch", "2", stdout=out)
+    assert not Invocation.objects.exists() and "deleted 3 finished invocation(s)" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--older-than", "nonsense"], "argument --older-than: 'nonsense' is not a duration like 30d, 12h"),
+        (["--older-than=-1 day"], "argument --older-than: must not be negative, not '-1 day'"),
+        (["--batch", "-1"], "argument --batch: must be at least 1, not -1"),
+        (["--batch", "many"], "argument --batch: 'many' is not a whole number"),
+    ],
+)
+def test_bad_arguments_get_a_one_line_usage_error_and_exit_2(arguments, message):
+    result = subprocess.run([sys.executable, "manage.py", "prunejobs", *arguments], cwd=ROOT,
+                            capture_output=True, text=True, env={"DJANGO_SETTINGS_MODULE": "tests.settings",
+                                                                 "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2, result.stderr
+    *usage, last_line = result.stderr.strip().splitlines()
+    assert last_line.startswith(f"manage.py prunejobs: error: {message}"), result.stderr
+    assert all(line.startswith(("usage:", " ")) for line in usage), result.stderr

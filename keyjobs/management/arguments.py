@@ -1,6 +1,14 @@
 """Argument types for keyjobs' commands: bad input is refused in one line, while the options are parsed."""
 
 import argparse
+import re
+from datetime import timedelta
+
+from django.utils.dateparse import parse_duration
+
+#: The short form: a whole number and one unit, as in 30d, 12h, 45m or 90s.
+SHORT_DURATION = re.compile(r"(?P<number>\d+)(?P<unit>[dhms])")
+UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
 
 
 def positive_int(text: str) -> int:
@@ -11,6 +19,19 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def duration(text: str) -> timedelta:
+    """Parse a duration of zero or more: 30d, 12h, 45m, 90s, or what Django's parse_duration reads (1:30:00, P1DT2H)."""
+    short = SHORT_DURATION.fullmatch(text.strip())
+    if short:
+        return timedelta(**{UNITS[short["unit"]]: int(short["number"])})
+    value = parse_duration(text.strip())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d, 12h, 45m, 90s, 1:30:00 or P1DT2H")
+    if value < timedelta(0):
+        raise argparse.ArgumentTypeError(f"must not be negative, not {text!r}")
     return value
 
 

@@ -5,17 +5,8 @@ from django.core.management.base import BaseCommand
 from django.db.models.functions import Now
 
 from keyjobs.conf import conf
+from keyjobs.management.arguments import duration, positive_int
 from keyjobs.models import Invocation, Runner
-from keyjobs.status import FINAL
-
-
-def duration(text: str) -> timedelta:
-    """Parse 30d, 12h, 45m or 90s."""
-    units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
-    number, unit = text[:-1], text[-1:]
-    if unit not in units or not number.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d, 12h, 45m or 90s")
-    return timedelta(**{units[unit]: int(number)})
 
 
 class Command(BaseCommand):
@@ -23,13 +14,15 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--older-than", type=duration, default=timedelta(days=7),
-                            help="Age of the finish time past which to delete (default 7d).")
-        parser.add_argument("--batch", type=int, default=5000, help="Rows deleted per transaction (default 5000).")
+                            help="Age of the finish time past which to delete: 30d, 12h, 45m, 90s, 1:30:00 "
+                            "or P1DT2H (default 7d).")
+        parser.add_argument("--batch", type=positive_int, default=5000,
+                            help="Rows deleted per transaction (default 5000).")
         parser.add_argument("--dry-run", action="store_true", help="Only count what would be deleted.")
 
     def handle(self, *args: object, older_than: timedelta, batch: int, dry_run: bool, **options: object) -> None:
         using = conf.DATABASE
-        old = Invocation.objects.using(using).filter(status__in=FINAL, finished_at__lt=Now() - older_than)
+        old = Invocation.objects.using(using).finished().filter(finished_at__lt=Now() - older_than)
         if dry_run:
             self.stdout.write(f"{old.count()} finished invocation(s) would be deleted")
             return
