@@ -1,5 +1,6 @@
 import argparse
 import logging
+import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -21,7 +22,8 @@ class Command(BaseCommand):
     def handle(self, *args: object, threads: int, queues: list[str], burst: bool, database: str | None,
                prefetch: int, verbosity: int, **options: object) -> None:
         if not logging.getLogger("keyjobs").handlers:
-            handler = logging.StreamHandler(self.stderr._out)
+            # The process's stderr, where a supervisor collects a worker's log; plain, not in the style of errors.
+            handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             logging.getLogger("keyjobs").addHandler(handler)
         logging.getLogger("keyjobs").setLevel(logging.DEBUG if verbosity > 1 else
