@@ -1,6 +1,7 @@
 # The two set-up commands of the README:
 #   make demo   builds .venv (Python from .python-version) and runs the demo on SQLite
-#   make test   builds .venv and runs the suite on SQLite, then on PostgreSQL
+#   make test   builds .venv, runs the lint (make lint), then the suite on SQLite, then on PostgreSQL
+# make check is what CI checks beside the tests: make lint (ruff, makemigrations --check) and make typecheck (mypy).
 # The second supported stack: make test DJANGO=5.2 PY=3.11.7
 PY      ?= $(shell cat .python-version)
 DJANGO  ?= 6.1
@@ -9,7 +10,7 @@ PYTHON  := $(shell PYENV_VERSION=$(PY) pyenv which python 2>/dev/null || command
 PYTEST_ARGS ?=
 export KEYJOBS_TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/keyjobs
 
-.PHONY: demo test test-sqlite test-postgres bench venv clean
+.PHONY: demo test test-sqlite test-postgres check lint typecheck bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -22,7 +23,16 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/python manage.py demo
 
-test: test-sqlite test-postgres
+test: lint test-sqlite test-postgres
+
+check: lint typecheck
+
+lint: venv
+	$(VENV)/bin/ruff check keyjobs tests bench demo_project
+	DJANGO_SETTINGS_MODULE=tests.settings KEYJOBS_TEST_DB=sqlite $(VENV)/bin/python manage.py makemigrations --check --dry-run
+
+typecheck: venv
+	$(VENV)/bin/mypy keyjobs
 
 test-sqlite: venv
 	KEYJOBS_TEST_DB=sqlite $(VENV)/bin/python -W error -m pytest $(PYTEST_ARGS)

@@ -171,10 +171,8 @@ def stop(processes: Sequence[subprocess.Popen[bytes]], *, grace: float = 15.0) -
                 os.killpg(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for process in processes:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
         with contextlib.suppress(ProcessLookupError):
             # The group too: a prefork pool's children must not outlive their parent.
             os.killpg(process.pid, signal.SIGKILL)

@@ -19,7 +19,15 @@ from datetime import timedelta
 from typing import Any
 
 from .harness import (
-    ProviderProcess, Recorder, Result, exit_on_sigterm, median, percentile, run_children, say, table,
+    ProviderProcess,
+    Recorder,
+    Result,
+    exit_on_sigterm,
+    median,
+    percentile,
+    run_children,
+    say,
+    table,
     wait_for_postgres,
 )
 from .keyed import _without
@@ -206,7 +214,7 @@ def history(db: str, size: Sizes, empty_rate: float | None) -> list[Result]:
     _fill_history(size.history_finished, size.history_waiting)
     filled = time.perf_counter() - start
     say(f"  {db:8} history: {size.history_finished:,} finished + {size.history_waiting:,} waiting in {filled:.0f}s")
-    from keyjobs.sql import statements
+    from keyjobs.store import store as statements
 
     query, params = statements("default").claimable_sql('"id"', None, 1)  # the statement the claim runs
     with transaction.atomic(), connection.cursor() as cursor:

@@ -16,6 +16,7 @@ in any environment the demo runs in.
 """
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -308,10 +309,8 @@ class _Server(ThreadingHTTPServer):
         with self._connections_lock:
             connections = list(self._connections)
         for connection in connections:
-            try:
+            with contextlib.suppress(OSError):  # Its handler closed it meanwhile.
                 connection.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass  # Its handler closed it meanwhile.
         super().server_close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:

@@ -3,6 +3,7 @@
 Shared by the short chaos test in the suite and ``bench/chaos.py``.
 """
 
+import itertools
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from django.db import OperationalError, InterfaceError, connection
+from django.db import InterfaceError, OperationalError, connection
 
 from keyjobs.models import Event, Invocation
 from keyjobs.status import FINAL, Status
@@ -137,7 +138,7 @@ def _check(report: ChaosReport, ids: list[int], log: Path, killed_at: dict[int, 
         spans[key].append((start, killed_at.get(pid, float("inf")), f"{number}@{pid} (killed)"))
     for key, intervals in spans.items():
         intervals.sort()
-        for (s1, e1, a), (s2, e2, b) in zip(intervals, intervals[1:]):
+        for (s1, e1, a), (s2, e2, b) in itertools.pairwise(intervals):
             if s2 < e1:
                 report.overlaps.append(f"{key}: {a} [{s1:.3f}, {e1:.3f}] and {b} [{s2:.3f}, {e2:.3f}]")
     expected = {(f"key-{k}", n) for k in range(keys) for n in range(per_key)}

@@ -5,6 +5,7 @@ Debian's ``chromium`` and ``chromium-driver`` packages provide the browser and i
 where they are, so that it downloads nothing. Screenshots go to ``test-artifacts/``.
 """
 
+import itertools
 import json
 import shutil
 import tempfile
@@ -134,7 +135,7 @@ def screenshot(browser: WebDriver, name: str) -> Path:
 
 def overlaps(spans: list[tuple[int, int]]) -> bool:
     spans = sorted(spans)
-    return any(start < previous_end for (_, previous_end), (start, _) in zip(spans, spans[1:]))
+    return any(start < previous_end for (_, previous_end), (start, _) in itertools.pairwise(spans))
 
 
 # -- the demo on a real worker ------------------------------------------------------------

@@ -1,7 +1,6 @@
 import pytest
 
-from keyjobs import ConcurrencyControlType, Mode, Task, TaskDeclarationError, task
-from keyjobs import registry
+from keyjobs import ConcurrencyControlType, Mode, Task, TaskDeclarationError, registry, task
 from tests import jobs
 
 
@@ -37,7 +36,7 @@ def test_an_unknown_scope_is_refused_at_declaration(option):
 
 @pytest.mark.parametrize("option", ["running_concurrency", "registration_concurrency"])
 def test_keys_without_key_arguments_is_refused(option):
-    with pytest.raises(TaskDeclarationError, match="Mode.KEYS needs key_arguments"):
+    with pytest.raises(TaskDeclarationError, match=r"Mode\.KEYS needs key_arguments"):
 
         @task(**{option: Mode.KEYS})
         def f(account_id): ...
@@ -65,7 +64,7 @@ def test_key_arguments_without_keys_scope_is_refused():
 
 
 def test_an_unknown_option_is_refused():
-    with pytest.raises(TaskDeclarationError, match="unknown option.*runing_concurrency"):
+    with pytest.raises(TaskDeclarationError, match=r"unknown option.*runing_concurrency"):
 
         @task(runing_concurrency=Mode.KEYS)
         def f(account_id): ...
@@ -100,7 +99,7 @@ def test_a_nested_function_is_refused_because_workers_cannot_import_it():
 def test_two_functions_cannot_share_a_name():
     def other(a, b=0): ...
 
-    with pytest.raises(TaskDeclarationError, match="already used by tests.jobs.add"):
+    with pytest.raises(TaskDeclarationError, match=r"already used by tests\.jobs\.add"):
         Task(other, name="tests.jobs.add")
 
 

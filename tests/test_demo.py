@@ -398,5 +398,5 @@ def test_enqueue_without_a_provider_says_how_to_start_one() -> None:
         unused.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{unused.getsockname()[1]}"
 
-    with override_settings(PROVIDER_URL=url), pytest.raises(CommandError, match="start it with `python -m demo_project.provider`"):
+    with override_settings(PROVIDER_URL=url), pytest.raises(CommandError, match=r"start it with `python -m demo_project\.provider`"):
         call_command("enqueue", "B", stderr=io.StringIO())

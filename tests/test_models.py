@@ -46,18 +46,18 @@ def test_result_of_a_success_is_the_return_value():
 def test_result_of_a_failure_raises_with_the_error_and_traceback():
     invocation = InvocationFactory(status=Status.FAILED, error="ValueError: no", traceback="Traceback ...")
     with pytest.raises(InvocationFailed, match="failed: ValueError: no") as raised:
-        invocation.result
+        invocation.result  # noqa: B018
     assert raised.value.traceback == "Traceback ..."
 
 
 def test_result_of_a_dropped_invocation_raises():
     with pytest.raises(InvocationDropped, match="dropped by concurrency control"):
-        InvocationFactory(status=Status.CONCURRENCY_CONTROLLED_FINAL).result
+        InvocationFactory(status=Status.CONCURRENCY_CONTROLLED_FINAL).result  # noqa: B018
 
 
 def test_result_of_unfinished_work_raises():
     with pytest.raises(InvocationNotFinished, match="is REGISTERED, not finished"):
-        InvocationFactory().result
+        InvocationFactory().result  # noqa: B018
 
 
 def test_wait_returns_the_final_status():
@@ -65,7 +65,7 @@ def test_wait_returns_the_final_status():
 
 
 def test_wait_gives_up_with_timeout_error():
-    with pytest.raises(TimeoutError, match="still REGISTERED after 0.05s"):
+    with pytest.raises(TimeoutError, match=r"still REGISTERED after 0\.05s"):
         InvocationFactory().wait(timeout=0.05)
 
 

@@ -3,7 +3,8 @@ import pytest
 from keyjobs import InvalidTransition, Status
 from keyjobs.exceptions import NotOwner
 from keyjobs.models import Event
-from keyjobs.status import FINAL, TRANSITIONS, Status as S
+from keyjobs.status import FINAL, TRANSITIONS
+from keyjobs.status import Status as S
 from keyjobs.transitions import move
 from tests.factories import InvocationFactory, RunnerFactory
 

@@ -1,3 +1,4 @@
+import itertools
 import os
 import signal
 import threading
@@ -28,7 +29,7 @@ def assert_no_two_runs_of_a_key_overlapped(runs):
         by_key.setdefault(account, []).append((start, end))
     for account, spans in by_key.items():
         spans.sort()
-        for (_, end), (start, _) in zip(spans, spans[1:]):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             assert start >= end, f"two runs of {account} overlapped"
 
 

@@ -12,7 +12,16 @@ import time
 from typing import Any
 
 from bench.harness import (
-    REDIS_URL, ProviderProcess, Recorder, Result, median, percentile, say, spawn, stop, wait_until,
+    REDIS_URL,
+    ProviderProcess,
+    Recorder,
+    Result,
+    median,
+    percentile,
+    say,
+    spawn,
+    stop,
+    wait_until,
 )
 from bench.peers import run_peer
 from bench.workloads import Sizes, Workload, latency_gaps

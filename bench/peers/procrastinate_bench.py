@@ -12,8 +12,18 @@ import time
 from typing import Any
 
 from bench.harness import (
-    POSTGRES_URL, ProviderProcess, Recorder, Result, median, percentile, recreate_postgres, say, spawn, stop,
-    wait_for_postgres, wait_until,
+    POSTGRES_URL,
+    ProviderProcess,
+    Recorder,
+    Result,
+    median,
+    percentile,
+    recreate_postgres,
+    say,
+    spawn,
+    stop,
+    wait_for_postgres,
+    wait_until,
 )
 from bench.peers import run_peer
 from bench.workloads import Sizes, Workload, latency_gaps

@@ -11,8 +11,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from demo_project.provider import MAX_HOLD, check_hold
-from keyjobs.management.arguments import positive_int
 from demo_project.scenarios import ACCOUNTS, OPS, SCENARIOS, Scenario, Summary
+from keyjobs.management.arguments import positive_int
 
 
 def scenario_choice(text: str) -> list[Scenario]:
