@@ -26,6 +26,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "keyjobs",
     "demo_project",
+    "demo_project.accounts",
 ]
 
 MIDDLEWARE = [
@@ -84,12 +85,21 @@ USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
 
+# The site's pages are for logged-in users; `manage.py site` creates one and prints its password.
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "accounts:list"
+LOGOUT_REDIRECT_URL = "login"
+
 # keyjobs: how often runners heartbeat, and how long a silent one keeps its work.
 KEYJOBS_HEARTBEAT_INTERVAL = env.float("KEYJOBS_HEARTBEAT_INTERVAL", default=5.0)
 KEYJOBS_LEASE = env.float("KEYJOBS_LEASE", default=6 * KEYJOBS_HEARTBEAT_INTERVAL)
 
 # Where the demo's tasks reach the provider.
 PROVIDER_URL = env("PROVIDER_URL", default="http://127.0.0.1:8765")
+
+# Seconds between a request for an account's refresh (a save, a press of "refresh") and the refresh:
+# the window in which further requests merge into the one waiting.
+ACCOUNT_REFRESH_AFTER = env.float("ACCOUNT_REFRESH_AFTER", default=2.0)
 
 LOGGING = {
     "version": 1,
