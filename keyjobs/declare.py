@@ -6,15 +6,15 @@ hands a call to the workers instead.
 
 import functools
 import inspect
-import random
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import registry
-from .concurrency import ConcurrencyControlType, Mode, make_key
-from .conf import conf
+from .admission import Policy
+from .concurrency import ConcurrencyControlType, Mode
 from .exceptions import TaskDeclarationError
+from .spec import Options, TaskSpec
 
 if TYPE_CHECKING:
     from .models import Invocation
@@ -73,23 +73,19 @@ class Task(Generic[P, R]):
             name = f"{func.__module__}.{func.__qualname__}"
         if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
             raise TaskDeclarationError(f"{where}: name must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
+        self.spec = TaskSpec(
+            name=name,
+            func=func,
+            policy=Policy(running=running, registration=registration, key_arguments=keys,
+                          reroute=reroute_on_concurrency_control),
+            default_queue=queue,
+            priority=priority,
+            max_retries=retries[0], retry_for=retries[1], retry_backoff=retries[2], retry_backoff_max=retries[3],
+            timeout=float(timeout) if timeout is not None else None,
+        )
         self.func = func
-        self.name = name
-        self.signature = signature
-        self.running_concurrency = running
-        self.registration_concurrency = registration
-        self.key_arguments = keys
-        self.reroute_on_concurrency_control = reroute_on_concurrency_control
-        #: How many invocations of one key a runner may own at once.
-        self.running_limit = 1
-        self._queue = queue
-        self.priority = priority
-        self.is_async = inspect.iscoroutinefunction(func)
-        self.max_retries, self.retry_for, self.retry_backoff, self.retry_backoff_max = retries
-        #: Seconds a run may take; None for no limit.
-        self.timeout = float(timeout) if timeout is not None else None
         functools.update_wrapper(self, func)
-        registry.register(self)
+        registry.register(self.spec)
 
     @staticmethod
     def _check_keys(
@@ -119,27 +115,26 @@ class Task(Generic[P, R]):
         if len(set(keys)) != len(keys):
             raise TaskDeclarationError(f"{where}: key_arguments={keys!r} names an argument twice")
 
-    @property
-    def queue(self) -> str:
-        return self._queue or conf.DEFAULT_QUEUE
+    # What the spec holds, read as the declaration spelled it.
+    name = property(lambda self: self.spec.name)
+    signature = property(lambda self: self.spec.signature)
+    queue = property(lambda self: self.spec.queue)
+    priority = property(lambda self: self.spec.priority)
+    timeout = property(lambda self: self.spec.timeout)
+    is_async = property(lambda self: self.spec.is_async)
+    running_concurrency = property(lambda self: self.spec.policy.running)
+    registration_concurrency = property(lambda self: self.spec.policy.registration)
+    key_arguments = property(lambda self: self.spec.policy.key_arguments)
+    reroute_on_concurrency_control = property(lambda self: self.spec.policy.reroute)
+    running_limit = property(lambda self: self.spec.policy.limit)
+    max_retries = property(lambda self: self.spec.max_retries)
+    retry_for = property(lambda self: self.spec.retry_for)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.func(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
-
-    def retry_delay(self, attempt: int) -> float:
-        """Return the seconds to wait before attempt ``attempt + 1``: exponential, with full jitter above half."""
-        ceiling = min(self.retry_backoff_max, self.retry_backoff * 2 ** max(attempt - 1, 0))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-    def keys_for(self, arguments: Mapping[str, Any]) -> tuple[str | None, str | None]:
-        """Return the (running, registration) keys of a call's bound arguments."""
-        return (
-            make_key(self.running_concurrency, arguments, self.key_arguments),
-            make_key(self.registration_concurrency, arguments, self.key_arguments),
-        )
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> "Invocation":
         """Register a call for a worker to run, in the caller's transaction, and return its invocation."""
@@ -159,35 +154,11 @@ class Task(Generic[P, R]):
         """Return this task with enqueue options overridden, for ``.delay()``."""
         where = f"{self.name}.using()"
         return Options(
-            self,
-            queue=_check_queue(where, queue) or self.queue,
-            priority=self.priority if priority is None else _check_priority(where, priority),
+            self.spec,
+            queue=_check_queue(where, queue),
+            priority=None if priority is None else _check_priority(where, priority),
             run_after=run_after,
         )
-
-
-class Options:
-    """A task with its enqueue options fixed: what ``Task.using()`` returns."""
-
-    def __init__(self, task: Task[Any, Any], *, queue: str, priority: int, run_after: datetime | timedelta | None) -> None:
-        if run_after is not None and not isinstance(run_after, (datetime, timedelta)):
-            raise TaskDeclarationError(f"{task.name}.using(): run_after must be a datetime or a timedelta")
-        self.task = task
-        self.queue = queue
-        self.priority = priority
-        self.run_after = run_after
-
-    def delay(self, *args: Any, **kwargs: Any) -> "Invocation":
-        """Register a call for a worker to run, in the caller's transaction, and return its invocation."""
-        from .enqueue import enqueue
-
-        return enqueue(self, args, kwargs)
-
-    def delay_many(self, calls: Iterable[Any]) -> list["Invocation"]:
-        """Register many calls at once: each an ``(args, kwargs)`` pair or a dict of keyword arguments."""
-        from .enqueue import enqueue_many
-
-        return enqueue_many(self, calls)
 
 
 def _check_retries(

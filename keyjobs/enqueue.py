@@ -11,8 +11,6 @@ statement queues the runners' wake-up. Outside a transaction a delay() is that
 one statement, atomic by itself.
 """
 
-import functools
-import math
 import operator
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
@@ -22,17 +20,20 @@ from typing import TYPE_CHECKING, Any
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
-from . import sql, wakeups
+from . import admission
+from .admission import KeyState, Verdict
 from .conf import conf
 from .exceptions import ArgumentError, KeyjobsError
 from .models import Event, Invocation
-from .status import Status
+from .status import Status, change
+from .store import store
 from .transitions import record
+from .values import check_arguments
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
-    from .declare import Options, Task
+    from .spec import Options, TaskSpec
 
 #: How often a delay() retries after losing a race at the registration guard.
 _REGISTRATION_ATTEMPTS = 20
@@ -56,12 +57,12 @@ def enqueue(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -
     """Register one call of ``options.task``; return its invocation, or the waiting one it duplicates."""
     invocation = _build(options, args, kwargs)
     if invocation.registration_key is not None:
-        return _register(invocation)
+        return _register(invocation, options.task.policy)
     _insert([invocation], conf.DATABASE)
     return invocation
 
 
-def _register(invocation: Invocation) -> Invocation:
+def _register(invocation: Invocation, policy: admission.Policy) -> Invocation:
     """Insert a built invocation, or return the waiting one its registration key already has."""
     using = conf.DATABASE
     for _ in range(_REGISTRATION_ATTEMPTS):
@@ -72,7 +73,7 @@ def _register(invocation: Invocation) -> Invocation:
                 .filter(task_name=invocation.task_name, registration_key=invocation.registration_key)
                 .first()
             )
-            if existing is not None:
+            if existing is not None and admission.register(policy, existing).verdict is Verdict.MERGE:
                 record(existing, Event.Kind.REUSED, using=using)
                 existing.reused = True
                 return existing
@@ -104,7 +105,7 @@ def enqueue_many(options: "Options", calls: Iterable[Any]) -> list[Invocation]:
     if any(invocation.registration_key is not None for invocation in invocations):
         # Deduplication needs each call to see the ones before it.
         with transaction.atomic(using=conf.DATABASE):
-            return [_register(invocation) for invocation in invocations]
+            return [_register(invocation, options.task.policy) for invocation in invocations]
     if not invocations:
         return invocations
     using = conf.DATABASE
@@ -112,36 +113,39 @@ def enqueue_many(options: "Options", calls: Iterable[Any]) -> list[Invocation]:
     with transaction.atomic(using=using) if parked else nullcontext():
         _insert(invocations, using)
         if parked:
-            sql.statements(using).insert_events([
-                (invocation.pk, Event.Kind.TRANSITION, "", Status.REROUTED, None, None,
-                 f"parked at enqueue behind #{first.pk} of its key, enqueued with it")
-                for invocation, first in parked
+            store(using).insert_events([
+                event for invocation, first in parked for event in
+                change(Status.REROUTED, note=f"parked at enqueue behind #{first.pk} of its key, enqueued with it")
+                .events(invocation.pk, "")
             ])
     return invocations
 
 
-def _park_behind_their_key(task: "Task[Any, Any]", invocations: list[Invocation]) -> list[tuple[Invocation, Invocation]]:
-    """Create parked each invocation whose running key an earlier one of the same call has.
+def _park_behind_their_key(task: "TaskSpec", invocations: list[Invocation]) -> list[tuple[Invocation, Invocation]]:
+    """Create parked each invocation that admission would park behind earlier ones of the same call.
 
-    Return (parked invocation, first of its key) pairs. The first stays
-    registered and wakes the next when it ends, as a claim that found its
+    Return (parked invocation, first of its key) pairs. Those admitted stay
+    registered and wake the next when they end, as a claim that found its
     key busy would have arranged: the queue then holds each key's head only,
-    and no claim has to step over the rest. Not for a task that drops
-    blocked work, which is decided when the work comes up.
+    and no claim has to step over the rest. Admission sees only the call
+    itself (the key's owners are decided at the claim), so a key's first
+    ``limit`` calls are admitted. Not for a task that drops blocked work,
+    which is decided when the work comes up.
     """
-    if not task.reroute_on_concurrency_control:
+    policy = task.policy
+    if not policy.reroute:
         return []
-    first_of_key: dict[str, Invocation] = {}
+    of_key: dict[str, list[Invocation]] = {}
     parked = []
     for invocation in invocations:
         key = invocation.running_key
         if key is None:
             continue
-        if key in first_of_key:
+        earlier = of_key.setdefault(key, [])
+        if admission.admit(policy, KeyState(ahead=len(earlier))).verdict is Verdict.PARK:
             invocation.status = Status.REROUTED
-            parked.append((invocation, first_of_key[key]))
-        else:
-            first_of_key[key] = invocation
+            parked.append((invocation, earlier[0]))
+        earlier.append(invocation)
     return parked
 
 
@@ -156,7 +160,7 @@ def _insert(invocations: list[Invocation], using: str) -> None:
         with transaction.atomic(using=using):
             for invocation in invocations:
                 invocation.save(using=using, force_insert=True)
-            wakeups.notify(using, invocations[0].queue)
+            store(using).notify(invocations[0].queue)
         return
     size = max(1, min(_BATCH_SIZE, connection.ops.bulk_batch_size(_WRITTEN, invocations)))
     # Alone, one statement is atomic by itself: a delay() in autocommit is one round trip.
@@ -169,23 +173,7 @@ def _insert(invocations: list[Invocation], using: str) -> None:
 
 def _insert_rows(connection: "BaseDatabaseWrapper", rows: list[list[Any]], queue: str) -> list[tuple[Any, ...]]:
     """Insert rows of ``_WRITTEN`` values in one statement, waking runners of ``queue``; return their ``_RETURNED``."""
-    if wakeups.supports_notify(connection.alias):
-        # PostgreSQL inserts and queues the wake-up in one statement (keyjobs.postgres).
-        return wakeups.insert_and_notify(connection.alias, Invocation, _WRITTEN, rows, _RETURNED, queue)
-    with connection.cursor() as cursor:
-        cursor.execute(_insert_sql(connection.alias, len(rows)), [value for row in rows for value in row])
-        return cursor.fetchall()
-
-
-@functools.lru_cache(maxsize=16)
-def _insert_sql(using: str, rows: int) -> str:
-    """Return the INSERT ... RETURNING of ``rows`` invocations on database ``using``."""
-    quote = connections[using].ops.quote_name
-    row = f"({', '.join(['%s'] * len(_WRITTEN))})"
-    return (
-        f"INSERT INTO {quote(Invocation._meta.db_table)} ({', '.join(quote(field.column) for field in _WRITTEN)}) "
-        f"VALUES {', '.join([row] * rows)} RETURNING {', '.join(quote(field.column) for field in _RETURNED)}"
-    )
+    return store(connection.alias).insert(_WRITTEN, rows, _RETURNED, queue)
 
 
 def _rows(invocations: list[Invocation], connection: "BaseDatabaseWrapper") -> list[list[Any]]:
@@ -214,12 +202,12 @@ def _rows(invocations: list[Invocation], connection: "BaseDatabaseWrapper") -> l
 
 def _adopt(invocations: list[Invocation], rows: list[tuple[Any, ...]], connection: "BaseDatabaseWrapper") -> None:
     """Set on inserted invocations what the database returned, read as the ORM reads it, and mark them saved."""
-    statements = sql.statements(connection.alias)
+    db = store(connection.alias)
     # SQLite documents the order of RETURNING rows as arbitrary; ids grow in insert order on both databases.
     rows = sorted(rows)
     for field, values in zip(_RETURNED, zip(*rows)):
         # The rows of a statement share their clock reading: read each distinct value once.
-        read = {value: statements.read(field.attname, value) for value in set(values)}
+        read = {value: db.read(field.attname, value) for value in set(values)}
         for invocation, value in zip(invocations, values, strict=True):
             setattr(invocation, field.attname, read[value])
     for invocation in invocations:
@@ -231,8 +219,7 @@ def _build(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     task = options.task
     where = f"{task.name}.delay()"
     arguments = _bind(task, args, kwargs, where)
-    for name, value in arguments.items():
-        check_json(value, where=where, path=name)
+    check_arguments(arguments, where=where)
     running_key, registration_key = task.keys_for(arguments)
     return Invocation(
         task_name=task.name,
@@ -256,30 +243,6 @@ def _bind(task: "Task[Any, Any]", args: tuple[Any, ...], kwargs: dict[str, Any],
         raise ArgumentError(f"{where}: {exc}") from None
     bound.apply_defaults()
     return bound.arguments
-
-
-def check_json(value: Any, *, where: str, path: str, kind: str = "argument") -> None:
-    """Raise ArgumentError unless ``value`` survives a JSON round trip unchanged (tuples become lists)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ArgumentError(f"{where}: {kind} {path!r} is {value!r}, which JSON cannot hold")
-        return
-    if isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            check_json(item, where=where, path=f"{path}[{index}]", kind=kind)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ArgumentError(f"{where}: {kind} {path!r} has the key {key!r}; JSON object keys must be strings")
-            check_json(item, where=where, path=f"{path}[{key!r}]", kind=kind)
-        return
-    raise ArgumentError(
-        f"{where}: {kind} {path!r} is a {type(value).__module__}.{type(value).__qualname__}, which is not "
-        "JSON-serializable; pass plain data (str, int, float, bool, None, list, dict), e.g. an id instead of a model instance"
-    )
 
 
 def _plain(value: Any) -> Any:

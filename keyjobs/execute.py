@@ -18,17 +18,15 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from asgiref.sync import async_to_sync
-from django.db import DatabaseError, IntegrityError, connections, transaction
-from django.db.models import F
+from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
-from . import registry, signals
-from .claim import Taker, record_and_take, wake_next
-from .declare import Task
-from .enqueue import check_json
+from . import faults, registry, signals, values
+from .claim import Claimer, record_and_claim, wake_next
+from .spec import TaskSpec
 from .exceptions import ArgumentError, KeyjobsError, NotOwner, TimeLimitExceeded
 from .models import Invocation, Runner
-from .sql import statements
+from .store import store
 from .status import Status
 from .transitions import move
 
@@ -50,7 +48,7 @@ def start(invocation: Invocation, runner: Runner, *, using: str, thread: int | N
     """Mark a claimed invocation RUNNING; return False if ``runner`` no longer owns it."""
     try:
         moved = move([invocation.pk], Status.RUNNING, using=using, only_from={Status.PENDING}, owner=runner,
-                     runner_thread=thread, values={"attempts": F("attempts") + 1})
+                     runner_thread=thread)
     except NotOwner:
         return False
     if moved:
@@ -61,7 +59,7 @@ def start(invocation: Invocation, runner: Runner, *, using: str, thread: int | N
 
 def call(invocation: Invocation) -> Outcome:
     """Call the invocation's function; return what to record. Never raises for the task's own errors."""
-    task: Task[Any, Any] | None = None
+    task: TaskSpec | None = None
     began = time.monotonic()
     try:
         task = registry.get(invocation.task_name)
@@ -74,13 +72,9 @@ def call(invocation: Invocation) -> Outcome:
         elapsed = time.monotonic() - began
         if task.timeout is not None and elapsed > task.timeout:
             raise TimeLimitExceeded(f"ran {elapsed:.1f}s, over its time limit of {task.timeout:g}s")
-        check_json(value, where=invocation.task_name, path="return value", kind="result")
+        values.check_result(value, where=invocation.task_name)
     except Exception as exc:
-        failure = {
-            "error": str(exc) if isinstance(exc, KeyjobsError) else f"{type(exc).__qualname__}: {exc}",
-            "traceback": "" if isinstance(exc, KeyjobsError) and not isinstance(exc, TimeLimitExceeded)
-            else traceback.format_exc(),
-        }
+        failure = _failure(exc, traceback.format_exc())
         if task is not None and isinstance(exc, task.retry_for) and invocation.attempts <= task.max_retries:
             delay = task.retry_delay(invocation.attempts)
             failure["run_after"] = timezone.now() + timedelta(seconds=delay)
@@ -99,12 +93,27 @@ def _check_stored_call(invocation: Invocation) -> None:
         raise ArgumentError(f"its stored kwargs are a JSON {type(invocation.kwargs).__name__}, not an object")
 
 
-async def _call_async(task: Task[Any, Any], invocation: Invocation) -> Any:
+async def _call_async(task: TaskSpec, invocation: Invocation) -> Any:
     # A coroutine can really be stopped at its time limit, unlike a thread.
     try:
         return await asyncio.wait_for(task.func(*invocation.args, **invocation.kwargs), task.timeout)
     except TimeoutError:
         raise TimeLimitExceeded(f"cancelled at its time limit of {task.timeout:g}s") from None
+
+
+def _failure(exc: BaseException, formatted: str) -> dict[str, Any]:
+    """Return the fields that record ``exc``, made storable: whatever the task raised, its failure can be written."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = "(its message could not be read)"
+    ours = isinstance(exc, KeyjobsError)
+    return {
+        "error": values.storable_text(message if ours else f"{type(exc).__qualname__}: {message}"),
+        "error_type": values.storable_text(f"{type(exc).__module__}.{type(exc).__qualname__}", limit=255),
+        # keyjobs' own errors say all there is to say, except where the run itself was stopped.
+        "traceback": "" if ours and not isinstance(exc, TimeLimitExceeded) else values.storable_text(formatted),
+    }
 
 
 def finish(
@@ -114,38 +123,38 @@ def finish(
     *,
     using: str,
     thread: int | None = None,
-    taker: Taker | None = None,
+    claimer: Claimer | None = None,
 ) -> Status | None:
     """Record ``outcome``, free the invocation's key and wake who waits for it.
 
     Return the status recorded (a retry refused by the registration guard is
     recorded as FAILED), or None if ``runner`` does not own the invocation any
-    more. With a ``taker``, the next invocation of the key, or for work
+    more. With a ``claimer`` (the thread, which claims next), the next invocation of the key, or for work
     without a key the queue's next where the database can claim it in the
     same statement, may be handed to it: it is then in ``outcome.handed``,
     RUNNING.
     """
-    if taker is not None and not taker.goes_on():
-        taker = None
-    with statements(using).writing():
-        return _finish(invocation, outcome, runner, using=using, thread=thread, taker=taker)
+    if claimer is not None and not claimer.goes_on():
+        claimer = None
+    with store(using).writing():
+        return _finish(invocation, outcome, runner, using=using, thread=thread, claimer=claimer)
 
 
 def _finish(
-    invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None, taker: Taker | None
+    invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None, claimer: Claimer | None
 ) -> Status | None:
     try:
         done = None
-        if taker is not None and invocation.running_key is None and outcome.status != Status.RETRY:
+        if claimer is not None and invocation.running_key is None and outcome.status != Status.RETRY:
             # Nothing to release: where the database can, one statement records the outcome and
             # claims the thread's next invocation.
-            done = record_and_take(invocation, outcome.status, values=outcome.values, note=outcome.note,
-                                   taker=taker, using=using)
+            done = record_and_claim(invocation, outcome.status, values=outcome.values, note=outcome.note,
+                                    claimer=claimer, using=using)
         if done is not None:
             moved, taken = done
             outcome.handed = taken[0] if taken else None
         else:
-            moved, outcome = _record(invocation, outcome, runner, using=using, thread=thread, taker=taker)
+            moved, outcome = _record(invocation, outcome, runner, using=using, thread=thread, claimer=claimer)
     except NotOwner:
         return None
     if not moved:
@@ -156,7 +165,7 @@ def _finish(
 
 
 def _record(
-    invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None, taker: Taker | None
+    invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None, claimer: Claimer | None
 ) -> tuple[list[int], Outcome]:
     """Record ``outcome`` and release the key in one transaction; return the ids moved and the outcome recorded."""
     # Without a key or a retry to guard there is only the outcome: one statement where the
@@ -177,17 +186,23 @@ def _record(
                          runner_thread=thread, values=outcome.values, note=outcome.note)
         if moved:
             outcome.handed = wake_next(invocation.task_name, invocation.running_key, using=using,
-                                       runner=runner, taker=taker, take=True).handed
+                                       runner=runner, claimer=claimer, take=True).handed
     return moved, outcome
 
 
 def durably(what: str, step: Callable[[], T], *, using: str, keep_trying: Callable[[], bool]) -> T | None:
-    """Run a database step until it succeeds, across connection losses; None once ``keep_trying()`` says stop."""
+    """Run a database step until it succeeds, across connection losses; None once ``keep_trying()`` says stop.
+
+    Only what a retry can fix is retried (``faults.is_transient``): anything
+    else the database refuses is raised at once, for the caller to record.
+    """
     pause = 0.1
     while True:
         try:
             return step()
-        except DatabaseError as exc:
+        except Exception as exc:
+            if not faults.is_transient(exc):
+                raise
             connections[using].close()
             if not keep_trying():
                 logger.error("keyjobs: gave up %s: %s", what, exc)
@@ -204,32 +219,68 @@ def execute(
     using: str,
     thread: int | None = None,
     keep_trying: Callable[[], bool] = lambda: True,
-    taker: Taker | None = None,
+    claimer: Claimer | None = None,
     handed: list[Invocation] | None = None,
 ) -> Status | None:
     """Start (unless the claim did), call and finish one claimed invocation.
 
     Return the status recorded, or None if the invocation was taken away.
-    With a ``taker``, an invocation handed over when the key freed is appended
-    to ``handed``, RUNNING: the caller runs it next.
+    With a ``claimer``, an invocation handed over when the key freed is appended
+    to ``handed``, RUNNING: the caller runs it next. A step the database
+    refuses for good ends the invocation FAILED with the reason, never the
+    thread.
     """
-    started = invocation.status == Status.RUNNING or durably(
-        f"start #{invocation.pk}", lambda: start(invocation, runner, using=using, thread=thread),
-        using=using, keep_trying=keep_trying,
-    )
+    try:
+        started = invocation.status == Status.RUNNING or durably(
+            f"start #{invocation.pk}", lambda: start(invocation, runner, using=using, thread=thread),
+            using=using, keep_trying=keep_trying,
+        )
+    except Exception as exc:
+        refused = _refused(exc, "its start", invocation)
+
+        def fail_unstarted() -> list[int]:
+            with transaction.atomic(using=using):
+                moved = move([invocation.pk], Status.FAILED, using=using, only_from={Status.PENDING}, owner=runner,
+                             runner_thread=thread, values=refused.values, note=refused.note)
+                if moved:
+                    wake_next(invocation.task_name, invocation.running_key, using=using, runner=runner)
+            return moved
+
+        moved = durably(f"record the refused start of #{invocation.pk}", fail_unstarted, using=using,
+                        keep_trying=keep_trying)
+        return Status.FAILED if moved else None
     if not started:
         logger.warning("keyjobs: invocation #%s was taken from %s before it started", invocation.pk, runner)
         return None
     outcome = call(invocation)
-    finished = durably(f"record the outcome of #{invocation.pk}",
-                       lambda: finish(invocation, outcome, runner, using=using, thread=thread, taker=taker),
+
+    def record() -> Status | None:
+        return durably(f"record the outcome of #{invocation.pk}",
+                       lambda: finish(invocation, outcome, runner, using=using, thread=thread, claimer=claimer),
                        using=using, keep_trying=keep_trying)
+
+    try:
+        finished = record()
+    except Exception as exc:
+        # Retrying would fail the same way for ever: record why, through the same finish(),
+        # so that the key frees and the thread takes its next invocation.
+        outcome = _refused(exc, f"its outcome ({outcome.status})", invocation)
+        finished = record()
     if outcome.handed is not None and handed is not None:
         handed.append(outcome.handed)
     if not finished:
         logger.warning("keyjobs: invocation #%s was taken from %s while it ran; its outcome is discarded",
                        invocation.pk, runner)
     return finished
+
+
+def _refused(exc: Exception, what: str, invocation: Invocation) -> Outcome:
+    """Return the FAILED outcome that records the database's refusal (``exc``) to store ``what``."""
+    reason = faults.reason(exc, what=what)
+    logger.error("keyjobs: the database refused %s of invocation #%s, which ends FAILED: %s", what, invocation.pk,
+                 reason, exc_info=exc)
+    return Outcome(Status.FAILED, {**_failure(exc, traceback.format_exc()), "error": reason},
+                   "the database refused to store " + what)
 
 
 def give_back(invocations: list[Invocation], runner: Runner, *, using: str) -> list[int]:

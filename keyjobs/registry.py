@@ -1,4 +1,4 @@
-"""Every declared task, by name, so that a worker can find the function of an invocation."""
+"""Every task spec, by name, so that a worker can find the function of an invocation."""
 
 from typing import TYPE_CHECKING
 
@@ -7,27 +7,27 @@ from django.utils.module_loading import import_string
 from .exceptions import TaskDeclarationError, TaskNotFound
 
 if TYPE_CHECKING:
-    from .declare import Task
+    from .spec import TaskSpec
 
-_tasks: dict[str, "Task"] = {}
+_tasks: dict[str, "TaskSpec"] = {}
+_generation = 0
 
 
-def register(task: "Task") -> None:
-    """Add ``task``; a second, different function under the same name is an error."""
-    known = _tasks.get(task.name)
-    if known is not None and known.func.__module__ + known.func.__qualname__ != (
-        task.func.__module__ + task.func.__qualname__
-    ):
+def register(spec: "TaskSpec") -> None:
+    """Add ``spec``; a second, different function under the same name is an error."""
+    global _generation
+    known = _tasks.get(spec.name)
+    if known is not None and known.func_path != spec.func_path:
         raise TaskDeclarationError(
-            f"task name {task.name!r} is already used by "
-            f"{known.func.__module__}.{known.func.__qualname__}; pass name=... to tell them apart"
+            f"task name {spec.name!r} is already used by {known.func_path}; pass name=... to tell them apart"
         )
-    _tasks[task.name] = task
+    _tasks[spec.name] = spec
+    _generation += 1
 
 
-def get(name: str) -> "Task":
-    """Return the task called ``name``, importing its module if no one has yet."""
-    from .declare import Task
+def get(name: str) -> "TaskSpec":
+    """Return the spec of the task called ``name``, importing its module if no one has yet."""
+    from .spec import TaskSpec
 
     try:
         return _tasks[name]
@@ -37,16 +37,17 @@ def get(name: str) -> "Task":
         found = import_string(name)
     except ImportError as exc:
         raise TaskNotFound(f"no task named {name!r} is registered, and it cannot be imported: {exc}") from None
-    if not isinstance(found, Task):
+    spec = getattr(found, "spec", found)
+    if not isinstance(spec, TaskSpec):
         raise TaskNotFound(f"{name!r} is not a keyjobs task (it is a {type(found).__name__})")
-    return found
+    return spec
 
 
-def all_tasks() -> dict[str, "Task"]:
+def all_tasks() -> dict[str, "TaskSpec"]:
     """Return a copy of the registry."""
     return dict(_tasks)
 
 
-def all_names() -> set[str]:
-    """Return the names of the registered tasks (a view: cheap to ask on a hot path)."""
-    return _tasks.keys()  # type: ignore[return-value]
+def generation() -> int:
+    """Return a number that changes whenever a task is registered (for caches of the registry)."""
+    return _generation

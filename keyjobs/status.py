@@ -1,10 +1,18 @@
-"""The invocation lifecycle: every status, and which changes between them are legal.
+"""The invocation lifecycle: every status, which changes between them are legal, and what each writes.
 
-This module only describes the lifecycle; ``keyjobs.transitions`` is the one
-place that writes a status, and it refuses anything not listed here.
+This module describes the lifecycle: ``change()`` is the one definition of
+what entering a status writes (its stamps, the attempt count, the owner and
+slot, and its history rows), and ``keyjobs.transitions`` is the one place
+that applies a change, through the store, refusing anything not listed here.
 """
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
 from django.db import models
+from django.db.models import F
+from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
 
 
@@ -76,3 +84,96 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
 def is_legal(from_status: str, to_status: str) -> bool:
     """Return whether the lifecycle allows going from one status to the other."""
     return Status(to_status) in TRANSITIONS[Status(from_status)]
+
+
+#: Fields stamped with the database's clock when an invocation enters a status.
+STAMPS: dict[Status, str] = {
+    Status.REGISTERED: "registered_at",  # when it (last) entered the queue: the queue's order
+    Status.RUNNING: "started_at",
+    Status.SUCCESS: "finished_at",
+    Status.FAILED: "finished_at",
+    Status.CONCURRENCY_CONTROLLED_FINAL: "finished_at",
+}
+
+#: The history's notes for the two ways a freed key's next invocation goes on.
+WOKEN = "its key freed: its turn"
+HANDED = "handed over by the invocation that freed its key"
+
+#: One history row: (invocation id, kind, from status, to status, runner id, runner thread, note).
+EventRow = tuple[int, str, str, str, int | None, int | None, str]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change of status as it is written: the statuses entered, the fields written, the history's author."""
+
+    #: Every status entered, in order (a claim that starts at once: PENDING, RUNNING); the last is where it ends.
+    path: tuple[Status, ...]
+    #: Field name to value or expression: the status, its stamps and whatever goes with it.
+    values: Mapping[str, Any]
+    #: Recorded on the history rows.
+    runner_id: int | None = None
+    runner_thread: int | None = None
+    note: str = ""
+    #: The kind of the history rows (``Event.Kind``).
+    kind: str = field(default="TRANSITION")
+
+    @property
+    def to(self) -> Status:
+        return self.path[-1]
+
+    def steps(self) -> list[tuple[str | None, str]]:
+        """Return each step as (from, to); the first step's from is None: the row's own status."""
+        return [(None, self.path[0]), *zip(self.path, self.path[1:])]
+
+    def events(self, pk: int, from_status: str) -> list[EventRow]:
+        """Return the history rows of this change for invocation ``pk``, which was in ``from_status``."""
+        return [
+            (pk, self.kind, here if here is not None else from_status, there, self.runner_id, self.runner_thread,
+             self.note)
+            for here, there in self.steps()
+        ]
+
+    def legal_from(self, status: str) -> bool:
+        """Return whether an invocation in ``status`` may take this change's whole path."""
+        return self.illegal_step(status) is None
+
+    def illegal_step(self, status: str) -> tuple[str, str] | None:
+        """Return the first step of this change's path the lifecycle forbids from ``status``, or None."""
+        for here, there in zip([status, *self.path], self.path):
+            if not is_legal(here, there):
+                return here, there
+        return None
+
+
+def change(
+    to: Status,
+    *,
+    via: Sequence[Status] = (),
+    owner_id: int | None = None,
+    thread: int | None = None,
+    slot: int | None = None,
+    values: Mapping[str, Any] | None = None,
+    runner_id: int | None = None,
+    note: str = "",
+) -> Change:
+    """Return the change to status ``to`` (through ``via``): the one definition of what entering a status writes.
+
+    - each status entered stamps its field of ``STAMPS`` with the database's clock;
+    - entering RUNNING counts an attempt: every start is one, a retry's and a recovered run's too;
+    - a claim or a hand-off (``slot`` given) records the owner, its thread and the slot of the key it holds.
+
+    ``values`` adds what the caller writes with it (a result, an error); ``runner_id``
+    (default the owner) and ``thread`` are recorded on the history rows.
+    """
+    path = (*via, to)
+    written: dict[str, Any] = {"status": to}
+    if slot is not None:
+        written.update(runner_id=owner_id, runner_thread=thread, slot=slot)
+    if Status.RUNNING in path:
+        written["attempts"] = F("attempts") + 1
+    for entered in path:
+        if entered in STAMPS:
+            written[STAMPS[entered]] = Now()
+    written.update(values or {})
+    return Change(path, written, runner_id if runner_id is not None else owner_id, thread, note)

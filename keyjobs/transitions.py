@@ -1,34 +1,24 @@
-"""The one place that writes an invocation's status.
+"""The status writer: the one place that applies a change of status to invocations.
 
-Every change is checked against the lifecycle in ``keyjobs.status``, made under
-``select_for_update`` inside a transaction, and recorded as an ``Event`` in
-that same transaction, so that no change can go unrecorded and the history is
-a plain ordered query.
-
-The claim and the hand-off (``keyjobs.claim``) write through the same
-statements (``keyjobs.sql``). Where PostgreSQL makes a whole step one
-statement, the path it may take is checked here first (``checked_path``),
-the status and owner are checked by the statement itself, and its history
-rows are written by that same statement.
+What a change writes is defined once, by ``status.change()``: the status, its
+stamps, the attempt count, the owner and slot, and its history rows. This
+module checks it against the lifecycle, holds the row locks, and hands it to
+the store, which writes the row and its history in the same transaction
+(on PostgreSQL, where the caller expects given statuses, in one statement
+that locks, checks the status and owner, and writes: ``Steps.move_checked``).
+Claims, hand-offs and wake-ups apply their changes through the store's steps
+too; the changes themselves always come from ``status.change()``.
 """
 
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from django.db import transaction
-from django.db.models.functions import Now
 
 from .exceptions import InvalidTransition, NotOwner
 from .models import Event, Invocation, Runner
-from .sql import statements
-from .status import Status, is_legal
-
-#: Fields stamped with the database's clock when an invocation enters a status.
-_STAMPS = {Status.REGISTERED: "registered_at", Status.RUNNING: "started_at", Status.SUCCESS: "finished_at", Status.FAILED: "finished_at",
-           Status.CONCURRENCY_CONTROLLED_FINAL: "finished_at"}
-
-#: What a caller holding row locks knows of each row: (id, status, runner id).
-Locked = tuple[int, str, int | None]
+from .status import Change, Status, change
+from .store import LockedRow, store
 
 
 def move(
@@ -53,23 +43,32 @@ def move(
     raises NotOwner. ``runner`` (default ``owner``) and ``runner_thread`` are
     recorded on the events; ``values`` are written along with the status.
     ``via`` lists statuses passed through on the way, each checked and
-    recorded as an event of its own (a claim that starts at once goes
-    REGISTERED, PENDING, RUNNING).
+    recorded as an event of its own.
     """
+    recorder = runner or owner
+    return apply(ids, change(to, via=via, values=values, runner_id=recorder.pk if recorder is not None else None,
+                             thread=runner_thread, note=note),
+                 using=using, only_from=only_from, owner=owner)
+
+
+def apply(
+    ids: Iterable[int], change: Change, *, using: str, only_from: Collection[str] | None = None,
+    owner: Runner | None = None,
+) -> list[int]:
+    """Lock the invocations ``ids`` and apply ``change``; return the ids that changed (see ``move``)."""
     ids = list(ids)
     if not ids:
         return []
-    if only_from is not None and statements(using).one_statement_steps:
-        moved = _move_in_one_statement(ids, to, using=using, only_from=only_from, owner=owner, runner=runner or owner,
-                                       runner_thread=runner_thread, note=note, values=values, via=via)
-        if moved is not None:
-            return moved
+    steps = store(using).steps
+    if only_from is not None and steps is not None and all(change.legal_from(status) for status in only_from):
+        # Every expected status may take the path: the statement needs to check nothing but status and owner.
+        rows = steps.move_checked(ids, change, only_from=only_from, owner_id=owner.pk if owner is not None else None)
+        return moved_rows(rows, only_from=only_from, owner=owner)
     refusal: InvalidTransition | NotOwner | None = None
     with transaction.atomic(using=using, savepoint=False):
-        rows = statements(using).lock_rows(ids)
+        rows = store(using).lock_rows(ids)
         try:
-            return move_locked(rows, to, using=using, only_from=only_from, owner=owner, runner=runner,
-                               runner_thread=runner_thread, note=note, values=values, via=via)
+            return apply_locked(rows, change, using=using, only_from=only_from, owner=owner)
         except (InvalidTransition, NotOwner) as exc:
             refusal = exc
     # Raised once the block is left with nothing written: leaving it by an
@@ -77,109 +76,44 @@ def move(
     raise refusal
 
 
-def move_locked(
-    rows: list[Locked],
-    to: Status,
-    *,
-    using: str,
-    only_from: Collection[str] | None = None,
+def apply_locked(
+    rows: Sequence[LockedRow], change: Change, *, using: str, only_from: Collection[str] | None = None,
     owner: Runner | None = None,
-    runner: Runner | None = None,
-    runner_thread: int | None = None,
-    note: str = "",
-    values: dict[str, Any] | None = None,
-    via: Sequence[Status] = (),
 ) -> list[int]:
-    """Move rows whose locks the caller holds in the current transaction (see ``move``)."""
-    runner = runner or owner
-    moving: list[tuple[int, str]] = []
-    for pk, status, runner_id in rows:
-        if only_from is not None and status not in only_from:
+    """Apply ``change`` to rows whose locks the caller holds in the current transaction (see ``move``)."""
+    moving: list[LockedRow] = []
+    for row in rows:
+        if only_from is not None and row.status not in only_from:
             continue
-        path = [status, *via, to]
-        for here, there in zip(path, path[1:]):
-            if not is_legal(here, there):
-                raise InvalidTransition(f"invocation #{pk} cannot go from {here} to {there}")
-        if owner is not None and runner_id != owner.pk:
-            raise NotOwner(f"invocation #{pk} is not owned by {owner} any more")
-        moving.append((pk, status))
+        illegal = change.illegal_step(row.status)
+        if illegal is not None:
+            raise InvalidTransition(f"invocation #{row.id} cannot go from {illegal[0]} to {illegal[1]}")
+        if owner is not None and row.runner_id != owner.pk:
+            raise NotOwner(f"invocation #{row.id} is not owned by {owner} any more")
+        moving.append(row)
     if not moving:
         return []
     # No savepoint: a caller that must survive a failed move (a lost race at a
     # constraint) wraps it in one of its own.
-    runner_id = runner.pk if runner is not None else None
     with transaction.atomic(using=using, savepoint=False):
-        statements(using).move([pk for pk, _ in moving], written(to, via, values), [
-            (pk, Event.Kind.TRANSITION, here, there, runner_id, runner_thread, note)
-            for pk, status in moving
-            for here, there in zip([status, *via], [*via, to])
-        ])
-    return [pk for pk, _ in moving]
+        store(using).move(moving, change)
+    return [row.id for row in moving]
 
 
-def _move_in_one_statement(
-    ids: list[int],
-    to: Status,
-    *,
-    using: str,
-    only_from: Collection[str],
-    owner: Runner | None,
-    runner: Runner | None,
-    runner_thread: int | None,
-    note: str,
-    values: dict[str, Any] | None,
-    via: Sequence[Status],
-) -> list[int] | None:
-    """``move`` as one statement, where the database has it: lock, check and write at once.
-
-    Only for a move whose every expected status may take the path: the
-    database then needs to check nothing but the status and the owner.
-    Return None to take the general path.
-    """
-    steps = checked_path(to, only_from=only_from, via=via)
-    if steps is None:
-        return None
-    rows = statements(using).move_checked(
-        ids, to, steps, only_from=only_from, owner_id=owner.pk if owner is not None else None,
-        values=written(to, via, values), runner_id=runner.pk if runner is not None else None,
-        runner_thread=runner_thread, note=note,
-    )
-    if rows is None:
-        return None
-    return moved_rows(rows, only_from=only_from, owner=owner)
-
-
-def checked_path(
-    to: Status, *, only_from: Collection[str], via: Sequence[Status] = ()
-) -> list[tuple[str | None, str]] | None:
-    """Return the steps a one-statement move records, or None if a status in ``only_from`` may not take the path.
-
-    Each step is (from, to); the first step's from is None: the row's own status, one of ``only_from``.
-    """
-    path = [*via, to]
-    if not all(is_legal(here, there) for status in only_from for here, there in zip([status, *via], path)):
-        return None
-    return [(None, path[0]), *zip(path, path[1:])]
-
-
-def moved_rows(rows: Sequence[Locked], *, only_from: Collection[str], owner: Runner | None) -> list[int]:
+def moved_rows(rows: Sequence[LockedRow], *, only_from: Collection[str], owner: Runner | None) -> list[int]:
     """Return the ids a one-statement move wrote, given every row as it was; NotOwner if it refused them."""
-    expected = [(pk, runner_id) for pk, status, runner_id in rows if status in only_from]
+    expected = [row for row in rows if row.status in only_from]
     if owner is not None:
-        for pk, runner_id in expected:
-            if runner_id != owner.pk:
+        for row in expected:
+            if row.runner_id != owner.pk:
                 # The statement wrote nothing: it refuses a move that includes another runner's row.
-                raise NotOwner(f"invocation #{pk} is not owned by {owner} any more")
-    return [pk for pk, _ in expected]
+                raise NotOwner(f"invocation #{row.id} is not owned by {owner} any more")
+    return [row.id for row in expected]
 
 
-def written(to: Status, via: Sequence[Status], values: dict[str, Any] | None) -> dict[str, Any]:
-    """Return what a move writes: the status, ``values``, and the stamps of the statuses it enters."""
-    written: dict[str, Any] = {"status": to, **(values or {})}
-    for entered in (*via, to):
-        if entered in _STAMPS:
-            written.setdefault(_STAMPS[entered], Now())
-    return written
+def row_of(invocation: Invocation) -> LockedRow:
+    """Return what a caller holding ``invocation``'s row lock knows of it."""
+    return LockedRow(invocation.pk, invocation.status, invocation.runner_id)
 
 
 def record(invocation: Invocation, kind: str, *, using: str, runner: Runner | None = None, note: str = "") -> None:

@@ -12,21 +12,39 @@ import threading
 import time
 from types import FrameType
 
+from dataclasses import dataclass
+
 from django.db import DatabaseError, close_old_connections, connections
-from django.db.models import Q
 from django.db.models.functions import Now
 
-from . import registry, wakeups
-from .claim import Taker, claim, promote_due_retries, wake_orphans
+from . import faults, registry
+from .claim import Claimer, claim
 from .conf import conf
+from .duties import Duties
 from .exceptions import TaskNotFound
 from .execute import execute, give_back
-from .models import Event, Invocation, Runner
+from .models import Invocation, Runner
 from .recovery import recover_lost_runners
 from .status import Status
-from .transitions import record
+from .store import store
+from .values import storable_text
 
 logger = logging.getLogger("keyjobs.worker")
+
+
+@dataclass
+class Run:
+    """What a runner thread is running now: for the duty that flags runs past their time limit."""
+
+    invocation: Invocation
+    #: When it began, by this process's monotonic clock.
+    began: float
+    #: The task's time limit in seconds, if it has one.
+    limit: float | None
+    flagged: bool = False
+
+#: Unexpected errors in a row after which a runner thread gives up, and the runner stops claiming.
+_FAILURES_IN_A_ROW = 5
 
 
 class Worker:
@@ -53,7 +71,12 @@ class Worker:
         self.queues = list(queues or [])
         self.burst = burst
         self.using = using or conf.DATABASE
-        self.poll_interval = poll_interval if poll_interval is not None else wakeups.poll_interval(self.using)
+        if poll_interval is None:
+            # Where the database wakes idle runners itself, polling is only the safety net.
+            poll_interval = conf.POLL_INTERVAL
+        if poll_interval is None:
+            poll_interval = 1.0 if store(self.using).notifies else 0.05
+        self.poll_interval = poll_interval
         self.runner: Runner | None = None
         self.stopping = threading.Event()
         self._stopped = threading.Event()
@@ -67,7 +90,8 @@ class Worker:
         #: Set when another runner declared this one lost and recovered its work.
         self.lost = False
         self._renewed = time.monotonic()
-        self._running: dict[int, tuple[Invocation, float, float | None]] = {}
+        #: What each runner thread is running now, by thread number.
+        self.running: dict[int, Run] = {}
 
     # -- life cycle -------------------------------------------------------
 
@@ -85,8 +109,8 @@ class Worker:
             threading.Thread(target=self._thread_main, args=(number,), name=f"keyjobs-runner-{number}", daemon=True)
             for number in range(self.threads)
         ]
-        housekeeping = threading.Thread(target=self._housekeeping, name="keyjobs-heartbeat", daemon=True)
-        listener = wakeups.start_listener(self.using, self._on_wake, self._stopped)
+        housekeeping = threading.Thread(target=self._run_duties, name="keyjobs-duties", daemon=True)
+        listener = store(self.using).listen(self._on_wake, self._stopped)
         for thread in [*pool, housekeeping]:
             thread.start()
         try:
@@ -135,43 +159,71 @@ class Worker:
         assert self.runner is not None
         pause = 0.1
         checked = time.monotonic()
+        #: Unexpected errors of this thread's own loop in a row, and the pause after the last.
+        failures, backoff = 0, 0.1
         try:
             while not self.stopping.is_set():
-                if not self._holds_lease():
-                    # Cut off for longer than the lease: others may be recovering our work. Claim nothing.
-                    self.stopping.wait(self.poll_interval)
-                    continue
-                # Not on every loop: with CONN_MAX_AGE = 0 (Django's default, meant for
-                # requests) it would reconnect for every invocation.
-                if time.monotonic() - checked > conf.HEARTBEAT_INTERVAL:
-                    close_old_connections()
-                    checked = time.monotonic()
-                # Busy from the claim on: what a claim takes is PENDING or RUNNING, which --burst's
-                # look for work left does not count, so a colleague must not see this thread idle.
-                with self._work:
-                    self._busy += 1
-                    wakes = self._wakes
                 try:
-                    try:
-                        batch = claim(self.runner, using=self.using, queues=self.queues, thread=number,
-                                      limit=self.prefetch, start=self.prefetch == 1)
-                    except DatabaseError as exc:
-                        logger.warning("keyjobs: thread %d could not claim (%s); retrying in %.1fs", number, exc,
-                                       pause)
-                        connections[self.using].close()
-                        self.stopping.wait(pause)
-                        pause = min(pause * 2, 5.0)
+                    if not self._holds_lease():
+                        # Cut off for longer than the lease: others may be recovering our work. Claim nothing.
+                        self.stopping.wait(self.poll_interval)
                         continue
-                    pause = 0.1
-                    if batch:
-                        with self._work:
-                            self._work.notify()  # there may be more: wake a colleague
-                        self._run_batch(batch, number)
-                finally:
+                    # Not on every loop: with CONN_MAX_AGE = 0 (Django's default, meant for
+                    # requests) it would reconnect for every invocation.
+                    if time.monotonic() - checked > conf.HEARTBEAT_INTERVAL:
+                        close_old_connections()
+                        checked = time.monotonic()
+                    # Busy from the claim on: what a claim takes is PENDING or RUNNING, which --burst's
+                    # look for work left does not count, so a colleague must not see this thread idle.
                     with self._work:
-                        self._busy -= 1
-                if not batch and self._idle(number, wakes):
-                    break
+                        self._busy += 1
+                        wakes = self._wakes
+                    try:
+                        try:
+                            batch = claim(self.runner, using=self.using, queues=self.queues, thread=number,
+                                          limit=self.prefetch, start=self.prefetch == 1)
+                        except Exception as exc:
+                            if not faults.is_transient(exc):
+                                raise
+                            logger.warning("keyjobs: thread %d could not claim (%s); retrying in %.1fs", number,
+                                           exc, pause)
+                            connections[self.using].close()
+                            self.stopping.wait(pause)
+                            pause = min(pause * 2, 5.0)
+                            continue
+                        pause = 0.1
+                        if batch:
+                            with self._work:
+                                self._work.notify()  # there may be more: wake a colleague
+                            self._run_batch(batch, number)
+                    finally:
+                        with self._work:
+                            self._busy -= 1
+                    failures, backoff = 0, 0.1
+                    if not batch and self._idle(number, wakes):
+                        break
+                except Exception as exc:
+                    # Not a task's error (execute() records those): a fault of keyjobs or of the
+                    # database that a retry does not fix. Log it, and go on while going on helps.
+                    failures += 1
+                    if failures >= _FAILURES_IN_A_ROW:
+                        self.stop_reason = storable_text(
+                            f"thread {number} failed {failures} times in a row; the last time: "
+                            f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}", limit=2000)
+                        logger.critical("keyjobs: %s stops claiming: %s", self.runner, self.stop_reason,
+                                        exc_info=exc)
+                        try:
+                            Runner.objects.using(self.using).filter(pk=self.runner.pk).update(
+                                stop_reason=self.stop_reason)
+                        except Exception:
+                            logger.exception("keyjobs: could not record why %s stops", self.runner)
+                        self.stop()
+                        break
+                    logger.exception("keyjobs: thread %d of %s failed (%d time(s) in a row); going on in %.1fs",
+                                     number, self.runner, failures, backoff)
+                    connections[self.using].close()  # whatever state the error left it in
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
         finally:
             connections.close_all()
 
@@ -185,15 +237,23 @@ class Worker:
                 give_back([invocation, *queue], self.runner, using=self.using)
                 return
             # A hand-off needs a thread that goes on: not one stopping or cut off from the database.
-            taker = Taker(self.runner, number, self.queues,
-                          goes_on=lambda: not self.stopping.is_set() and self._holds_lease())
+            claimer = Claimer(self.runner, number, self.queues,
+                              goes_on=lambda: not self.stopping.is_set() and self._holds_lease())
             handed: list[Invocation] = []
-            self._running[number] = (invocation, time.monotonic(), _timeout_of(invocation))
             try:
+                self.running[number] = Run(invocation, time.monotonic(), _timeout_of(invocation))
                 execute(invocation, self.runner, using=self.using, thread=number,
-                        keep_trying=lambda: not self.lost, taker=taker, handed=handed)
+                        keep_trying=lambda: not self.lost, claimer=claimer, handed=handed)
+            except Exception:
+                # The thread's loop logs it; what was claimed and not started must not stay owned meanwhile.
+                if any(claimed.status == Status.PENDING for claimed in queue):
+                    try:
+                        give_back(queue, self.runner, using=self.using)
+                    except Exception:
+                        logger.exception("keyjobs: thread %d could not give back what it had claimed", number)
+                raise
             finally:
-                self._running.pop(number, None)
+                self.running.pop(number, None)
             queue[:0] = handed
 
     def _idle(self, number: int, wakes: int) -> bool:
@@ -216,8 +276,6 @@ class Worker:
                 return True
             if self._scout is None:
                 self._scout = number
-            if self._scout == number and promote_due_retries(using=self.using, runner=self.runner):
-                return False  # retries became runnable: look again at once
             try:
                 self._work.wait(self.poll_interval if self._scout == number else max(self.poll_interval * 20, 1.0))
             finally:
@@ -227,10 +285,9 @@ class Worker:
 
     def _work_left(self) -> bool:
         # Retries belong to the work at hand; work scheduled for later by the caller does not.
-        left = Invocation.objects.using(self.using).filter(
-            Q(status__in=[Status.REROUTED, Status.RETRY]) | Q(status=Status.REGISTERED, run_after__isnull=True)
-            | Q(status=Status.REGISTERED, run_after__lte=Now())
-        )
+        invocations = Invocation.objects.using(self.using)
+        left = invocations.filter(status__in=[Status.REROUTED, Status.RETRY]) | invocations.filter(
+            status=Status.REGISTERED).due()
         if self.queues:
             left = left.filter(queue__in=self.queues)
         return left.exists()
@@ -238,45 +295,23 @@ class Worker:
     def _holds_lease(self) -> bool:
         return time.monotonic() - self._renewed < self.lease
 
-    def _housekeeping(self) -> None:
-        """Heartbeat; recover the work of lost runners; wake orphaned parked work; flag overdue runs."""
-        assert self.runner is not None
-        while not self._stopped.wait(conf.HEARTBEAT_INTERVAL):
-            try:
-                close_old_connections()
-                renewed = (
-                    Runner.objects.using(self.using)
-                    .filter(pk=self.runner.pk, stopped_at__isnull=True)
-                    .update(heartbeat_at=Now())
-                )
-                if not renewed:
-                    logger.error("keyjobs: %s was declared lost by another runner, which recovered its work; "
-                                 "stopping (outcomes of runs still in progress will be discarded)", self.runner)
-                    self.lost = True
-                    self.stop()
-                    continue
-                self._renewed = time.monotonic()
-                woken = recover_lost_runners(using=self.using, lease=self.lease, by=self.runner)
-                woken += wake_orphans(using=self.using, runner=self.runner)
-                woken += promote_due_retries(using=self.using, runner=self.runner)
-                if woken:
-                    with self._work:
-                        self._work.notify_all()
-                self._flag_overdue()
-            except DatabaseError as exc:
-                logger.warning("keyjobs: heartbeat failed (%s); retrying", exc)
-                connections[self.using].close()
-        connections.close_all()
+    def renewed(self) -> None:
+        """Note that the lease was renewed just now."""
+        self._renewed = time.monotonic()
 
-    def _flag_overdue(self) -> None:
-        for number, (invocation, began, limit) in list(self._running.items()):
-            if limit is None or time.monotonic() - began <= limit or getattr(invocation, "_flagged", False):
-                continue
-            invocation._flagged = True  # type: ignore[attr-defined]
-            note = (f"past its time limit of {limit:g}s; a thread cannot be stopped from outside, "
-                    "so its key stays held until the run returns, and it then ends FAILED")
-            logger.warning("keyjobs: invocation #%s on thread %d is %s", invocation.pk, number, note)
-            record(invocation, Event.Kind.OVERDUE, using=self.using, runner=self.runner, note=note)
+    def close_connection(self) -> None:
+        """Drop this thread's connection after a database error: the next query opens a fresh one."""
+        connections[self.using].close()
+
+    def _run_duties(self) -> None:
+        """Run the timed duties (``keyjobs.duties``) until the runner stops; wake the pool for what they freed."""
+        assert self.runner is not None
+        duties = Duties(self)
+        while not self._stopped.wait(duties.tick()):
+            if duties.run_due():
+                with self._work:
+                    self._work.notify_all()
+        connections.close_all()
 
 
 def _timeout_of(invocation: Invocation) -> float | None:

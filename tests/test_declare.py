@@ -10,7 +10,7 @@ def test_a_task_is_still_a_plain_function():
 
 def test_a_task_is_named_after_its_module_and_function():
     assert jobs.add.name == "tests.jobs.add"
-    assert registry.get("tests.jobs.add") is jobs.add
+    assert registry.get("tests.jobs.add") is jobs.add.spec
 
 
 def test_mode_is_concurrency_control_type():

@@ -86,14 +86,14 @@ def statuses(*invocations):
 
 
 def test_freeing_a_key_hands_its_parked_successor_to_the_same_thread(runner):
-    from keyjobs.claim import Taker
+    from keyjobs.claim import Claimer
 
     jobs.keyed.delay("acme", "a")
     second = jobs.keyed.delay("acme", "b")
     [first] = claim(runner, using="default", start=True, thread=4)
     assert claim(runner, using="default") == []  # b is parked
     handed: list[Invocation] = []
-    execute(first, runner, using="default", thread=4, taker=Taker(runner, 4, None), handed=handed)
+    execute(first, runner, using="default", thread=4, claimer=Claimer(runner, 4, None), handed=handed)
     assert [inv.pk for inv in handed] == [second.pk]
     second.refresh_from_db()
     assert (second.status, second.runner_id, second.runner_thread, second.attempts) == ("RUNNING", runner.pk, 4, 1)
@@ -103,7 +103,7 @@ def test_freeing_a_key_hands_its_parked_successor_to_the_same_thread(runner):
 
 
 def test_a_freed_keys_successor_goes_behind_the_work_already_waiting(runner):
-    from keyjobs.claim import Taker
+    from keyjobs.claim import Claimer
 
     jobs.keyed.delay("hot", "a")
     second = jobs.keyed.delay("hot", "b")
@@ -113,7 +113,7 @@ def test_a_freed_keys_successor_goes_behind_the_work_already_waiting(runner):
     # Waiting for a while (SQLite's clock counts milliseconds: the same tick would fall back on ids).
     Invocation.objects.filter(pk=other.pk).update(registered_at=timezone.now() - timedelta(seconds=1))
     handed: list[Invocation] = []
-    execute(first, runner, using="default", taker=Taker(runner, 0, None), handed=handed)
+    execute(first, runner, using="default", claimer=Claimer(runner, 0, None), handed=handed)
     assert Invocation.objects.get(pk=second.pk).status == Status.REGISTERED
     # The thread goes on with the queue's head: on PostgreSQL claimed in the statement that woke b.
     next_runs = handed + claim(runner, using="default", limit=2 - len(handed))
@@ -121,12 +121,12 @@ def test_a_freed_keys_successor_goes_behind_the_work_already_waiting(runner):
 
 
 def test_a_successor_in_a_queue_the_thread_does_not_serve_is_woken_not_handed(runner):
-    from keyjobs.claim import Taker
+    from keyjobs.claim import Claimer
 
     jobs.keyed.delay("acme", "a")
     second = jobs.keyed.using(queue="elsewhere").delay("acme", "b")
     [first] = claim(runner, using="default", start=True, queues=["default", "elsewhere"])
     claim(runner, using="default", queues=["elsewhere"])
     handed: list[Invocation] = []
-    execute(first, runner, using="default", taker=Taker(runner, 0, ["default"]), handed=handed)
+    execute(first, runner, using="default", claimer=Claimer(runner, 0, ["default"]), handed=handed)
     assert handed == [] and Invocation.objects.get(pk=second.pk).status == Status.REGISTERED

@@ -62,7 +62,7 @@ def test_a_retry_gives_way_to_a_duplicate_registered_while_it_ran():
 
 
 def test_backoff_grows_exponentially_within_jitter():
-    delays = [jobs.flaky.retry_delay(attempt) for attempt in (1, 2, 3)]
+    delays = [jobs.flaky.spec.retry_delay(attempt) for attempt in (1, 2, 3)]
     assert 0.005 <= delays[0] <= 0.01 and 0.01 <= delays[1] <= 0.02 and 0.02 <= delays[2] <= 0.04
 
 

@@ -1,4 +1,4 @@
-"""The hot path's statements: the same rows as the ORM, and each step in one statement on PostgreSQL."""
+"""The store: the same rows as the ORM, and each step in one statement on PostgreSQL."""
 
 from datetime import timedelta
 
@@ -8,10 +8,10 @@ from django.test import override_settings
 from django.utils import timezone
 
 from keyjobs import Status
-from keyjobs.claim import claim
+from keyjobs.claim import Claimer, claim
 from keyjobs.exceptions import NotOwner
 from keyjobs.models import Event, Invocation
-from keyjobs.sql import statements
+from keyjobs.store import store as statements
 from keyjobs.transitions import move
 from tests import jobs
 from tests.factories import InvocationFactory, RunnerFactory
@@ -64,8 +64,8 @@ def test_the_one_statement_claim_stops_at_a_key_that_needs_a_decision():
     Invocation.objects.filter(pk=held.pk).update(status=Status.RUNNING, runner=other)
     blocked = jobs.keyed.delay("acme", "b")
     after = jobs.add.delay(2)
-    taken, stopped = statements("default").take_free(None, 10, known=[jobs.add.name, jobs.keyed.name], start=False,
-                                                     runner_id=runner.pk, thread=0)
+    taken, stopped = statements("default").steps.claim_head(
+        None, 10, fast_tasks=[jobs.add.name, jobs.keyed.name], claim=Claimer(runner, 0, None).claim(start=False))
     assert ([inv.pk for inv in taken], stopped) == ([plain.pk], True)
     assert Invocation.objects.get(pk=blocked.pk).status == Status.REGISTERED
     assert Invocation.objects.get(pk=after.pk).status == Status.REGISTERED
@@ -74,8 +74,8 @@ def test_the_one_statement_claim_stops_at_a_key_that_needs_a_decision():
 @postgres_only
 def test_the_one_statement_claim_leaves_a_task_it_does_not_know_to_the_general_path():
     unknown = InvocationFactory(task_name="tests.jobs.nowhere")
-    taken, stopped = statements("default").take_free(None, 5, known=[jobs.add.name], start=True,
-                                                     runner_id=RunnerFactory().pk, thread=0)
+    taken, stopped = statements("default").steps.claim_head(
+        None, 5, fast_tasks=[jobs.add.name], claim=Claimer(RunnerFactory(), 0, None).claim())
     assert (taken, stopped) == ([], True)
     assert Invocation.objects.get(pk=unknown.pk).status == Status.REGISTERED
 
@@ -109,14 +109,14 @@ def test_the_hot_statements_are_prepared_unless_turned_off(setting, prepared):
 
 @postgres_only
 def test_finishing_work_without_a_key_claims_the_threads_next_in_the_same_statement():
-    from keyjobs.claim import Taker
+    from keyjobs.claim import Claimer
     from keyjobs.execute import execute
 
     runner = RunnerFactory()
     first, second = jobs.add.delay(1, b=1), jobs.add.delay(2, b=2)
     [running] = claim(runner, using="default", start=True, thread=3)
     handed: list[Invocation] = []
-    execute(running, runner, using="default", thread=3, taker=Taker(runner, 3, None), handed=handed)
+    execute(running, runner, using="default", thread=3, claimer=Claimer(runner, 3, None), handed=handed)
     assert [inv.pk for inv in handed] == [second.pk]
     assert (handed[0].status, handed[0].runner_id, handed[0].runner_thread, handed[0].attempts) == (
         Status.RUNNING, runner.pk, 3, 1)
@@ -126,13 +126,13 @@ def test_finishing_work_without_a_key_claims_the_threads_next_in_the_same_statem
 
 @postgres_only
 def test_an_outcome_refused_to_a_runner_that_lost_the_invocation_claims_nothing():
-    from keyjobs.claim import Taker, record_and_take
+    from keyjobs.claim import Claimer, record_and_claim
 
     mine, theirs = RunnerFactory(), RunnerFactory()
     taken_from_me = InvocationFactory(status=Status.RUNNING, runner=theirs)
     waiting = jobs.add.delay(1)
     with pytest.raises(NotOwner):
-        record_and_take(taken_from_me, Status.SUCCESS, values={}, note="", taker=Taker(mine, 0, None),
+        record_and_claim(taken_from_me, Status.SUCCESS, values={}, note="", claimer=Claimer(mine, 0, None),
                         using="default")
     assert Invocation.objects.get(pk=taken_from_me.pk).status == Status.RUNNING
     assert Invocation.objects.get(pk=waiting.pk).status == Status.REGISTERED

@@ -1,4 +1,4 @@
-"""The statements a runner repeats for every invocation, built once from the models.
+"""The portable store: the statements a runner repeats for every invocation, built once from the models.
 
 The ORM compiles a statement anew on every call, and a runner makes several
 per invocation: ``python -m bench.profile`` put that compiling at most of a
@@ -9,21 +9,23 @@ syntax, and rows are read back through the same converters the ORM applies.
 Everything that does not run once per invocation stays on the ORM.
 
 Portable: it is SQL both SQLite and PostgreSQL take, through Django's cursor;
-``keyjobs.postgres.Statements`` joins statements where PostgreSQL can.
+``keyjobs.store.postgres`` adds whole steps in one statement where
+PostgreSQL can.
 """
 
 import threading
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
-from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 from django.db.models.functions import Now
 from django.db.models.sql.subqueries import UpdateQuery
 
-from .models import Event, Invocation
-from .status import OWNED, WAITING, Status
+from ..models import Event, Invocation
+from ..status import OWNED, WAITING, Change, EventRow, Status
+from .interface import LockedRow, Steps, WaitingRow
 
 #: Field types whose get_db_prep_save() returns a str, an int or None unchanged.
 _PLAIN_TYPES = frozenset({"CharField", "TextField", "IntegerField", "PositiveIntegerField",
@@ -33,34 +35,17 @@ _PLAIN_TYPES = frozenset({"CharField", "TextField", "IntegerField", "PositiveInt
 #: Event rows per INSERT: 7 parameters each, within SQLite's 32,766 and PostgreSQL's 65,535.
 EVENT_BATCH = 2000
 
-#: One event row: (invocation id, kind, from status, to status, runner id, runner thread, note).
-EventRow = tuple[int, str, str, str, int | None, int | None, str]
-
-
 #: SQLite's write turn within this process, per database file.
 _writers: dict[str, threading.RLock] = {}
 
 
-def statements(using: str) -> "Statements":
-    """Return the statements of database ``using``, built on first use by this thread's connection."""
-    connection = connections[using]
-    built: Statements | None = getattr(connection, "_keyjobs_statements", None)
-    if built is None:
-        if connection.vendor == "postgresql":
-            from .postgres import Statements as PostgresStatements
-
-            built = PostgresStatements(connection)
-        else:
-            built = Statements(connection)
-        connection._keyjobs_statements = built  # type: ignore[attr-defined]
-    return built
-
-
-class Statements:
+class Store:
     """The hot path's SQL for one connection; see the module docstring."""
 
-    #: Whether whole steps are single statements here (``move_checked``, ``take_free``, ...).
-    one_statement_steps = False
+    #: Whole steps in one statement, where the database has them (``keyjobs.store.postgres``).
+    steps: Steps | None = None
+    #: Whether the database wakes idle runners itself (LISTEN/NOTIFY); else they poll.
+    notifies = False
 
     def __init__(self, connection: BaseDatabaseWrapper) -> None:
         self.connection = connection
@@ -101,9 +86,9 @@ class Statements:
         # database uses a partial index only where it can prove the query implies its condition,
         # which SQLite (always) and PostgreSQL (in a prepared statement's generic plan) cannot
         # with the statuses as parameters.
-        self.is_registered = f"{quote('status')} = {_literal(Status.REGISTERED)}"
-        self.is_waiting = f"{quote('status')} IN ({', '.join(map(_literal, sorted(WAITING)))})"
-        self.is_owned = f"{quote('status')} IN ({', '.join(map(_literal, sorted(OWNED)))})"
+        self.is_registered = f"{quote('status')} = {literal(Status.REGISTERED)}"
+        self.is_waiting = f"{quote('status')} IN ({', '.join(map(literal, sorted(WAITING)))})"
+        self.is_owned = f"{quote('status')} IN ({', '.join(map(literal, sorted(OWNED)))})"
         #: The order of one key's invocations, and the order of the queue (see ``claimable``).
         self.key_order = f"{quote('priority')} DESC, {quote('id')}"
         self.queue_order = f"{quote('priority')} DESC, {quote('registered_at')}, {quote('id')}"
@@ -111,6 +96,7 @@ class Statements:
             "invocation_id", "kind", "from_status", "to_status", "runner_id", "runner_thread", "note"))
         self._expressions: dict[str, tuple[str, list[Any]]] = {}
         self._orders: dict[tuple[str, ...], list[int]] = {}
+        self._inserts: dict[tuple[Any, ...], str] = {}
 
     def cursor(self) -> Any:
         """Return a cursor for these statements."""
@@ -122,8 +108,10 @@ class Statements:
         SQLite lets one transaction write at a time and makes the others
         retry on a timer (1 ms, 2 ms, 5 ms ... up to 100 ms): threads of one
         runner queue here instead and go in turn. Other processes still meet
-        SQLite's lock.
+        SQLite's lock. A database with row locks needs no turn.
         """
+        if self.lock:
+            return nullcontext()
         name = self.connection.settings_dict["NAME"]
         turn = _writers.get(name)
         if turn is None:
@@ -197,12 +185,12 @@ class Statements:
         found = self._invocations(self._rows(sql, [pk, status]))
         return found[0] if found else None
 
-    def lock_rows(self, ids: Sequence[int]) -> list[tuple[int, str, int | None]]:
+    def lock_rows(self, ids: Sequence[int]) -> list[LockedRow]:
         """Lock invocations ``ids``; return (id, status, runner id) of each, in id order."""
         q = self.quote
         sql = (f"SELECT {q('id')}, {q('status')}, {q('runner_id')} FROM {self.invocations} "
                f"WHERE {q('id')} IN ({', '.join(['%s'] * len(ids))}) ORDER BY {q('id')}{self.lock}")
-        return [(pk, status, runner_id) for pk, status, runner_id in self._rows(sql, list(ids))]
+        return [LockedRow(*row) for row in self._rows(sql, list(ids))]
 
     def owned_slots(self, task_name: str, running_key: str, *, lock: bool) -> set[int]:
         """Return the slots held by the owners of a key, locking the owners' rows with ``lock``."""
@@ -213,8 +201,8 @@ class Statements:
 
     def waiting_in_key_order(
         self, task_name: str, running_key: str, limit: int, *, before: Invocation | None = None
-    ) -> list[tuple[int, str, str]]:
-        """Return (id, status, queue) of a key's first due waiting invocations, in key order.
+    ) -> list[WaitingRow]:
+        """Return a key's first due waiting invocations, in key order.
 
         With ``before``, only those ahead of that invocation.
         """
@@ -226,78 +214,24 @@ class Statements:
             params += [before.pk, before.priority, before.priority, before.pk]
         sql = (f"SELECT {q('id')}, {q('status')}, {q('queue')} FROM {self.invocations} WHERE {where} "
                f"ORDER BY {self.key_order} LIMIT {int(limit)}")
-        return [(pk, status, queue) for pk, status, queue in self._rows(sql, params)]
+        return [WaitingRow(*row) for row in self._rows(sql, params)]
 
-    def registered_behind(self, head: Invocation, limit: int) -> list[tuple[int, str, int | None]]:
-        """Lock (skipping locked ones) the due registered invocations after ``head`` in its key.
-
-        Return (id, status, runner id) of each, in key order.
-        """
+    def registered_behind(self, head: Invocation, limit: int) -> list[LockedRow]:
+        """Lock (skipping locked ones) the due registered invocations after ``head`` in its key, in key order."""
         q = self.quote
         sql = (f"SELECT {q('id')}, {q('status')}, {q('runner_id')} FROM {self.invocations} "
                f"WHERE {q('task_name')} = %s AND {q('running_key')} = %s AND {self.is_registered} AND {self.due} "
                f"AND ({q('priority')} < %s OR ({q('priority')} = %s AND {q('id')} > %s)) "
                f"ORDER BY {self.key_order} LIMIT {int(limit)}{self.lock_skip}")
         params = [head.task_name, head.running_key, head.priority, head.priority, head.pk]
-        return [(pk, status, runner_id) for pk, status, runner_id in self._rows(sql, params)]
-
-    # -- whole steps in one statement (PostgreSQL; None here: the caller takes the general path) --
-
-    def move_checked(
-        self, ids: Sequence[int], to: str, steps: Sequence[tuple[str | None, str]], *, only_from: Collection[str],
-        owner_id: int | None, values: dict[str, Any], runner_id: int | None, runner_thread: int | None, note: str,
-    ) -> list[tuple[int, str, int | None]] | None:
-        """Lock ``ids``, move those in ``only_from`` (all owned by ``owner_id`` if given) and record ``steps``.
-
-        Return (id, status, runner id) of every row as it was, or None where
-        the database cannot do it in one statement.
-        """
-        return None
-
-    def take_free(
-        self, queues: Sequence[str] | None, limit: int, *, known: Sequence[str], start: bool, runner_id: int,
-        thread: int | None,
-    ) -> tuple[list[Invocation], bool] | None:
-        """Claim the head of the queue up to the first invocation that needs a decision, in one statement.
-
-        That is an invocation of a task not in ``known``, or of a running key
-        that is held or has work ahead of it. Return (the invocations claimed,
-        whether such an invocation stopped the claim), or None where the
-        database cannot do it in one statement.
-        """
-        return None
-
-    def record_and_take(
-        self, pk: int, steps: Sequence[tuple[str | None, str]], *, only_from: Collection[str], owner_id: int,
-        values: dict[str, Any], runner_id: int, runner_thread: int | None, note: str,
-        queues: Sequence[str] | None, known: Sequence[str],
-    ) -> tuple[tuple[str, int | None] | None, list[Invocation], bool] | None:
-        """``move_checked`` of one invocation, then ``take_free`` of one for the same runner thread, at once.
-
-        Return ((status, runner id) of the moved row as it was, or None if it
-        is gone; what was claimed; whether the claim stopped), or None where
-        the database cannot do it in one statement.
-        """
-        return None
-
-    def wake_next(
-        self, task_name: str, running_key: str, *, runner_id: int | None, taker: Any, channel: str,
-        known: Sequence[str] = (),
-    ) -> tuple[Invocation | None, list[int]] | None:
-        """``claim.wake_next`` for a key of one place, in one statement; see there.
-
-        With ``known`` task names, a taker that is handed nothing claims the
-        queue's head instead, in that same statement. Return (the invocation
-        the taker runs next, the ids woken), or None where the database
-        cannot do it in one statement.
-        """
-        return None
+        return [LockedRow(*row) for row in self._rows(sql, params)]
 
     # -- writing -----------------------------------------------------------
 
-    def move(self, ids: Sequence[int], values: dict[str, Any], events: Sequence[EventRow]) -> None:
-        """Write ``values`` (field name to value or expression) to invocations ``ids`` and insert ``events``."""
-        for sql, params in (self._update(ids, values), self._insert_events(events)):
+    def move(self, rows: Sequence[LockedRow], change: Change) -> None:
+        """Apply ``change`` to locked invocations ``rows`` and insert its history rows."""
+        events = [event for row in rows for event in change.events(row.id, row.status)]
+        for sql, params in (self._update([row.id for row in rows], change.values), self._insert_events(events)):
             with self.cursor() as cursor:
                 cursor.execute(sql, params)
 
@@ -307,12 +241,12 @@ class Statements:
             for start in range(0, len(events), EVENT_BATCH):
                 cursor.execute(*self._insert_events(events[start : start + EVENT_BATCH]))
 
-    def _update(self, ids: Sequence[int], values: dict[str, Any]) -> tuple[str, list[Any]]:
+    def _update(self, ids: Sequence[int], values: Any) -> tuple[str, list[Any]]:
         assignments, params = self._set(values)
         return (f"UPDATE {self.invocations} {assignments} "
                 f"WHERE {self.quote('id')} IN ({', '.join(['%s'] * len(ids))})"), [*params, *ids]
 
-    def _set(self, values: dict[str, Any]) -> tuple[str, list[Any]]:
+    def _set(self, values: Any) -> tuple[str, list[Any]]:
         """Return the SET clause writing ``values`` (field name to value or expression), and its parameters."""
         assignments, params = [], []
         for name, value in values.items():
@@ -348,7 +282,43 @@ class Statements:
         return sql, [value for row in rows for value in row]
 
 
-def _literal(status: str | None) -> str:
+    # -- creating ----------------------------------------------------------
+
+    def insert(self, fields: Sequence[Any], rows: Sequence[Sequence[Any]], returning: Sequence[Any],
+               queue: str) -> list[tuple[Any, ...]]:
+        """Insert invocations (rows of prepared values of ``fields``) in one statement; return ``returning``.
+
+        Runners of ``queue`` are woken once the transaction commits, where the
+        database wakes runners at all.
+        """
+        with self.cursor() as cursor:
+            cursor.execute(self._insert_sql(tuple(fields), tuple(returning), len(rows)),
+                           [value for row in rows for value in row])
+            return cursor.fetchall()
+
+    def _insert_sql(self, fields: tuple[Any, ...], returning: tuple[Any, ...], rows: int) -> str:
+        """Return the INSERT ... RETURNING of ``rows`` invocations (built once for each shape)."""
+        sql = self._inserts.get((fields, returning, rows))
+        if sql is None:
+            quote = self.quote
+            row = f"({', '.join(['%s'] * len(fields))})"
+            sql = self._inserts[fields, returning, rows] = (
+                f"INSERT INTO {self.invocations} ({', '.join(quote(field.column) for field in fields)}) "
+                f"VALUES {', '.join([row] * rows)} RETURNING {', '.join(quote(field.column) for field in returning)}"
+            )
+        return sql
+
+    # -- waking idle runners -------------------------------------------------
+
+    def notify(self, queue: str) -> None:
+        """Wake runners of ``queue`` once the current transaction commits, where the database can."""
+
+    def listen(self, on_wake: Callable[[str], None], stop: threading.Event) -> threading.Thread | None:
+        """Call ``on_wake(queue)`` for every wake-up until ``stop`` is set; None where the database has none."""
+        return None
+
+
+def literal(status: str | None) -> str:
     """Return a status as an SQL string literal (statuses are our own upper-case names, never user data)."""
     if status is None:
         return "NULL"

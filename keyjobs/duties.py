@@ -1,0 +1,143 @@
+"""Timed duties: everything a runner does on a timer, each with its interval, in one list.
+
+The runner's duty thread runs the list (``Duties.run_due``); the runner
+threads never do timed work themselves, and no duty runs while the pool's
+lock is held. Intervals are kept by this process's monotonic clock, but every
+condition a duty checks (a lease run out, a retry due, a parked invocation
+orphaned) is read on the database's clock (``Now()``), so that runners on
+hosts with skewed clocks agree.
+
+A duty returns how many invocations it made runnable, so that idle threads
+are woken to claim them. A new duty (a schedule's tick, a rate window's
+release) joins ``duties_of()``.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from django.db import close_old_connections
+from django.db.models.functions import Now
+
+from . import faults
+from .claim import promote_due_retries, wake_orphans
+from .conf import conf
+from .models import Event, Runner
+from .recovery import recover_lost_runners
+from .transitions import record
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+logger = logging.getLogger("keyjobs.worker")
+
+
+@dataclass
+class Duty:
+    """One timed duty: ``run(worker)`` every ``interval()`` seconds; it returns how many invocations it made runnable."""
+
+    name: str
+    interval: Callable[["Worker"], float]
+    run: Callable[["Worker"], int]
+    #: When it last ran, by this process's monotonic clock.
+    last: float = field(default=float("-inf"))
+
+
+def heartbeat(worker: "Worker") -> int:
+    """Renew the runner's lease; a runner another one declared lost stops (its work was recovered)."""
+    assert worker.runner is not None
+    renewed = (
+        Runner.objects.using(worker.using)
+        .filter(pk=worker.runner.pk, stopped_at__isnull=True)
+        .update(heartbeat_at=Now())
+    )
+    if not renewed:
+        logger.error("keyjobs: %s was declared lost by another runner, which recovered its work; "
+                     "stopping (outcomes of runs still in progress will be discarded)", worker.runner)
+        worker.lost = True
+        worker.stop()
+        return 0
+    worker.renewed()
+    return 0
+
+
+def recover(worker: "Worker") -> int:
+    """Recover the work of runners whose lease ran out (``keyjobs.recovery``)."""
+    return len(recover_lost_runners(using=worker.using, lease=worker.lease, by=worker.runner))
+
+
+def wake_orphaned(worker: "Worker") -> int:
+    """Wake parked invocations whose key nobody holds or waits to take (their waker died)."""
+    return len(wake_orphans(using=worker.using, runner=worker.runner))
+
+
+def promote_retries(worker: "Worker") -> int:
+    """Register again the retries whose delay is over."""
+    return len(promote_due_retries(using=worker.using, runner=worker.runner))
+
+
+def flag_overdue(worker: "Worker") -> int:
+    """Record an OVERDUE event, once, for each run of this runner past its task's time limit."""
+    for number, run in list(worker.running.items()):
+        if run.limit is None or time.monotonic() - run.began <= run.limit or run.flagged:
+            continue
+        run.flagged = True
+        note = (f"past its time limit of {run.limit:g}s; a thread cannot be stopped from outside, "
+                "so its key stays held until the run returns, and it then ends FAILED")
+        logger.warning("keyjobs: invocation #%s on thread %d is %s", run.invocation.pk, number, note)
+        record(run.invocation, Event.Kind.OVERDUE, using=worker.using, runner=worker.runner, note=note)
+    return 0
+
+
+def duties_of(worker: "Worker") -> list[Duty]:
+    """Return a runner's duties, in the order they run when several are due at once."""
+    every_heartbeat: Callable[[Worker], float] = lambda worker: conf.HEARTBEAT_INTERVAL
+    return [
+        Duty("heartbeat", every_heartbeat, heartbeat),
+        Duty("recover lost runners", every_heartbeat, recover),
+        Duty("wake orphaned parked invocations", every_heartbeat, wake_orphaned),
+        # As often as an idle runner looks for work: a retry is work like any other.
+        Duty("promote due retries", lambda worker: worker.poll_interval, promote_retries),
+        Duty("flag overdue runs", every_heartbeat, flag_overdue),
+    ]
+
+
+class Duties:
+    """A runner's duties, and when each last ran."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self.duties = duties_of(worker)
+
+    def tick(self) -> float:
+        """Return how long the duty thread may sleep before the next duty is due."""
+        now = time.monotonic()
+        return max(0.0, min(duty.last + duty.interval(self.worker) - now for duty in self.duties))
+
+    def run_due(self) -> int:
+        """Run every duty that is due; return how many invocations they made runnable.
+
+        A duty that fails on a transient database error is logged and runs
+        again at its next interval; the others still run.
+        """
+        made_runnable = 0
+        close_old_connections()
+        for duty in self.duties:
+            now = time.monotonic()
+            if now - duty.last < duty.interval(self.worker):
+                continue
+            duty.last = now
+            try:
+                made_runnable += duty.run(self.worker)
+            except Exception as exc:
+                if not faults.is_transient(exc):
+                    logger.exception("keyjobs: the duty %r failed; it runs again in %.1fs", duty.name,
+                                     duty.interval(self.worker))
+                else:
+                    logger.warning("keyjobs: the duty %r could not reach the database (%s); retrying", duty.name, exc)
+                self.worker.close_connection()
+            if self.worker.lost:
+                break
+        return made_runnable

@@ -1,0 +1,92 @@
+"""The task spec: everything the engine needs to know of a task, whoever declared it.
+
+``@task`` builds one; so can any other producer (Django's tasks API, a
+schedule, the admin). The engine takes nothing else: the registry holds
+specs, ``enqueue`` inserts calls of a spec, the runner calls its function.
+"""
+
+import functools
+import inspect
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from .admission import Policy
+from .conf import conf
+from .exceptions import TaskDeclarationError
+
+if TYPE_CHECKING:
+    from .models import Invocation
+
+
+@dataclass(frozen=True, eq=False)
+class TaskSpec:
+    """A task as the engine sees it: its name, its function, its policy, and how it is run."""
+
+    name: str
+    func: Callable[..., Any]
+    policy: Policy = field(default_factory=Policy)
+    #: None: ``KEYJOBS_DEFAULT_QUEUE``, read when a call is enqueued.
+    default_queue: str | None = None
+    priority: int = 0
+    max_retries: int = 0
+    retry_for: tuple[type[BaseException], ...] = (Exception,)
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 300.0
+    #: Seconds a run may take; None for no limit.
+    timeout: float | None = None
+
+    @property
+    def func_path(self) -> str:
+        """The dotted path of the function: what a worker imports."""
+        return f"{self.func.__module__}.{self.func.__qualname__}"
+
+    @property
+    def queue(self) -> str:
+        return self.default_queue or conf.DEFAULT_QUEUE
+
+    @functools.cached_property
+    def signature(self) -> inspect.Signature:
+        return inspect.signature(self.func)
+
+    @functools.cached_property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.func)
+
+    def keys_for(self, arguments: Mapping[str, Any]) -> tuple[str | None, str | None]:
+        """Return the (running, registration) keys of a call's bound arguments."""
+        return self.policy.keys_for(arguments)
+
+    def retry_delay(self, attempt: int) -> float:
+        """Return the seconds to wait before attempt ``attempt + 1``: exponential, with full jitter above half."""
+        ceiling = min(self.retry_backoff_max, self.retry_backoff * 2 ** max(attempt - 1, 0))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+class Options:
+    """A call's enqueue options over a spec: what ``enqueue`` takes, and what ``Task.using()`` returns."""
+
+    def __init__(
+        self, task: TaskSpec, *, queue: str | None = None, priority: int | None = None,
+        run_after: datetime | timedelta | None = None,
+    ) -> None:
+        if run_after is not None and not isinstance(run_after, (datetime, timedelta)):
+            raise TaskDeclarationError(f"{task.name}.using(): run_after must be a datetime or a timedelta")
+        self.task = task
+        self.queue = queue or task.queue
+        self.priority = task.priority if priority is None else priority
+        self.run_after = run_after
+
+    def delay(self, *args: Any, **kwargs: Any) -> "Invocation":
+        """Register a call for a worker to run, in the caller's transaction, and return its invocation."""
+        from .enqueue import enqueue
+
+        return enqueue(self, args, kwargs)
+
+    def delay_many(self, calls: Iterable[Any]) -> list["Invocation"]:
+        """Register many calls at once: each an ``(args, kwargs)`` pair or a dict of keyword arguments."""
+        from .enqueue import enqueue_many
+
+        return enqueue_many(self, calls)

@@ -1,0 +1,32 @@
+"""The store: the engine's database access, behind one interface, with PostgreSQL's version beside the portable one.
+
+``store(using)`` is the one place that chooses: ``portable.Store`` (plain SQL
+every database Django supports takes, through Django's cursor) or
+``postgres.PostgresStore`` (the same, plus whole steps in one statement,
+LISTEN/NOTIFY and a one-statement insert). Code outside this package asks the
+store what it can do (``store.steps``, ``store.notifies``) and never checks
+the database's vendor. The store depends on the models and the lifecycle
+only, never on the orchestration that calls it.
+"""
+
+from django.db import connections
+
+from .interface import Claimed, LockedRow, Recorded, Steps, WaitingRow, Woken
+from .portable import Store
+
+__all__ = ["Claimed", "LockedRow", "Recorded", "Steps", "Store", "WaitingRow", "Woken", "store"]
+
+
+def store(using: str) -> Store:
+    """Return the store of database ``using``, built on first use by this thread's connection."""
+    connection = connections[using]
+    built: Store | None = getattr(connection, "_keyjobs_store", None)
+    if built is None:
+        if connection.vendor == "postgresql":
+            from .postgres import PostgresStore
+
+            built = PostgresStore(connection)
+        else:
+            built = Store(connection)
+        connection._keyjobs_store = built  # type: ignore[attr-defined]
+    return built

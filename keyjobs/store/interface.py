@@ -1,0 +1,93 @@
+"""What the store returns, and the one-statement steps a database may offer beside the portable ones."""
+
+from collections.abc import Collection, Sequence
+from typing import NamedTuple, Protocol
+
+from ..models import Invocation
+from ..status import Change
+
+
+class LockedRow(NamedTuple):
+    """What a caller holding an invocation's row lock knows of it."""
+
+    id: int
+    status: str
+    runner_id: int | None
+
+
+class WaitingRow(NamedTuple):
+    """A waiting invocation of a key, in key order."""
+
+    id: int
+    status: str
+    queue: str
+
+
+class Claimed(NamedTuple):
+    """What a one-statement claim took, and whether it stopped at an invocation that needs deciding."""
+
+    invocations: list[Invocation]
+    stopped: bool
+
+
+class Recorded(NamedTuple):
+    """An outcome recorded and the thread's next claim, in one statement."""
+
+    #: The recorded invocation's row as it was before (None if it is gone).
+    row: LockedRow | None
+    claimed: Claimed
+
+
+class Woken(NamedTuple):
+    """What freeing a slot of a key did."""
+
+    #: The invocation handed straight to the freeing thread, RUNNING, if any.
+    handed: Invocation | None
+    #: Parked invocations registered again.
+    woken: list[int]
+
+
+class Steps(Protocol):
+    """Whole steps of an invocation's life, each in one statement (``store.steps``; None where there are none).
+
+    Each implements a named subset of the general path exactly: the caller
+    checks that the step applies (``admission.FAST_PATH``, a legal path), and
+    the partial unique constraints still decide every race.
+    """
+
+    def move_checked(
+        self, ids: Sequence[int], change: Change, *, only_from: Collection[str], owner_id: int | None
+    ) -> list[LockedRow]:
+        """Lock ``ids``, apply ``change`` to those in ``only_from`` (all owned by ``owner_id`` if given).
+
+        Return every row as it was; nothing is written if one of them is owned by another runner.
+        """
+
+    def claim_head(
+        self, queues: Sequence[str] | None, limit: int, *, fast_tasks: Sequence[str], claim: Change
+    ) -> Claimed:
+        """Claim the head of the queue with ``claim``, up to the first invocation that needs deciding.
+
+        That is an invocation of a task not in ``fast_tasks``, or of a running
+        key that is held or has work ahead of it.
+        """
+
+    def record_and_claim(
+        self, pk: int, outcome: Change, *, owner_id: int, queues: Sequence[str] | None, fast_tasks: Sequence[str],
+        claim: Change,
+    ) -> Recorded:
+        """``move_checked`` of one RUNNING invocation, then ``claim_head`` of one for the same thread, at once.
+
+        A runner whose outcome is refused claims nothing.
+        """
+
+    def wake_next(
+        self, task_name: str, running_key: str, *, woken: Change, handed: Change | None,
+        queues: Sequence[str] | None, fast_tasks: Sequence[str], claim: Change | None,
+    ) -> Woken:
+        """Wake a one-slot key's first parked invocation (see ``claim.wake_next``).
+
+        With ``handed``, hand it to the freeing thread instead if nothing else
+        waits in ``queues``; with ``claim``, a thread handed nothing claims the
+        queue's head in the same statement.
+        """

@@ -1,0 +1,401 @@
+"""PostgreSQL's store: whole steps in one statement, LISTEN/NOTIFY, and a one-statement insert.
+
+Reached only through ``keyjobs.store.store()``, which picks it for a
+PostgreSQL database; it depends on the models, the lifecycle and the portable
+store it extends, never on the orchestration that calls it.
+"""
+
+import logging
+import threading
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import psycopg
+from django.db import connections
+from django.db.backends.postgresql.base import ServerBindingCursor
+
+from ..conf import conf
+from ..models import Invocation
+from ..status import Change, Status
+from .interface import Claimed, LockedRow, Recorded, Woken
+from .portable import Store, literal
+
+logger = logging.getLogger("keyjobs.worker")
+
+#: Runs of one statement on a connection after which psycopg prepares it (psycopg's own default).
+PREPARE_THRESHOLD = 5
+
+#: The LISTEN/NOTIFY channel; the payload is the queue name.
+CHANNEL = "keyjobs"
+
+
+class PostgresStore(Store):
+    """The portable store, plus each step of an invocation's life in one statement (``Steps``).
+
+    A data-modifying WITH runs to completion whether or not the main
+    statement reads it, and all of a statement's parts see one snapshot: a
+    race with another runner ends at the partial unique indexes, as on the
+    portable path.
+    """
+
+    notifies = True
+
+    def __init__(self, connection: Any) -> None:
+        super().__init__(connection)
+        self._columns_of: dict[str, list[str]] = {}
+        self.steps = self
+
+    def cursor(self) -> Any:
+        """Return a cursor that binds parameters on the server, so that these statements can be prepared.
+
+        Planning the claim costs PostgreSQL more than running it. Django
+        turns prepared statements off (``prepare_threshold`` None) for the
+        sake of connection poolers; with ``KEYJOBS_PREPARE_STATEMENTS`` these
+        statements are prepared on their fifth run on a connection anyway.
+        Django's other queries bind on the client, which never prepares.
+        """
+        connection = self.connection
+        connection.ensure_connection()
+        connection.validate_thread_sharing()
+        raw = connection.connection
+        if conf.PREPARE_STATEMENTS and raw.prepare_threshold is None:
+            raw.prepare_threshold = PREPARE_THRESHOLD
+        cursor = ServerBindingCursor(raw)
+        return connection.make_debug_cursor(cursor) if connection.queries_logged else connection.make_cursor(cursor)
+
+    def move(self, rows: Sequence[LockedRow], change: Change) -> None:
+        events = [event for row in rows for event in change.events(row.id, row.status)]
+        update, update_params = self._update([row.id for row in rows], change.values)
+        insert, insert_params = self._insert_events(events)
+        with self.cursor() as cursor:
+            cursor.execute(f"WITH moved AS ({update}) {insert}", [*update_params, *insert_params])
+
+    # -- Steps: each in one statement ---------------------------------------------------
+
+    def move_checked(
+        self, ids: Sequence[int], change: Change, *, only_from: Collection[str], owner_id: int | None
+    ) -> list[LockedRow]:
+        ctes, params = self._checked_move(ids, change, only_from=only_from, owner_id=owner_id)
+        with self.cursor() as cursor:
+            cursor.execute(f"WITH {ctes} SELECT id, status, runner_id FROM locked ORDER BY id", params)
+            return [LockedRow(*row) for row in cursor.fetchall()]
+
+    def claim_head(
+        self, queues: Sequence[str] | None, limit: int, *, fast_tasks: Sequence[str], claim: Change
+    ) -> Claimed:
+        ctes, params = self._claim(queues, limit, fast_tasks=fast_tasks, claim=claim)
+        sql_text = f"WITH {ctes} {self._claimed_rows()}"
+        with self.cursor() as cursor:
+            cursor.execute(sql_text, params)
+            rows = cursor.fetchall()
+            return self._claimed(rows, self._names(cursor, sql_text)[1:])
+
+    def record_and_claim(
+        self, pk: int, outcome: Change, *, owner_id: int, queues: Sequence[str] | None, fast_tasks: Sequence[str],
+        claim: Change,
+    ) -> Recorded:
+        moving, move_params = self._checked_move([pk], outcome, only_from={Status.RUNNING}, owner_id=owner_id)
+        # A runner whose outcome is refused (its work was taken from it) claims nothing.
+        claiming, claim_params = self._claim(queues, 1, fast_tasks=fast_tasks, claim=claim,
+                                             only_if="EXISTS (SELECT 1 FROM moved)", after="recorded")
+        sql_text = (f"WITH {moving}, {claiming} "
+                    + self._claimed_rows("(SELECT status FROM locked), (SELECT runner_id FROM locked), "))
+        with self.cursor() as cursor:
+            cursor.execute(sql_text, [*move_params, *claim_params])
+            rows = cursor.fetchall()
+            names = self._names(cursor, sql_text)
+        # Each row: stopped, the outcome's row as it was (status, runner), then what was claimed.
+        row = LockedRow(pk, rows[0][1], rows[0][2]) if rows and rows[0][1] is not None else None
+        return Recorded(row, self._claimed([(row[0], *row[3:]) for row in rows], names[3:]))
+
+    def wake_next(
+        self, task_name: str, running_key: str, *, woken: Change, handed: Change | None,
+        queues: Sequence[str] | None, fast_tasks: Sequence[str], claim: Change | None,
+    ) -> Woken:
+        q, inv = self.quote, self.invocations
+        same_key = f"{q('task_name')} = %s AND {q('running_key')} = %s"
+        queues = list(queues or [])
+        if handed is not None:
+            # Handed over only if it would be next anyway (see claim.wake_next).
+            nothing_waits, nothing_waits_params = self.claimable_sql("1", queues, 1, lock=False, ordered=False)
+            served = f"first.queue IN ({_marks(queues)})" if queues else "TRUE"
+            hand, hand_params = f"(NOT EXISTS ({nothing_waits}) AND {served})", [*nothing_waits_params, *queues]
+            notify = f"woken.queue NOT IN ({_marks(queues)})" if queues else "FALSE"
+        else:
+            hand, hand_params, notify = "FALSE", [], "TRUE"
+        handing = handed if handed is not None else woken  # never applied when nothing is handed
+        handed_set, handed_params = self._set(handing.values)
+        woken_set, woken_params = self._set(woken.values)
+        handed_events, handed_event_params = self._recorded("handed_recorded", "handed", handing,
+                                                            first_from=Status.REROUTED)
+        woken_events, woken_event_params = self._recorded("woken_recorded", "woken", woken,
+                                                          first_from=Status.REROUTED)
+        sql_text = (
+            f"WITH first AS (SELECT {q('id')}, {q('status')}, {q('queue')} FROM {inv} "
+            f"WHERE {same_key} AND {self.is_waiting} AND {self.due} "
+            f"ORDER BY {self.key_order} LIMIT 1), "
+            # The first in line goes on if it is parked and the key has nobody holding it.
+            f"go AS (SELECT first.id, first.queue, {hand} AS hand FROM first WHERE first.status = %s "
+            f"AND NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_owned})), "
+            f"handed AS (UPDATE {inv} AS h {handed_set} FROM go WHERE h.{q('id')} = go.id AND go.hand "
+            f"AND h.{q('status')} = %s RETURNING {self._returning('h')}), "
+            f"woken AS (UPDATE {inv} AS w {woken_set} FROM go WHERE w.{q('id')} = go.id AND NOT go.hand "
+            f"AND w.{q('status')} = %s RETURNING w.{q('id')} AS id, w.{q('queue')} AS queue), "
+            f"{handed_events}, {woken_events}, "
+            # The thread that freed the key claims next: only a runner of another queue needs waking.
+            f"notified AS (SELECT pg_notify(%s, woken.queue) FROM woken WHERE {notify}) "
+        )
+        claim_params: list[Any] = []
+        if claim is not None and fast_tasks:
+            # Nothing handed over: the thread's next claim, in this same statement.
+            claiming, claim_params = self._claim(queues, 1, fast_tasks=fast_tasks, claim=claim,
+                                                 only_if="NOT EXISTS (SELECT 1 FROM handed)", after="woken_recorded")
+            sql_text += (f", {claiming} SELECT (SELECT count(*) FROM notified), (SELECT id FROM woken), picked.* "
+                         f"FROM (SELECT 1) AS one LEFT JOIN (SELECT * FROM handed UNION ALL SELECT * FROM taken) "
+                         f"AS picked ON true")
+        else:
+            sql_text += ("SELECT (SELECT count(*) FROM notified), (SELECT id FROM woken), handed.* "
+                         "FROM (SELECT 1) AS one LEFT JOIN handed ON true")
+        params = [
+            task_name, running_key,
+            *hand_params, Status.REROUTED, task_name, running_key,
+            *handed_params, Status.REROUTED,
+            *woken_params, Status.REROUTED,
+            *handed_event_params, *woken_event_params,
+            CHANNEL, *(queues if handed is not None else []),
+            *claim_params,
+        ]
+        with self.cursor() as cursor:
+            cursor.execute(sql_text, params)
+            row = cursor.fetchone()
+            names = self._names(cursor, sql_text)
+        _, woken_id, *next_row = row
+        next_up = self._invocations([next_row], columns=names[2:])[0] if next_row[0] is not None else None
+        return Woken(next_up, [woken_id] if woken_id is not None else [])
+
+    # -- the parts those statements are made of ---------------------------------------
+
+    def _recorded(self, name: str, source: str, change: Change, *, first_from: str | None = None,
+                  after: str = "", order: str = "") -> tuple[str, list[Any]]:
+        """The CTE ``name`` inserting ``change``'s history rows for each row of CTE ``source``.
+
+        The first step's from is ``first_from``, else the source's ``status``
+        column (the row's status before the change). ``after`` names a CTE
+        whose rows these must follow in the history.
+        """
+        came_from = literal(first_from) if first_from is not None else f"{source}.status"
+        steps = ", ".join(f"({n}, {literal(here)}, {literal(there)})" for n, (here, there) in enumerate(change.steps()))
+        return (
+            f"{name} AS (INSERT INTO {self.events} ({self.event_columns}) "
+            f"SELECT {source}.{self.quote('id')}, %s, COALESCE(step.came_from, {came_from}), step.went_to, %s, %s, %s "
+            f"FROM {source} CROSS JOIN (VALUES {steps}) AS step(n, came_from, went_to) "
+            # Reading `after` makes PostgreSQL write it first: otherwise the order is its own choice.
+            + (f"CROSS JOIN (SELECT count(*) FROM {after}) AS before " if after else "")
+            + f"ORDER BY {order or source + '.' + self.quote('id')}, step.n RETURNING 1)"
+        ), [change.kind, change.runner_id, change.runner_thread, change.note]
+
+    def _checked_move(
+        self, ids: Sequence[int], change: Change, *, only_from: Collection[str], owner_id: int | None
+    ) -> tuple[str, list[Any]]:
+        """The CTEs ``locked`` (every row as it was), ``moved`` and ``recorded``, its history."""
+        q, inv = self.quote, self.invocations
+        assignments, set_params = self._set(change.values)
+        guard, guard_params = "", []
+        if owner_id is not None:
+            # All or nothing, as on the portable path: one row owned by another runner refuses the move.
+            guard = (f" AND NOT EXISTS (SELECT 1 FROM locked WHERE locked.status IN ({_marks(only_from)}) "
+                     f"AND locked.runner_id IS DISTINCT FROM %s)")
+            guard_params = [*only_from, owner_id]
+        recorded, recorded_params = self._recorded("recorded", "moved", change)
+        ctes = (
+            f"locked AS (SELECT {q('id')} AS id, {q('status')} AS status, {q('runner_id')} AS runner_id "
+            f"FROM {inv} WHERE {q('id')} IN ({_marks(ids)}) ORDER BY {q('id')}{self.lock}), "
+            f"moved AS (UPDATE {inv} AS m {assignments} FROM locked WHERE m.{q('id')} = locked.id "
+            f"AND locked.status IN ({_marks(only_from)}){guard} RETURNING m.{q('id')} AS id, locked.status), "
+            f"{recorded}"
+        )
+        return ctes, [*ids, *set_params, *only_from, *guard_params, *recorded_params]
+
+    def _claim(
+        self, queues: Sequence[str] | None, limit: int, *, fast_tasks: Sequence[str], claim: Change,
+        only_if: str = "TRUE", after: str = "",
+    ) -> tuple[str, list[Any]]:
+        """The CTEs ``cut`` (where the claim stopped, if it did), ``taken`` and their history.
+
+        ``after`` names a CTE whose rows the history must follow.
+        """
+        q, inv = self.quote, self.invocations
+        candidates, params = self.claimable_sql(
+            ", ".join(q(column) for column in ("id", "priority", "registered_at", "task_name", "running_key")),
+            queues, limit)
+        same_key = f"{q('task_name')} = candidate.task_name AND {q('running_key')} = candidate.running_key"
+        assignments, set_params = self._set(claim.values)
+        recorded, recorded_params = self._recorded("taken_recorded", "taken", claim, first_from=Status.REGISTERED,
+                                                    after=after, order=self._queue_order("taken"))
+        ctes = (
+            f"candidate AS ({candidates}), "
+            # admission.FAST_PATH: a task whose policy this statement implements, and no key, or a
+            # key nobody holds with nothing due ahead of it (one slot per key).
+            f"judged AS (SELECT candidate.id, row_number() OVER (ORDER BY candidate.priority DESC, "
+            f"candidate.registered_at, candidate.id) AS n, "
+            f"candidate.task_name = ANY(%s) AND (candidate.running_key IS NULL OR ("
+            f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_owned}) AND "
+            f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_waiting} "
+            f"AND {self.due} AND {q('id')} <> candidate.id AND ({q('priority')} > candidate.priority "
+            f"OR ({q('priority')} = candidate.priority AND {q('id')} < candidate.id))))) AS free FROM candidate), "
+            f"cut AS (SELECT min(n) AS n FROM judged WHERE NOT free), "
+            f"taken AS (UPDATE {inv} AS t {assignments} FROM judged WHERE t.{q('id')} = judged.id "
+            f"AND judged.n < COALESCE((SELECT n FROM cut), %s) AND {only_if} "
+            f"RETURNING {self._returning('t')}), "
+            f"{recorded}"
+        )
+        return ctes, [*params, list(fast_tasks), *set_params, limit + 1, *recorded_params]
+
+    def _names(self, cursor: Any, sql_text: str) -> list[str]:
+        """The columns of a statement's rows: read once a statement (``description`` builds 20-odd objects)."""
+        names = self._columns_of.get(sql_text)
+        if names is None:
+            names = self._columns_of.setdefault(sql_text, [column.name for column in cursor.description])
+        return names
+
+    def _returning(self, alias: str) -> str:
+        """Every column of the table aliased ``alias``: read back by name (``_invocations(columns=...)``).
+
+        Short on purpose: psycopg caches its parsing of a statement of at most 4 kB only.
+        """
+        return f"{alias}.*"
+
+    def _queue_order(self, table: str) -> str:
+        q = self.quote
+        return f"{table}.{q('priority')} DESC, {table}.{q('registered_at')}, {table}.{q('id')}"
+
+    def _claimed_rows(self, before: str = "") -> str:
+        """The main query after ``_claim``: whether the claim stopped, ``before``, then each row claimed."""
+        return (f"SELECT (SELECT n FROM cut) IS NOT NULL AS stopped, {before}taken.* FROM (SELECT 1) AS one "
+                f"LEFT JOIN taken ON true ORDER BY {self._queue_order('taken')}")
+
+    def _claimed(self, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> Claimed:
+        stopped = bool(rows and rows[0][0])
+        return Claimed(self._invocations((row[1:] for row in rows if row[1] is not None), columns=columns), stopped)
+
+    # -- creating, and waking idle runners ----------------------------------------------
+
+    def insert(self, fields: Sequence[Any], rows: Sequence[Sequence[Any]], returning: Sequence[Any],
+               queue: str) -> list[tuple[Any, ...]]:
+        return insert_and_notify(self, fields, rows, returning, CHANNEL, queue)
+
+    def notify(self, queue: str) -> None:
+        with self.connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, queue])
+
+    def listen(self, on_wake: Callable[[str], None], stop: threading.Event) -> threading.Thread:
+        listener = Listener(self.connection.alias, CHANNEL, on_wake, stop)
+        listener.start()
+        return listener
+
+
+def _marks(values: Collection[Any]) -> str:
+    return ", ".join(["%s"] * len(values))
+
+
+class Listener(threading.Thread):
+    """Listen on a separate autocommit connection and call back on each notification.
+
+    If the connection drops, reconnect with a growing pause; polling covers the gap.
+    """
+
+    def __init__(self, using: str, channel: str, on_wake: Callable[[str], None], stop: threading.Event) -> None:
+        super().__init__(name="keyjobs-listener", daemon=True)
+        self.using = using
+        self.channel = channel
+        self.on_wake = on_wake
+        self.stop = stop
+        self.listening = threading.Event()
+
+    def run(self) -> None:
+        pause = 0.1
+        while not self.stop.is_set():
+            try:
+                self._listen()
+                pause = 0.1
+            except psycopg.Error as exc:
+                self.listening.clear()
+                logger.warning("keyjobs: lost the LISTEN connection (%s); retrying in %.1fs", exc, pause)
+                self.stop.wait(pause)
+                pause = min(pause * 2, 5.0)
+
+    def _listen(self) -> None:
+        params = connections[self.using].get_connection_params()
+        with psycopg.connect(**params, autocommit=True) as connection:
+            connection.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel)))
+            self.listening.set()
+            while not self.stop.is_set():
+                for notification in connection.notifies(timeout=0.5):
+                    self.on_wake(notification.payload)
+
+
+def insert_and_notify(
+    store: PostgresStore, fields: Sequence[Any], rows: Sequence[Sequence[Any]], returning: Sequence[Any],
+    channel: str, payload: str,
+) -> list[tuple[Any, ...]]:
+    """Insert ``rows`` (prepared values of ``fields``) and queue a notification, in one statement.
+
+    Return the ``returning`` columns of each inserted row. One statement is
+    atomic by itself, so in autocommit a delay() is one round trip instead of
+    BEGIN, INSERT, NOTIFY and COMMIT; inside the caller's transaction it joins
+    it, and the notification waits for its commit.
+    """
+    columns = list(zip(*rows))
+    # The same object in every row (the task, the queue, the defaults) travels once; the others as an array each.
+    shared = tuple(all(value is values[0] for value in values) for values in columns)
+    params = [values[0] for values, once in zip(columns, shared) if once]
+    if all(shared):
+        params.append(len(rows))  # generate_series(1, %s)
+    else:
+        params += [list(values) for values, once in zip(columns, shared) if not once]
+    # Bound on the server and prepared once a connection has run it a few times (PostgresStore.cursor):
+    # a delay() is one statement, and planning it cost about as much as running it.
+    with store.cursor() as cursor:
+        cursor.execute(
+            _insert_and_notify_sql(store.connection.alias, Invocation, tuple(fields), tuple(returning), shared),
+            [*params, channel, payload],
+        )
+        return cursor.fetchall()
+
+
+#: The statements insert_and_notify() built, by database, table, columns and which columns are shared:
+#: a few per database, since only the arguments, keys and run_after vary between the rows of a call.
+_insert_and_notify_statements: dict[tuple[Any, ...], str] = {}
+
+
+def _insert_and_notify_sql(
+    using: str, model: Any, fields: tuple[Any, ...], returning: tuple[Any, ...], shared: tuple[bool, ...]
+) -> str:
+    key = (using, model, fields, returning, shared)
+    if key in _insert_and_notify_statements:
+        return _insert_and_notify_statements[key]
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    # Arrays, as bulk_create sends rows here: psycopg parses a VALUES list of thousands of
+    # placeholders slower than PostgreSQL inserts the rows. Unsized types (varchar, not
+    # varchar(200)): a cast must never truncate.
+    casts = [field.db_type(connection).split("(")[0] for field in fields]
+    arrays = [f"%s::{cast}[]" for cast, once in zip(casts, shared) if not once]
+    # In the table's order: a shared column from its one parameter, the others from their arrays.
+    names = iter(range(len(arrays)))
+    select = [f"%s::{cast}" if once else f"u.c{next(names)}" for cast, once in zip(casts, shared)]
+    source = (
+        f"UNNEST({', '.join(arrays)}) AS u({', '.join(f'c{n}' for n in range(len(arrays)))})"
+        if arrays else "generate_series(1, %s)"
+    )
+    insert = (
+        f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(field.column) for field in fields)}) "
+        f"SELECT {', '.join(select)} FROM {source} RETURNING {', '.join(quote(field.column) for field in returning)}"
+    )
+    # MATERIALIZED: the notification is queued once, however many rows the insert returns.
+    sql = (
+        f"WITH inserted AS ({insert}), notified AS MATERIALIZED (SELECT pg_notify(%s, %s)) "
+        "SELECT inserted.* FROM inserted, notified"
+    )
+    _insert_and_notify_statements[key] = sql
+    return sql
