@@ -12,8 +12,6 @@ Portable: psycopg is never imported; its errors are read through the
 ``sqlstate`` they carry, sqlite3's through ``sqlite_errorname``.
 """
 
-from django.db import InterfaceError, OperationalError
-
 from .values import storable_text
 
 #: SQLSTATEs a retry can get past (besides class 08, connection exceptions).
@@ -46,21 +44,20 @@ def sqlstate(exc: BaseException) -> str | None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Return whether the step that raised ``exc`` may succeed if tried again (after reconnecting)."""
+    """Return whether the step that raised ``exc`` may succeed if tried again (after reconnecting).
+
+    Takes Django's wrapped errors and the drivers' own alike.
+    """
     state = sqlstate(exc)
     if state is not None:
         return state.startswith("08") or state in TRANSIENT_SQLSTATES
-    cause = exc.__cause__
-    sqlite_error = getattr(cause, "sqlite_errorname", None)
-    if sqlite_error is not None:
-        return str(sqlite_error).startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
-    if isinstance(exc, (OperationalError, InterfaceError)):
-        # A driver error without a SQLSTATE never reached the server's checks: the connection
-        # failed or was closed under it ("server closed the connection unexpectedly").
-        if cause is not None and type(cause).__module__.startswith("sqlite3"):
-            return "locked" in str(cause) or "busy" in str(cause)  # sqlite3 before Python 3.11
-        return True
-    return False
+    for error in (exc, exc.__cause__):
+        sqlite_error = getattr(error, "sqlite_errorname", None)
+        if sqlite_error is not None:
+            return str(sqlite_error).startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+    # Without a SQLSTATE, a driver's OperationalError or InterfaceError (PEP 249's names) never
+    # reached the server's checks: the connection failed, or was closed under it.
+    return any(kind.__name__ in ("OperationalError", "InterfaceError") for kind in type(exc).__mro__)
 
 
 def reason(exc: BaseException, *, what: str = "the outcome") -> str:

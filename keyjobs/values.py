@@ -72,9 +72,12 @@ def storable_text(text: str, *, limit: int = MAX_TEXT) -> str:
         text = _SURROGATE.sub("\ufffd", text.replace("\x00", "\\x00"))
     if len(text) > limit:
         # Both ends matter: an error's message starts it, a traceback's cause ends it.
-        marker = f"\n[... {len(text) - limit + 60:,} characters cut by keyjobs ...]\n"
-        head = (limit - len(marker)) // 2
-        text = text[:head] + marker + text[len(text) - (limit - len(marker) - head):]
+        marker = ""
+        for _ in range(3):  # the marker's length depends on the count it shows: settle it
+            marker = f"\n[... {len(text) - max(0, limit - len(marker)):,} characters cut by keyjobs ...]\n"
+        kept = max(0, limit - len(marker))
+        head = kept // 2
+        text = text[:head] + marker + text[len(text) - (kept - head):]
     return text
 
 
