@@ -107,6 +107,11 @@ def flaky_once_per_key(account_id: str) -> None:
     raise ConnectionError("provider down")
 
 
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), max_retries=1, retry_backoff=60)
+def flaky_serial_per_key(account_id: str, op: str = "sync") -> None:
+    raise ConnectionError("provider down")
+
+
 @task(timeout=0.05)
 def too_slow(seconds: float) -> None:
     time.sleep(seconds)

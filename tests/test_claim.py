@@ -151,6 +151,36 @@ def test_a_new_invocation_behind_an_orphan_wakes_it_and_waits_its_turn(runner):
     assert statuses(orphan, newer) == [Status.PENDING, Status.REROUTED]
 
 
+@pytest.fixture
+def two_slots():
+    """A task of two slots per key, registered as a spec (no @task option declares a limit yet)."""
+    from keyjobs import registry
+    from keyjobs.admission import Policy
+    from keyjobs.concurrency import Mode
+    from keyjobs.spec import TaskSpec
+
+    spec = TaskSpec(name="tests.jobs.keyed_two_slots", func=jobs.keyed.func,
+                    policy=Policy(running=Mode.KEYS, key_arguments=("account_id",), limit=2))
+    registry.register(spec)
+    return spec
+
+
+def test_a_claim_respects_a_key_limit_above_one(runner, two_slots):
+    from keyjobs.spec import Options
+
+    calls = [Options(two_slots).delay("acme", op) for op in "abc"]
+    first, second = claim_one(runner), claim_one(runner)
+    assert [first.pk, second.pk] == [calls[0].pk, calls[1].pk]
+    assert {first.slot, second.slot} == {0, 1}
+    assert claim_one(runner) is None
+    assert statuses(*calls) == [Status.PENDING, Status.PENDING, Status.REROUTED]
+    execute(first, runner, using="default")
+    # One slot freed: the parked third takes it, in key order.
+    assert statuses(calls[2]) == [Status.REGISTERED]
+    third = claim_one(runner)
+    assert third.pk == calls[2].pk and third.slot == first.slot
+
+
 def test_wake_next_respects_the_key_limit(runner):
     jobs.keyed.delay("acme", "a")
     jobs.keyed.delay("acme", "b")

@@ -53,7 +53,7 @@ def test_a_result_that_is_not_json_fails_the_invocation(runner):
     assert "result 'return value' is a builtins.set" in invocation.error
 
 
-def test_an_outcome_is_not_recorded_by_a_runner_that_lost_the_invocation(runner):
+def test_a_claimed_invocation_is_not_started_by_a_runner_that_lost_it(runner):
     jobs.add.delay(1)
     [claimed] = claim(runner, using="default")
     thief = RunnerFactory()
@@ -61,6 +61,19 @@ def test_an_outcome_is_not_recorded_by_a_runner_that_lost_the_invocation(runner)
     assert execute(claimed, runner, using="default") is None
     claimed.refresh_from_db()
     assert claimed.status == Status.PENDING
+
+
+def test_an_outcome_is_not_recorded_by_a_runner_that_lost_the_invocation_while_it_ran(runner):
+    jobs.add.delay(1)
+    [started] = claim(runner, using="default", start=True)
+    assert started.status == Status.RUNNING
+    thief = RunnerFactory()
+    # Recovered and claimed by another runner while this one was cut off: its outcome must not land.
+    Invocation.objects.filter(pk=started.pk).update(runner=thief)
+    assert execute(started, runner, using="default") is None
+    started.refresh_from_db()
+    assert (started.status, started.runner_id, started.return_value) == (Status.RUNNING, thief.pk, None)
+    assert not Event.objects.filter(invocation=started, to_status=Status.SUCCESS).exists()
 
 
 def test_an_outcome_and_the_release_of_its_key_are_one_transaction(runner, monkeypatch):

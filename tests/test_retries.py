@@ -39,12 +39,15 @@ def test_only_the_listed_exceptions_are_retried():
 @pytest.mark.django_db
 def test_a_retry_waits_its_backoff_and_frees_the_key_meanwhile():
     runner = RunnerFactory()
-    failing = jobs.flaky_once_per_key.delay("acme")
+    failing = jobs.flaky_serial_per_key.delay("acme", "a")
     [claimed] = claim(runner, using="default")
     assert execute(claimed, runner, using="default") == Status.RETRY
     failing.refresh_from_db()
     assert failing.run_after is not None and failing.status == Status.RETRY
     assert claim(runner, using="default") == []  # not due for a minute
+    # Meanwhile its key is free: the next call of the same key runs at once.
+    following = jobs.flaky_serial_per_key.delay("acme", "b")
+    assert [inv.pk for inv in claim(runner, using="default")] == [following.pk]
 
 
 @pytest.mark.django_db
