@@ -15,8 +15,6 @@ to stop.
 """
 
 import logging
-from datetime import timedelta
-
 from django.db import IntegrityError, transaction
 from django.db.models.functions import Now
 
@@ -30,12 +28,7 @@ logger = logging.getLogger("keyjobs.worker")
 
 def recover_lost_runners(*, using: str, lease: float, by: Runner | None = None) -> list[int]:
     """Declare lost every runner silent for longer than ``lease`` seconds and requeue what it owned; return the ids."""
-    silent = (
-        Runner.objects.using(using)
-        .active()
-        .filter(heartbeat_at__lt=Now() - timedelta(seconds=lease))
-        .values_list("pk", flat=True)
-    )
+    silent = Runner.objects.using(using).silent(lease).values_list("pk", flat=True)
     if by is not None:
         silent = silent.exclude(pk=by.pk)
     recovered: list[int] = []
@@ -48,12 +41,7 @@ def _recover(runner_id: int, *, using: str, lease: float, by: Runner | None) -> 
     recovered: list[int] = []
     with transaction.atomic(using=using):
         # Locked and checked again: two runners may look at once, and the silent one may have come back.
-        lost = (
-            Runner.objects.using(using)
-            .select_for_update(skip_locked=True)
-            .filter(pk=runner_id, stopped_at__isnull=True, heartbeat_at__lt=Now() - timedelta(seconds=lease))
-            .first()
-        )
+        lost = Runner.objects.using(using).select_for_update(skip_locked=True).silent(lease).filter(pk=runner_id).first()
         if lost is None:
             return []
         Runner.objects.using(using).filter(pk=lost.pk).update(stopped_at=Now(), lost=True)
