@@ -2,7 +2,8 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from django.db import DataError, connection, transaction
+from django.db import connection, transaction
+from django.test import override_settings
 from django.utils import timezone
 
 from keyjobs import ArgumentError, Status
@@ -256,14 +257,42 @@ def test_delay_outside_a_transaction_is_one_statement(django_assert_num_queries)
     assert Invocation.objects.count() == 1
 
 
-@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_a_failed_delay_leaves_the_callers_transaction_usable():
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: jobs.add.delay("PostgreSQL refuses \x00 in JSON"),
+         r"tests\.jobs\.add\.delay\(\): argument 'a' is a string that contains a NUL character \(at index 19\)"),
+        (lambda: jobs.add.delay(1, b={"meta": {"tags": ["ok", "\x00"]}}),
+         r"argument \"b\['meta'\]\['tags'\]\[1\]\" is a string that contains a NUL character"),
+        (lambda: jobs.add.delay(1, b={"k\x00": 1}), r"argument 'b' has a key \('k\\x00'\) that contains a NUL"),
+        (lambda: jobs.keyed.delay("acme\x00", "op"), r"tests\.jobs\.keyed\.delay\(\): argument 'account_id' is a "
+                                                     r"string that contains a NUL"),
+        (lambda: jobs.keyed.delay("\ud800", "op"), r"argument 'account_id' is a string that contains the surrogate"),
+        (lambda: jobs.add.delay(10**5000), r"argument 'a' is an integer of more than 4300 digits"),
+        (lambda: jobs.add.delay_many([((1,), {}), ((2,), {"b": "\x00"})]), r"argument 'b' is a string that contains"),
+    ],
+    ids=["nul", "nul-deep", "nul-in-a-key", "nul-in-a-key-argument", "surrogate-in-a-key-argument", "huge-int",
+         "delay-many"],
+)
+def test_what_a_database_would_refuse_is_refused_before_it_and_the_callers_transaction_goes_on(call, message):
     with transaction.atomic():
-        with pytest.raises(DataError):
-            jobs.add.delay("PostgreSQL refuses \x00 in JSON")
         kept = jobs.add.delay(1)
-    assert list(Invocation.objects.values_list("pk", flat=True)) == [kept.pk]
+        with pytest.raises(ArgumentError, match=message):
+            call()
+        assert Invocation.objects.count() == 1  # the transaction is usable
+        also = jobs.add.delay(2)
+    assert sorted(Invocation.objects.values_list("pk", flat=True)) == [kept.pk, also.pk]
+
+
+@pytest.mark.django_db
+@override_settings(KEYJOBS_MAX_VALUE_BYTES=1000)
+def test_arguments_past_the_size_limit_are_refused_with_the_setting_named():
+    jobs.add.delay("x" * 900)
+    with pytest.raises(ArgumentError, match=r"tests\.jobs\.add\.delay\(\): the arguments together take over 1,000 "
+                                            r"bytes as JSON, past the limit \(KEYJOBS_MAX_VALUE_BYTES\)"):
+        jobs.add.delay("x" * 600, b="y" * 600)
+    assert Invocation.objects.count() == 1
 
 
 @pytest.mark.postgres
