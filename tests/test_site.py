@@ -302,6 +302,7 @@ def test_the_page_shows_each_account_with_its_buttons(user_client: Client) -> No
         assert f'id="account-{name}"' in page
     for action in ACTIONS.values():
         assert f'value="{action.slug}"' in page
+        assert f"<td><code>{action.task.name}</code></td>" in page, "the rules table names each button's task"
     assert page.count('name="csrfmiddlewaretoken"') >= 7, "every form of the page carries the CSRF token"
 
 

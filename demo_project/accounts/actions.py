@@ -30,6 +30,11 @@ class Action:
     rule: str
     enqueue: Callable[[Account], list[Invocation]]
 
+    @property
+    def task_name(self) -> str:
+        # For templates, which would call the task itself: a Task is callable.
+        return self.task.name
+
 
 def refresh(account: Account) -> Invocation:
     """Ask for a refresh of ``account`` in ``settings.ACCOUNT_REFRESH_AFTER`` seconds.

@@ -55,7 +55,7 @@ def act(request: HttpRequest, name: str) -> HttpResponse:
         told.append(f"registered {', '.join(f'#{invocation.pk}' for invocation in created)}")
     if merged:
         told.append(f"merged into the waiting {', '.join(f'#{invocation.pk}' for invocation in merged)}")
-    messages.success(request, f"{account} · {action.label}: {' and '.join(told)} ({action.task.name.rpartition('.')[2]}: "
+    messages.success(request, f"{account} · {action.label}: {' and '.join(told)} ({action.task_name.rpartition('.')[2]}: "
                               f"{action.rule}).")
     return redirect("accounts:list")
 
