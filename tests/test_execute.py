@@ -1,9 +1,10 @@
 from datetime import timedelta
 
 import pytest
+from django.db import IntegrityError
 from django.utils import timezone
 
-from keyjobs import Status
+from keyjobs import Mode, Status, task
 from keyjobs.claim import claim
 from keyjobs.execute import execute
 from keyjobs.models import Event, Invocation
@@ -143,3 +144,104 @@ def test_a_successor_in_a_queue_the_thread_does_not_serve_is_woken_not_handed(ru
     handed: list[Invocation] = []
     execute(first, runner, using="default", claimer=Claimer(runner, 0, ["default"]), handed=handed)
     assert handed == [] and Invocation.objects.get(pk=second.pk).status == Status.REGISTERED
+
+
+# -- bad data: a value the database would refuse ends the invocation, never the thread ----------
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("key",))
+def returns(key: str, what: str) -> object:
+    """Return a value no argument may carry: ``what`` names it."""
+    return {"nul": "before\x00after", "surrogate": "\ud800", "huge": 10**5000}[what]
+
+
+@task
+def raises(what: str) -> None:
+    raise ValueError({"nul": "before\x00after", "surrogate": "lone \udc80", "long": "x" * 1_000_000}[what])
+
+
+@pytest.mark.parametrize(
+    ("what", "reason"),
+    [("nul", "is a string that contains a NUL character (at index 6), which PostgreSQL cannot store in JSON"),
+     ("surrogate", "is a string that contains the surrogate U+D800"),
+     ("huge", "is an integer of more than 4300 digits")],
+)
+def test_a_result_the_database_would_refuse_fails_with_the_reason_and_frees_its_key(runner, what, reason):
+    returns.delay("acme", what)
+    follower = returns.delay("acme", "nul")
+    [claimed] = claim(runner, using="default")
+    assert execute(claimed, runner, using="default") == Status.FAILED
+    claimed.refresh_from_db()
+    assert claimed.error.startswith(f"tests.test_execute.returns: result 'return value' {reason}")
+    assert claimed.error_type == "keyjobs.exceptions.ResultNotStorable"
+    assert Invocation.objects.get(pk=follower.pk).status == Status.REGISTERED  # the key freed and woke it
+
+
+@pytest.mark.parametrize(
+    ("what", "error"),
+    [("nul", "ValueError: before\\x00after"), ("surrogate", "ValueError: lone \ufffd")],
+)
+def test_an_exception_message_is_made_storable_and_marked(runner, what, error):
+    status, invocation = run_one(raises, what, runner=runner)
+    assert status == Status.FAILED
+    assert (invocation.error, invocation.error_type) == (error, "builtins.ValueError")
+    assert error.removeprefix("ValueError: ") in invocation.traceback
+
+
+def test_a_huge_exception_message_is_cut_in_the_middle(runner):
+    status, invocation = run_one(raises, "long", runner=runner)
+    assert status == Status.FAILED and "characters cut by keyjobs" in invocation.error
+    assert len(invocation.error) <= 64 * 1024 and len(invocation.traceback) <= 64 * 1024
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("what", ["huge", pytest.param("nul", marks=pytest.mark.postgres)])
+def test_an_outcome_the_database_refuses_ends_failed_with_the_reason_and_is_not_retried(runner, what, monkeypatch):
+    import keyjobs.execute
+
+    # As if the check before writing had a gap: the write itself is refused (by json.dumps, or by PostgreSQL).
+    monkeypatch.setattr(keyjobs.execute.values, "check_result", lambda value, where: None)
+    returns.delay("acme", what)
+    follower = returns.delay("acme", "nul")
+    [claimed] = claim(runner, using="default")
+    assert execute(claimed, runner, using="default", keep_trying=lambda: False) == Status.FAILED
+    claimed.refresh_from_db()
+    assert claimed.error.startswith("its outcome (SUCCESS) contains ")
+    assert Event.objects.filter(invocation=claimed, to_status=Status.FAILED,
+                                note="the database refused to store its outcome (SUCCESS)").exists()
+    assert Invocation.objects.get(pk=follower.pk).status == Status.REGISTERED
+
+
+def test_a_refused_start_ends_the_invocation_failed(runner, monkeypatch):
+    import keyjobs.execute
+
+    def refused(*args, **kwargs):
+        raise IntegrityError("the database refused the start")
+
+    invocation = jobs.add.delay(1)
+    [claimed] = claim(runner, using="default", start=False)
+    monkeypatch.setattr(keyjobs.execute, "start", refused)
+    assert execute(claimed, runner, using="default") == Status.FAILED
+    invocation.refresh_from_db()
+    assert invocation.status == Status.FAILED and invocation.error.startswith("the database refused to store its start")
+
+
+def test_durably_retries_what_a_retry_can_fix_and_raises_the_rest_at_once(tmp_path):
+    import sqlite3
+
+    from keyjobs.execute import durably
+    from tests.test_faults import sqlite_errors
+
+    busy, missing = sqlite_errors(tmp_path / "db.sqlite3")
+    calls = []
+
+    def step(error):
+        calls.append(error)
+        if len(calls) == 1:
+            raise error
+        return "landed"
+
+    assert durably("test", lambda: step(busy), using="default", keep_trying=lambda: True) == "landed"
+    calls.clear()
+    with pytest.raises(sqlite3.OperationalError):
+        durably("test", lambda: step(missing), using="default", keep_trying=lambda: True)
+    assert calls == [missing]
