@@ -41,8 +41,9 @@ class Policy:
     key_arguments: tuple[str, ...] = ()
     #: Runs of one running key at once.
     limit: int = 1
-    #: Blocked work waits its turn (True) or is dropped (False).
-    reroute: bool = True
+    #: Blocked work is parked to wait its turn (True; status REROUTED) or dropped (False).
+    #: Declared as ``reroute_on_concurrency_control``.
+    park_blocked: bool = True
 
     def keys_for(self, arguments: Mapping[str, Any]) -> tuple[str | None, str | None]:
         """Return the (running, registration) keys of a call's bound arguments."""
@@ -88,7 +89,7 @@ def admit(policy: Policy, key: KeyState) -> Decision:
     free = free_slots(policy, key.held)
     if len(free) > key.ahead:
         return Decision(Verdict.START, free[key.ahead])
-    return Decision(Verdict.PARK if policy.reroute else Verdict.DROP)
+    return Decision(Verdict.PARK if policy.park_blocked else Verdict.DROP)
 
 
 def register(policy: Policy, waiting: object | None) -> Decision:

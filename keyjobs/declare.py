@@ -77,7 +77,7 @@ class Task(Generic[P, R]):
             name=name,
             func=func,
             policy=Policy(running=running, registration=registration, key_arguments=keys,
-                          reroute=reroute_on_concurrency_control),
+                          park_blocked=reroute_on_concurrency_control),
             default_queue=queue,
             priority=priority,
             max_retries=retries[0], retry_for=retries[1], retry_backoff=retries[2], retry_backoff_max=retries[3],
@@ -125,7 +125,7 @@ class Task(Generic[P, R]):
     running_concurrency = property(lambda self: self.spec.policy.running)
     registration_concurrency = property(lambda self: self.spec.policy.registration)
     key_arguments = property(lambda self: self.spec.policy.key_arguments)
-    reroute_on_concurrency_control = property(lambda self: self.spec.policy.reroute)
+    reroute_on_concurrency_control = property(lambda self: self.spec.policy.park_blocked)
     running_limit = property(lambda self: self.spec.policy.limit)
     max_retries = property(lambda self: self.spec.max_retries)
     retry_for = property(lambda self: self.spec.retry_for)

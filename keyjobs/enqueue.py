@@ -133,7 +133,7 @@ def _park_behind_their_key(task: "TaskSpec", invocations: list[Invocation]) -> l
     which is decided when the work comes up.
     """
     policy = task.policy
-    if not policy.reroute:
+    if not policy.park_blocked:
         return []
     of_key: dict[str, list[Invocation]] = {}
     parked = []

@@ -59,7 +59,7 @@ class Invocation(models.Model):
     registration_key = models.CharField(
         max_length=255, null=True, blank=True, help_text=_("Waiting invocations of one registration key are merged.")
     )
-    #: Which of the key's running places an owned invocation holds; 0 while the limit is one per key.
+    #: Which of the key's slots an owned invocation holds (0 to the policy's limit - 1).
     slot = models.PositiveSmallIntegerField(default=0)
     status = models.CharField(max_length=32, choices=Status.choices, default=Status.REGISTERED)
     runner = models.ForeignKey(
