@@ -83,7 +83,7 @@ class Task(Generic[P, R]):
             max_retries=retries[0], retry_for=retries[1], retry_backoff=retries[2], retry_backoff_max=retries[3],
             timeout=float(timeout) if timeout is not None else None,
         )
-        self.func = func
+        self.func: Callable[P, R] = func
         functools.update_wrapper(self, func)
         registry.register(self.spec)
 

@@ -233,7 +233,7 @@ def _build(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     )
 
 
-def _bind(task: "Task[Any, Any]", args: tuple[Any, ...], kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+def _bind(task: "TaskSpec", args: tuple[Any, ...], kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     """Return the call's arguments by parameter name, defaults applied; ArgumentError if they do not fit."""
     if not (args or kwargs or task.signature.parameters):
         return {}  # an empty call of a function without parameters: nothing to bind
@@ -242,7 +242,7 @@ def _bind(task: "Task[Any, Any]", args: tuple[Any, ...], kwargs: dict[str, Any],
     except TypeError as exc:
         raise ArgumentError(f"{where}: {exc}") from None
     bound.apply_defaults()
-    return bound.arguments
+    return dict(bound.arguments)
 
 
 def _plain(value: Any) -> Any:

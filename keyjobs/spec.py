@@ -61,7 +61,7 @@ class TaskSpec:
 
     def retry_delay(self, attempt: int) -> float:
         """Return the seconds to wait before attempt ``attempt + 1``: exponential, with full jitter above half."""
-        ceiling = min(self.retry_backoff_max, self.retry_backoff * 2 ** max(attempt - 1, 0))
+        ceiling = min(self.retry_backoff_max, self.retry_backoff * float(2 ** max(attempt - 1, 0)))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 

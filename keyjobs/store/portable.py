@@ -56,10 +56,11 @@ class Store:
         self.events = quote(Event._meta.db_table)
         self.fields = list(Invocation._meta.concrete_fields)
         self.attnames = [field.attname for field in self.fields]
-        self.column_list = [quote(field.column) for field in self.fields]
+        # Concrete fields always have a column.
+        self.column_list = [quote(field.column or "") for field in self.fields]
         #: By field name and attname: (quoted column, field, whether a str/int/None goes to it unprepared).
         self._columns = {
-            name: (quote(field.column), field, field.get_internal_type() in _PLAIN_TYPES)
+            name: (quote(field.column or ""), field, field.get_internal_type() in _PLAIN_TYPES)
             for field in self.fields for name in {field.name, field.attname}
         }
         self.columns = ", ".join(self.column_list)
@@ -123,7 +124,8 @@ class Store:
     def _rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         with self.cursor() as cursor:
             cursor.execute(sql, params)
-            return cursor.fetchall()
+            rows: list[tuple[Any, ...]] = cursor.fetchall()
+            return rows
 
     def read(self, attname: str, value: Any) -> Any:
         """Return a column's value as the ORM reads it (through the converters of field ``attname``)."""
@@ -294,7 +296,8 @@ class Store:
         with self.cursor() as cursor:
             cursor.execute(self._insert_sql(tuple(fields), tuple(returning), len(rows)),
                            [value for row in rows for value in row])
-            return cursor.fetchall()
+            inserted: list[tuple[Any, ...]] = cursor.fetchall()
+            return inserted
 
     def _insert_sql(self, fields: tuple[Any, ...], returning: tuple[Any, ...], rows: int) -> str:
         """Return the INSERT ... RETURNING of ``rows`` invocations (built once for each shape)."""

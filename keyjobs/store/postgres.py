@@ -60,8 +60,11 @@ class PostgresStore(Store):
         raw = connection.connection
         if conf.PREPARE_STATEMENTS and raw.prepare_threshold is None:
             raw.prepare_threshold = PREPARE_THRESHOLD
-        cursor = ServerBindingCursor(raw)
-        return connection.make_debug_cursor(cursor) if connection.queries_logged else connection.make_cursor(cursor)
+        # django-stubs types these for Django's own cursor wrapper only; psycopg's cursor is what Django wraps.
+        cursor = ServerBindingCursor(raw)  # type: ignore[call-arg]
+        if connection.queries_logged:
+            return connection.make_debug_cursor(cursor)  # type: ignore[arg-type]
+        return connection.make_cursor(cursor)  # type: ignore[arg-type]
 
     def move(self, rows: Sequence[LockedRow], change: Change) -> None:
         events = [event for row in rows for event in change.events(row.id, row.status)]
@@ -360,7 +363,8 @@ def insert_and_notify(
             _insert_and_notify_sql(store.connection.alias, Invocation, tuple(fields), tuple(returning), shared),
             [*params, channel, payload],
         )
-        return cursor.fetchall()
+        inserted: list[tuple[Any, ...]] = cursor.fetchall()
+        return inserted
 
 
 #: The statements insert_and_notify() built, by database, table, columns and which columns are shared:
