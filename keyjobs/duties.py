@@ -91,15 +91,22 @@ def flag_overdue(worker: "Worker") -> int:
     return 0
 
 
+def every_heartbeat(worker: "Worker") -> float:
+    return conf.HEARTBEAT_INTERVAL
+
+
+def every_poll(worker: "Worker") -> float:
+    return worker.poll_interval
+
+
 def duties_of(worker: "Worker") -> list[Duty]:
     """Return a runner's duties, in the order they run when several are due at once."""
-    every_heartbeat: Callable[[Worker], float] = lambda worker: conf.HEARTBEAT_INTERVAL
     return [
         Duty("heartbeat", every_heartbeat, heartbeat),
         Duty("recover lost runners", every_heartbeat, recover),
         Duty("wake orphaned parked invocations", every_heartbeat, wake_orphaned),
         # As often as an idle runner looks for work: a retry is work like any other.
-        Duty("promote due retries", lambda worker: worker.poll_interval, promote_retries),
+        Duty("promote due retries", every_poll, promote_retries),
         Duty("flag overdue runs", every_heartbeat, flag_overdue),
     ]
 

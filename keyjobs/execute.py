@@ -23,11 +23,11 @@ from django.utils import timezone
 
 from . import faults, registry, signals, values
 from .claim import Claimer, record_and_claim, wake_next
-from .spec import TaskSpec
 from .exceptions import ArgumentError, KeyjobsError, NotOwner, TimeLimitExceeded
 from .models import Invocation, Runner
-from .store import store
+from .spec import TaskSpec
 from .status import Status
+from .store import store
 from .transitions import move
 
 logger = logging.getLogger("keyjobs.worker")

@@ -21,7 +21,6 @@ from .exceptions import InvocationDropped, InvocationFailed, InvocationNotFinish
 from .status import FINAL, OWNED, WAITING, Status
 
 
-
 class InvocationQuerySet(models.QuerySet["Invocation"]):
     def locked(self, *, skip_locked: bool = False) -> "InvocationQuerySet":
         """Lock the rows for the current transaction: FOR NO KEY UPDATE where the database has it.

@@ -15,6 +15,7 @@ to stop.
 """
 
 import logging
+
 from django.db import IntegrityError, transaction
 from django.db.models.functions import Now
 

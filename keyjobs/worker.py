@@ -10,11 +10,10 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from types import FrameType
 
-from dataclasses import dataclass
-
-from django.db import DatabaseError, close_old_connections, connections
+from django.db import close_old_connections, connections
 from django.db.models.functions import Now
 
 from . import faults, registry
