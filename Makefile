@@ -10,7 +10,7 @@ PYTHON  := $(shell PYENV_VERSION=$(PY) pyenv which python 2>/dev/null || command
 PYTEST_ARGS ?=
 export KEYJOBS_TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/keyjobs
 
-.PHONY: demo test test-sqlite test-postgres check lint typecheck bench venv clean
+.PHONY: demo site test test-sqlite test-postgres test-wheel check lint typecheck bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv
 	$(VENV)/bin/python manage.py demo
+
+# The demo site: the provider, a worker and runserver together, on SQLite (demo.sqlite3) unless DATABASE_URL
+# says otherwise; prints the URL, the demo user and its password. Ctrl-C stops all three.
+site: venv
+	$(VENV)/bin/python manage.py site $(SITE_ARGS)
 
 test: lint test-sqlite test-postgres
 
@@ -39,6 +44,23 @@ test-sqlite: venv
 
 test-postgres: venv
 	KEYJOBS_TEST_DB=postgres $(VENV)/bin/python -W error -m pytest $(PYTEST_ARGS)
+
+# The admin's tests against the wheel, as `pip install /path/to/keyjobs` installs it, not against the checkout:
+# the wheel and its dev extra go into a throwaway venv, and the tests run from a copy of tests/ and the demo in
+# a directory without keyjobs/, so that `import keyjobs` finds site-packages (printed, and checked).
+WHEEL_TMP ?= $(CURDIR)/var/test-wheel
+test-wheel: venv
+	rm -rf $(WHEEL_TMP) && mkdir -p $(WHEEL_TMP)/run
+	$(VENV)/bin/python -m pip wheel -q --no-deps --wheel-dir $(WHEEL_TMP)/dist .
+	$(PYTHON) -m venv $(WHEEL_TMP)/venv
+	$(WHEEL_TMP)/venv/bin/pip install -q --upgrade pip
+	$(WHEEL_TMP)/venv/bin/pip install -q "$$(ls $(WHEEL_TMP)/dist/keyjobs-*.whl)[dev]" 'Django~=$(DJANGO).0'
+	cp -r tests demo_project templates manage.py pyproject.toml $(WHEEL_TMP)/run/
+	cd $(WHEEL_TMP)/run && ../venv/bin/python -c 'import keyjobs, sys; print("keyjobs imported from", keyjobs.__file__); \
+		sys.exit(0 if "/site-packages/keyjobs/" in keyjobs.__file__ else "not the installed wheel")'
+	cd $(WHEEL_TMP)/run && KEYJOBS_TEST_DB=sqlite KEYJOBS_TEST_SQLITE=$(WHEEL_TMP)/test.sqlite3 \
+		../venv/bin/python -W error -m pytest tests/test_admin.py $(PYTEST_ARGS)
+	cd $(WHEEL_TMP)/run && KEYJOBS_TEST_DB=postgres ../venv/bin/python -W error -m pytest tests/test_admin.py $(PYTEST_ARGS)
 
 # The bench measures the peers (Procrastinate, Celery) in the same run, from a venv of its own.
 .venv-bench/.installed: pyproject.toml bench/requirements.txt
