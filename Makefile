@@ -1,6 +1,6 @@
 # The two set-up commands of the README:
 #   make demo   builds .venv (Python from .python-version) and runs the demo on SQLite
-#   make test   builds .venv, runs the lint (make lint), then the suite on SQLite, then on PostgreSQL
+#   make test   builds .venv, runs make check (ruff, mypy, makemigrations --check), then the suite on SQLite, then on PostgreSQL
 # make check is what CI checks beside the tests: make lint (ruff, makemigrations --check) and make typecheck (mypy).
 # The second supported stack: make test DJANGO=5.2 PY=3.11.7
 PY      ?= $(shell cat .python-version)
@@ -28,7 +28,7 @@ demo: venv
 site: venv
 	$(VENV)/bin/python manage.py site $(SITE_ARGS)
 
-test: lint test-sqlite test-postgres
+test: check test-sqlite test-postgres
 
 check: lint typecheck
 

@@ -184,7 +184,7 @@ def _rows(invocations: list[Invocation], connection: "BaseDatabaseWrapper") -> l
     rows = []
     for invocation in invocations:
         row = []
-        for field, seen, value in zip(_WRITTEN, prepared, _written_values(invocation)):
+        for field, seen, value in zip(_WRITTEN, prepared, _written_values(invocation), strict=True):
             kind = type(value)
             if kind in _SCALARS:
                 key = value
@@ -205,7 +205,7 @@ def _adopt(invocations: list[Invocation], rows: list[tuple[Any, ...]], connectio
     db = store(connection.alias)
     # SQLite documents the order of RETURNING rows as arbitrary; ids grow in insert order on both databases.
     rows = sorted(rows)
-    for field, values in zip(_RETURNED, zip(*rows)):
+    for field, values in zip(_RETURNED, zip(*rows, strict=True), strict=True):
         # The rows of a statement share their clock reading: read each distinct value once.
         read = {value: db.read(field.attname, value) for value in set(values)}
         for invocation, value in zip(invocations, values, strict=True):

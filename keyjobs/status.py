@@ -8,6 +8,7 @@ that applies a change, through the store, refusing anything not listed here.
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from django.db import models
@@ -124,7 +125,7 @@ class Change:
 
     def steps(self) -> list[tuple[str | None, str]]:
         """Return each step as (from, to); the first step's from is None: the row's own status."""
-        return [(None, self.path[0]), *zip(self.path, self.path[1:])]
+        return [(None, self.path[0]), *pairwise(self.path)]
 
     def events(self, pk: int, from_status: str) -> list[EventRow]:
         """Return the history rows of this change for invocation ``pk``, which was in ``from_status``."""
@@ -140,7 +141,7 @@ class Change:
 
     def illegal_step(self, status: str) -> tuple[str, str] | None:
         """Return the first step of this change's path the lifecycle forbids from ``status``, or None."""
-        for here, there in zip([status, *self.path], self.path):
+        for here, there in pairwise([status, *self.path]):
             if not is_legal(here, there):
                 return here, there
         return None

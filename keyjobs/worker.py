@@ -88,6 +88,8 @@ class Worker:
         self.lease = conf.LEASE
         #: Set when another runner declared this one lost and recovered its work.
         self.lost = False
+        #: Why the runner stopped claiming by itself (a thread that could not go on); empty otherwise.
+        self.stop_reason = ""
         self._renewed = time.monotonic()
         #: What each runner thread is running now, by thread number.
         self.running: dict[int, Run] = {}

@@ -69,7 +69,7 @@ class Store:
             column = field.get_col(Invocation._meta.db_table)
             found = ops.get_db_converters(column) + column.get_db_converters(connection)
             self.converters.append([(converter, column) for converter in found])
-        self._converters_of = dict(zip(self.attnames, self.converters))
+        self._converters_of = dict(zip(self.attnames, self.converters, strict=True))
         self.update_query = UpdateQuery(Invocation)
         self.compiler = self.update_query.get_compiler(connection=connection)
         self.now, _ = self.compiler.compile(Now())

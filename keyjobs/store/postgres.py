@@ -348,14 +348,14 @@ def insert_and_notify(
     BEGIN, INSERT, NOTIFY and COMMIT; inside the caller's transaction it joins
     it, and the notification waits for its commit.
     """
-    columns = list(zip(*rows))
+    columns = list(zip(*rows, strict=True))
     # The same object in every row (the task, the queue, the defaults) travels once; the others as an array each.
     shared = tuple(all(value is values[0] for value in values) for values in columns)
-    params = [values[0] for values, once in zip(columns, shared) if once]
+    params = [values[0] for values, once in zip(columns, shared, strict=True) if once]
     if all(shared):
         params.append(len(rows))  # generate_series(1, %s)
     else:
-        params += [list(values) for values, once in zip(columns, shared) if not once]
+        params += [list(values) for values, once in zip(columns, shared, strict=True) if not once]
     # Bound on the server and prepared once a connection has run it a few times (PostgresStore.cursor):
     # a delay() is one statement, and planning it cost about as much as running it.
     with store.cursor() as cursor:
@@ -384,10 +384,10 @@ def _insert_and_notify_sql(
     # placeholders slower than PostgreSQL inserts the rows. Unsized types (varchar, not
     # varchar(200)): a cast must never truncate.
     casts = [field.db_type(connection).split("(")[0] for field in fields]
-    arrays = [f"%s::{cast}[]" for cast, once in zip(casts, shared) if not once]
+    arrays = [f"%s::{cast}[]" for cast, once in zip(casts, shared, strict=True) if not once]
     # In the table's order: a shared column from its one parameter, the others from their arrays.
     names = iter(range(len(arrays)))
-    select = [f"%s::{cast}" if once else f"u.c{next(names)}" for cast, once in zip(casts, shared)]
+    select = [f"%s::{cast}" if once else f"u.c{next(names)}" for cast, once in zip(casts, shared, strict=True)]
     source = (
         f"UNNEST({', '.join(arrays)}) AS u({', '.join(f'c{n}' for n in range(len(arrays)))})"
         if arrays else "generate_series(1, %s)"

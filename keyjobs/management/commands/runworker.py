@@ -40,6 +40,6 @@ class Command(BaseCommand):
         worker = Worker(threads=threads, queues=queues, burst=burst, using=database, prefetch=prefetch)
         worker.install_signal_handlers()
         worker.run()
-        if worker.lost or getattr(worker, "stop_reason", ""):
+        if worker.lost or worker.stop_reason:
             # EX_TEMPFAIL: a supervisor should start a fresh runner (lost its lease, or a thread could not go on).
             raise SystemExit(75)
