@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,6 +13,7 @@ from keyjobs import Status
 from keyjobs.models import Event, Invocation, Runner
 from tests import jobs
 from tests.chaos import run_chaos
+from tests.conftest import ROOT
 from tests.waiting import wait_for
 
 FAST_LEASE = {"KEYJOBS_HEARTBEAT_INTERVAL": "0.25", "KEYJOBS_LEASE": "1.5"}
@@ -58,3 +61,66 @@ def test_chaos_kills_and_a_database_restart_lose_nothing_and_never_overlap_a_key
     assert report.overlaps == []
     assert report.lost == [] and report.not_final == []
     assert report.recovered_without_history == []
+
+
+# -- a runner thread never dies silently ----------------------------------------------------------
+
+#: A real runworker process whose claim fails as a bug in keyjobs would: once, or every time.
+FAULTY_WORKER = """
+import sys
+
+import django
+
+django.setup()
+
+import keyjobs.worker
+from django.core.management import call_command
+
+real_claim, calls = keyjobs.worker.claim, []
+
+
+def claim(*args, **kwargs):
+    calls.append(1)
+    if sys.argv[1] == "always" or len(calls) == 1:
+        raise RuntimeError("injected: a bug in the thread's own loop")
+    return real_claim(*args, **kwargs)
+
+
+keyjobs.worker.claim = claim
+call_command("runworker", "--threads", "1", *sys.argv[2:])
+"""
+
+
+def run_faulty_worker(tmp_path, mode, *arguments):
+    script = tmp_path / "faulty_worker.py"
+    script.write_text(FAULTY_WORKER)
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT),
+           "KEYJOBS_TEST_DB_NAME": connection.settings_dict["NAME"]}
+    return subprocess.run([sys.executable, str(script), mode, *arguments], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_an_unexpected_error_in_a_runner_thread_is_logged_with_its_traceback_and_the_thread_goes_on(tmp_path):
+    invocation = jobs.add.delay(1, 2)
+    result = run_faulty_worker(tmp_path, "once", "--burst")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" in result.stderr and "RuntimeError: injected" in result.stderr
+    assert "thread 0 of runner" in result.stderr and "going on" in result.stderr
+    invocation.refresh_from_db()
+    assert invocation.status == Status.SUCCESS
+    assert Runner.objects.get().stop_reason == ""
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_a_runner_thread_that_cannot_go_on_stops_the_runner_which_says_why_and_exits_for_a_restart(tmp_path):
+    invocation = jobs.add.delay(1, 2)
+    result = run_faulty_worker(tmp_path, "always")
+    assert result.returncode == 75, result.stderr  # EX_TEMPFAIL: a supervisor starts a fresh runner
+    runner = Runner.objects.get()
+    assert runner.stop_reason.startswith("thread 0 failed 5 times in a row; the last time: "
+                                         "builtins.RuntimeError: injected: a bug in the thread's own loop")
+    assert "stops claiming" in result.stderr
+    assert Invocation.objects.get(pk=invocation.pk).status == Status.REGISTERED  # left for the next runner
