@@ -165,7 +165,10 @@ def test_three_saves_in_the_admin_make_one_refresh(logged_in: WebDriver, site: s
 
     for plan in ("free", "enterprise", "team"):
         browser.find_element(By.CSS_SELECTOR, f"#id_plan option[value='{plan}']").click()
-        browser.find_element(By.NAME, "_continue").click()
+        save = browser.find_element(By.NAME, "_continue")
+        save.click()
+        # The page the admin redirects back to, not the one before the save (which has a message too).
+        WebDriverWait(browser, 10).until(staleness_of(save))
         WebDriverWait(browser, 10).until(lambda driver: driver.find_elements(By.CSS_SELECTOR, ".messagelist .success"))
 
     refresh = Invocation.objects.get(task_name=tasks.refresh_once.name)
