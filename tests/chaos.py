@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,11 +69,16 @@ def run_chaos(
     hold: float,
     workers: int = 3,
     threads: int = 8,
-    kill_every: float = 2.0,
-    restart_database_at: float | None = None,
+    kill_every: float | None = 2.0,
+    restart_database_at: float | Sequence[float] | None = None,
     timeout: float = 300,
 ) -> ChaosReport:
-    """Enqueue keyed work, run it under kills (and a database restart), and check the outcome."""
+    """Enqueue keyed work, run it under kills and database restarts, and check the outcome.
+
+    A worker is killed every ``kill_every`` seconds (None: never); PostgreSQL
+    is restarted ``restart_database_at`` seconds (one time, or several) after
+    the first run started, so that the restarts hit work, not start-up.
+    """
     from tests import jobs
 
     report = ChaosReport()
@@ -82,17 +88,27 @@ def run_chaos(
     killed_at: dict[int, float] = {}
     began = time.monotonic()
     processes = [start_worker(threads, env) for _ in range(workers)]
-    next_kill = began + kill_every
+    next_kill = began + (kill_every or 0.0)
+    if restart_database_at is None:
+        restarts: list[float] = []
+    elif isinstance(restart_database_at, (int, float)):
+        restarts = [restart_database_at]
+    else:
+        restarts = sorted(restart_database_at)
+    working_since: float | None = None
     try:
         while True:
             now = time.monotonic()
             if now - began > timeout:
                 break
-            if restart_database_at is not None and report.database_restarts == 0 and now - began >= restart_database_at:
+            if working_since is None and log.exists():
+                working_since = now
+            if (working_since is not None and report.database_restarts < len(restarts)
+                    and now - working_since >= restarts[report.database_restarts]):
                 restart_postgres()
                 report.database_restarts += 1
                 connection.close()
-            if now >= next_kill:
+            if kill_every is not None and now >= next_kill:
                 victim = processes.pop(0)
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
@@ -125,7 +141,7 @@ def _check(report: ChaosReport, ids: list[int], log: Path, killed_at: dict[int, 
     spans: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     completed: set[tuple[str, int]] = set()
     runs = 0
-    for line in log.read_text().splitlines():
+    for line in (log.read_text() if log.exists() else "").splitlines():
         kind, key, number, at, pid = line.split()
         ident = (key, int(number), int(pid))
         if kind == "S":

@@ -63,6 +63,29 @@ def test_chaos_kills_and_a_database_restart_lose_nothing_and_never_overlap_a_key
     assert report.recovered_without_history == []
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_database_restarts_while_outcomes_are_recorded_leave_every_invocation_final_by_its_own_runner(tmp_path):
+    # No kills, and a lease longer than the restarts: nothing is recovered, so an outcome that
+    # its runner did not retry until it landed stays unfinished, and fails this test.
+    env = {
+        **os.environ,
+        "KEYJOBS_HEARTBEAT_INTERVAL": "0.5",
+        "KEYJOBS_LEASE": "60",
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "KEYJOBS_TEST_DB_NAME": connection.settings_dict["NAME"],
+    }
+    # Each key's chain (40 x 0.15 s) outlasts both restarts, with every thread busy: outcomes are
+    # being recorded all the while.
+    report = run_chaos(env=env, log=tmp_path / "spans.log", keys=12, per_key=40, hold=0.15, workers=2, threads=6,
+                       kill_every=None, restart_database_at=[1.5, 4.5], timeout=90)
+    print("\n".join(report.lines()))
+    assert report.database_restarts == 2 and report.kills == 0
+    assert report.not_final == [] and report.lost == [] and report.overlaps == []
+    assert (report.recoveries, report.re_executions) == (0, 0)
+
+
 # -- a runner thread never dies silently ----------------------------------------------------------
 
 #: A real runworker process whose claim fails as a bug in keyjobs would: once, or every time.
