@@ -48,6 +48,8 @@ class Duty:
 def heartbeat(worker: "Worker") -> int:
     """Renew the runner's lease; a runner another one declared lost stops (its work was recovered)."""
     assert worker.runner is not None
+    # Once a heartbeat, not on every tick: with CONN_MAX_AGE = 0 (Django's default) it reconnects.
+    close_old_connections()
     renewed = (
         Runner.objects.using(worker.using)
         .filter(pk=worker.runner.pk, stopped_at__isnull=True)
@@ -130,7 +132,6 @@ class Duties:
         again at its next interval; the others still run.
         """
         made_runnable = 0
-        close_old_connections()
         for duty in self.duties:
             now = time.monotonic()
             if now - duty.last < duty.interval(self.worker):

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from django.db import close_old_connections, connections
+from django.db import DatabaseError, close_old_connections, connections
 from django.db.models.functions import Now
 
 from . import faults, registry
@@ -124,9 +124,26 @@ class Worker:
             if listener is not None:
                 listener.join(2)
             if not self.lost:
-                Runner.objects.using(self.using).filter(pk=self.runner.pk).update(stopped_at=Now(), heartbeat_at=Now())
+                self._mark_stopped()
             connections[self.using].close()
             logger.info("keyjobs: %s stopped%s", self.runner, " (lost its lease)" if self.lost else "")
+
+    def _mark_stopped(self) -> None:
+        """Mark the runner stopped, unless it leaves work it still owns (an outcome it could not record).
+
+        Recovery takes back the work of silent runners only: a runner marked
+        stopped would keep such work, and its key, for ever. Left unmarked, its
+        lease lapses and another runner recovers what it owned.
+        """
+        assert self.runner is not None
+        try:
+            if Invocation.objects.using(self.using).owned().filter(runner=self.runner).exists():
+                logger.error("keyjobs: %s stops while it still owns invocations; it is left for recovery once "
+                             "its lease (%gs) lapses", self.runner, self.lease)
+                return
+            Runner.objects.using(self.using).filter(pk=self.runner.pk).update(stopped_at=Now(), heartbeat_at=Now())
+        except DatabaseError as exc:
+            logger.warning("keyjobs: could not mark %s stopped (%s); its lease will lapse", self.runner, exc)
 
     def stop(self) -> None:
         """Stop claiming; invocations already running finish first."""

@@ -150,3 +150,18 @@ def test_a_stopping_runner_gives_back_what_it_prefetched_but_never_started():
     batch = claim(runner, using="default", limit=3)
     assert len(give_back(batch, runner, using="default")) == 3
     assert Invocation.objects.filter(status=Status.REGISTERED).count() == 3
+
+
+@pytest.mark.django_db
+def test_a_runner_that_leaves_work_owned_is_not_marked_stopped_so_that_recovery_takes_it_back():
+    from tests.factories import InvocationFactory, RunnerFactory
+
+    worker = Worker(threads=1)
+    worker.runner = RunnerFactory()
+    stuck = InvocationFactory(status=Status.RUNNING, runner=worker.runner)
+    worker._mark_stopped()
+    assert Runner.objects.get(pk=worker.runner.pk).stopped_at is None
+    assert Runner.objects.silent(lease=-1).filter(pk=worker.runner.pk).exists()  # recovery will find it
+    Invocation.objects.filter(pk=stuck.pk).update(status=Status.SUCCESS)
+    worker._mark_stopped()
+    assert Runner.objects.get(pk=worker.runner.pk).stopped_at is not None

@@ -1,0 +1,118 @@
+"""The timed duties: each runs at its interval, on the database's clock, and one failing spares the others."""
+
+import time
+from datetime import timedelta
+
+import pytest
+from django.db.models.functions import Now
+from django.utils import timezone
+
+from keyjobs import Status
+from keyjobs.duties import Duties, Duty, duties_of, every_heartbeat, every_poll
+from keyjobs.models import Event, Invocation, Runner
+from keyjobs.worker import Run, Worker
+from tests import jobs
+from tests.factories import InvocationFactory, RunnerFactory
+
+# Transactional: the heartbeat closes obsolete connections, as it does in its own thread.
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def worker() -> Worker:
+    """A worker with its runner row, as run() leaves it before its threads start."""
+    worker = Worker(threads=1, poll_interval=0.05)
+    worker.runner = RunnerFactory(heartbeat_at=timezone.now() - timedelta(seconds=3))
+    return worker
+
+
+def test_a_runner_has_its_duties_each_with_an_interval(worker, settings):
+    settings.KEYJOBS_HEARTBEAT_INTERVAL = 2.0
+    duties = {duty.name: duty.interval(worker) for duty in duties_of(worker)}
+    assert duties == {
+        "heartbeat": 2.0,
+        "recover lost runners": 2.0,
+        "wake orphaned parked invocations": 2.0,
+        "promote due retries": 0.05,
+        "flag overdue runs": 2.0,
+    }
+
+
+def test_the_heartbeat_stamps_the_databases_clock(worker):
+    before = worker.runner.heartbeat_at
+    Duties(worker).run_due()
+    worker.runner.refresh_from_db()
+    assert worker.runner.heartbeat_at > before
+    assert Runner.objects.filter(pk=worker.runner.pk, heartbeat_at__lte=Now()).exists()
+    assert not worker.lost
+
+
+def test_a_runner_declared_lost_stops_at_its_next_heartbeat(worker):
+    Runner.objects.filter(pk=worker.runner.pk).update(stopped_at=Now(), lost=True)
+    Duties(worker).run_due()
+    assert worker.lost and worker.stopping.is_set()
+
+
+def test_a_duty_runs_again_only_once_its_interval_has_passed(worker):
+    runs: list[float] = []
+    duties = Duties(worker)
+    duties.duties = [Duty("count", lambda worker: 0.2, lambda worker: runs.append(time.monotonic()) or 0)]
+    duties.run_due()
+    duties.run_due()
+    assert len(runs) == 1
+    assert 0.15 < duties.tick() <= 0.2
+    time.sleep(0.21)
+    duties.run_due()
+    assert len(runs) == 2
+
+
+def test_a_failing_duty_spares_the_others(worker):
+    ran: list[str] = []
+
+    def fail(worker: Worker) -> int:
+        raise RuntimeError("boom")
+
+    duties = Duties(worker)
+    duties.duties = [Duty("fails", every_heartbeat, fail),
+                     Duty("goes on", every_heartbeat, lambda worker: ran.append("yes") or 0)]
+    duties.run_due()
+    assert ran == ["yes"]
+
+
+def test_due_retries_are_promoted_by_the_databases_clock(worker):
+    due = InvocationFactory(status=Status.RETRY, run_after=timezone.now() - timedelta(seconds=1))
+    later = InvocationFactory(status=Status.RETRY, run_after=timezone.now() + timedelta(minutes=5))
+    assert Duties(worker).run_due() >= 1
+    assert Invocation.objects.get(pk=due.pk).status == Status.REGISTERED
+    assert Invocation.objects.get(pk=later.pk).status == Status.RETRY
+
+
+def test_a_silent_runners_work_is_recovered(worker, settings):
+    silent = RunnerFactory()
+    Runner.objects.filter(pk=silent.pk).update(heartbeat_at=Now() - timedelta(seconds=600))
+    owned = InvocationFactory(status=Status.RUNNING, runner=silent, running_key='{"account_id":"acme"}',
+                              task_name=jobs.keyed.name)
+    Duties(worker).run_due()
+    assert Invocation.objects.get(pk=owned.pk).status == Status.REGISTERED
+    assert Runner.objects.get(pk=silent.pk).lost
+
+
+def test_an_orphaned_parked_invocation_is_woken(worker):
+    parked = InvocationFactory(status=Status.REROUTED, running_key='{"account_id":"acme"}', task_name=jobs.keyed.name)
+    Duties(worker).run_due()
+    assert Invocation.objects.get(pk=parked.pk).status == Status.REGISTERED
+
+
+def test_a_run_past_its_limit_is_flagged_once(worker):
+    running = InvocationFactory(status=Status.RUNNING, runner=worker.runner, task_name=jobs.too_slow.name)
+    worker.running[0] = Run(running, began=time.monotonic() - 10, limit=0.05)
+    every = Duties(worker)
+    every.run_due()
+    for duty in every.duties:
+        duty.last = float("-inf")
+    every.run_due()
+    assert Event.objects.filter(invocation=running, kind=Event.Kind.OVERDUE).count() == 1
+
+
+def test_retries_are_looked_for_as_often_as_an_idle_runner_polls(worker):
+    assert every_poll(worker) == worker.poll_interval
