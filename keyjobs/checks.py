@@ -73,3 +73,29 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         )
     return messages
+
+
+#: Settings that must be a number above zero, by the name a project sets.
+_POSITIVE = {
+    "KEYJOBS_MAX_VALUE_BYTES": "MAX_VALUE_BYTES",
+    "KEYJOBS_HEARTBEAT_INTERVAL": "HEARTBEAT_INTERVAL",
+    "KEYJOBS_LEASE": "LEASE",
+}
+
+
+@register(Tags.compatibility)
+def check_numeric_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Refuse a size or a duration that is not a number above zero: workers would misbehave, not fail."""
+    messages: list[CheckMessage] = []
+    for name, attribute in _POSITIVE.items():
+        value = getattr(conf, attribute)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            messages.append(Error(f"{name} = {value!r} must be a number above zero.", id="keyjobs.E001"))
+    lease, heartbeat = conf.LEASE, conf.HEARTBEAT_INTERVAL
+    if not messages and lease <= heartbeat:
+        messages.append(Error(
+            f"KEYJOBS_LEASE ({lease:g}s) must be longer than KEYJOBS_HEARTBEAT_INTERVAL ({heartbeat:g}s).",
+            hint="Otherwise a live runner is declared lost between two heartbeats; six heartbeats is the default.",
+            id="keyjobs.E002",
+        ))
+    return messages

@@ -1,3 +1,4 @@
+import pytest
 from django.core import checks
 
 from keyjobs.checks import check_sqlite_for_workers, sqlite_warnings
@@ -62,3 +63,29 @@ def test_e003_a_lease_too_short_for_the_heartbeat(settings):
     settings.KEYJOBS_HEARTBEAT_INTERVAL = 5
     settings.KEYJOBS_LEASE = 8
     assert error_ids() == ["keyjobs.E003"]
+
+
+def test_the_numeric_settings_check_is_registered_and_passes_on_the_test_settings():
+    from keyjobs.checks import check_numeric_settings
+
+    assert check_numeric_settings in checks.registry.registry.get_checks(include_deployment_checks=False)
+    assert check_numeric_settings() == []
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("KEYJOBS_MAX_VALUE_BYTES", 0), ("KEYJOBS_MAX_VALUE_BYTES", "1MB"), ("KEYJOBS_HEARTBEAT_INTERVAL", -1),
+    ("KEYJOBS_LEASE", 0), ("KEYJOBS_MAX_VALUE_BYTES", True),
+])
+def test_e001_a_size_or_duration_that_is_not_above_zero(settings, name, value):
+    from keyjobs.checks import check_numeric_settings
+
+    setattr(settings, name, value)
+    [message] = check_numeric_settings()
+    assert message.id == "keyjobs.E001" and name in message.msg
+
+
+def test_e002_a_lease_no_longer_than_a_heartbeat(settings):
+    from keyjobs.checks import check_numeric_settings
+
+    settings.KEYJOBS_HEARTBEAT_INTERVAL, settings.KEYJOBS_LEASE = 5.0, 5.0
+    assert [message.id for message in check_numeric_settings()] == ["keyjobs.E002"]
