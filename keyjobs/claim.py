@@ -25,7 +25,7 @@ from django.db.models import Exists, OuterRef
 
 from . import admission, registry
 from .admission import KeyState, Verdict
-from .exceptions import TaskNotFound
+from .exceptions import TaskNotFound, dotted_path
 from .models import Invocation, Runner
 from .status import HANDED, OWNED, WOKEN, Change, Status, change
 from .store import LockedRow, Woken, store
@@ -106,7 +106,7 @@ def _claim_next(claimer: Claimer, *, using: str, start: bool, room: int) -> list
             spec = registry.get(head.task_name)
         except TaskNotFound as exc:
             apply_locked([row_of(head)], change(Status.FAILED, runner_id=claimer.runner.pk, note="task not found",
-                                                values={"error": str(exc), "error_type": _path(TaskNotFound)}),
+                                                values={"error": str(exc), "error_type": dotted_path(TaskNotFound)}),
                          using=using)
             return []
         if head.running_key is None:
@@ -336,6 +336,3 @@ def promote_due_retries(*, using: str, runner: Runner | None = None, limit: int 
             store(using).notify(queue)
     return promoted
 
-
-def _path(kind: type) -> str:
-    return f"{kind.__module__}.{kind.__qualname__}"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 from . import registry
 from .admission import Policy
 from .concurrency import ConcurrencyControlType, Mode
-from .exceptions import TaskDeclarationError
+from .exceptions import TaskDeclarationError, dotted_path
 from .spec import Options, TaskSpec
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class Task(Generic[P, R]):
                 raise TaskDeclarationError(
                     f"{where}: a task must be a module-level function, so that a worker process can import it"
                 )
-            name = f"{func.__module__}.{func.__qualname__}"
+            name = dotted_path(func)
         if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
             raise TaskDeclarationError(f"{where}: name must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
         self.spec = TaskSpec(

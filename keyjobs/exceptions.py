@@ -1,5 +1,12 @@
 """Exceptions raised to the users of keyjobs."""
 
+from typing import Any
+
+
+def dotted_path(thing: Any) -> str:
+    """Return the dotted path of a class or a function (``httpx.ConnectTimeout``): what an error or a task is called."""
+    return f"{thing.__module__}.{thing.__qualname__}"
+
 
 class KeyjobsError(Exception):
     """Base class of every keyjobs error."""

@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from . import faults, registry, signals, values
 from .claim import Claimer, record_and_claim, wake_next
-from .exceptions import ArgumentError, KeyjobsError, NotOwner, TimeLimitExceeded
+from .exceptions import ArgumentError, KeyjobsError, NotOwner, TimeLimitExceeded, dotted_path
 from .models import Invocation, Runner
 from .spec import TaskSpec
 from .status import Status
@@ -110,7 +110,7 @@ def _failure(exc: BaseException, formatted: str) -> dict[str, Any]:
     ours = isinstance(exc, KeyjobsError)
     return {
         "error": values.storable_text(message if ours else f"{type(exc).__qualname__}: {message}"),
-        "error_type": values.storable_text(f"{type(exc).__module__}.{type(exc).__qualname__}", limit=255),
+        "error_type": values.storable_text(dotted_path(type(exc)), limit=255),
         # keyjobs' own errors say all there is to say, except where the run itself was stopped.
         "traceback": "" if ours and not isinstance(exc, TimeLimitExceeded) else values.storable_text(formatted),
     }

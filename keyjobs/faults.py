@@ -12,6 +12,7 @@ Portable: psycopg is never imported; its errors are read through the
 ``sqlstate`` they carry, sqlite3's through ``sqlite_errorname``.
 """
 
+from .exceptions import dotted_path
 from .values import storable_text
 
 #: SQLSTATEs a retry can get past (besides class 08, connection exceptions).
@@ -76,7 +77,7 @@ def reason(exc: BaseException, *, what: str = "the outcome") -> str:
         explained = f"{what} contains an integer too long to be written as JSON"
     else:
         explained = f"the database refused to store {what}"
-    return storable_text(f"{explained} ({type(exc).__module__}.{type(exc).__qualname__}: {message})", limit=4000)
+    return storable_text(f"{explained} ({dotted_path(type(exc))}: {message})", limit=4000)
 
 
 def _message(exc: BaseException) -> str:

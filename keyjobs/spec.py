@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .admission import Policy
 from .conf import conf
-from .exceptions import TaskDeclarationError
+from .exceptions import TaskDeclarationError, dotted_path
 
 if TYPE_CHECKING:
     from .models import Invocation
@@ -41,7 +41,7 @@ class TaskSpec:
     @property
     def func_path(self) -> str:
         """The dotted path of the function: what a worker imports."""
-        return f"{self.func.__module__}.{self.func.__qualname__}"
+        return dotted_path(self.func)
 
     @property
     def queue(self) -> str:

@@ -29,7 +29,7 @@ import sys
 from typing import Any
 
 from .conf import conf
-from .exceptions import ArgumentError, KeyjobsError, ResultNotStorable
+from .exceptions import ArgumentError, KeyjobsError, ResultNotStorable, dotted_path
 
 #: Python's default limit on the digits of an int converted to or from text (json.dumps and json.loads apply it).
 MAX_INT_DIGITS: int = sys.int_info.default_max_str_digits
@@ -142,7 +142,7 @@ class _Walk:
         else:
             raise self.refuse(
                 path,
-                f"is a {kind.__module__}.{kind.__qualname__}, which is not JSON-serializable; pass plain data "
+                f"is a {dotted_path(kind)}, which is not JSON-serializable; pass plain data "
                 "(str, int, float, bool, None, list, dict), e.g. an id instead of a model instance",
             )
 

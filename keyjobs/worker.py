@@ -20,7 +20,7 @@ from . import faults, registry
 from .claim import Claimer, claim
 from .conf import conf
 from .duties import Duties
-from .exceptions import TaskNotFound
+from .exceptions import TaskNotFound, dotted_path
 from .execute import execute, give_back
 from .models import Invocation, Runner
 from .recovery import recover_lost_runners
@@ -227,7 +227,7 @@ class Worker:
                     if failures >= _FAILURES_IN_A_ROW:
                         self.stop_reason = storable_text(
                             f"thread {number} failed {failures} times in a row; the last time: "
-                            f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}", limit=2000)
+                            f"{dotted_path(type(exc))}: {exc}", limit=2000)
                         logger.critical("keyjobs: %s stops claiming: %s", self.runner, self.stop_reason,
                                         exc_info=exc)
                         try:

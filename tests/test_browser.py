@@ -7,8 +7,6 @@ where they are, so that it downloads nothing. Screenshots go to ``test-artifacts
 
 import itertools
 import json
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
@@ -22,16 +20,14 @@ from django.utils import timezone
 
 from keyjobs.models import Event, Invocation, Runner
 from keyjobs.status import Status
+from tests.browser import chromium, requires_chromium
 from tests.factories import InvocationFactory, RunnerFactory, give_run
 from tests.waiting import wait_for
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -40,11 +36,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(
-        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-        reason=f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
-               "apt-get install chromium chromium-driver",
-    ),
+    requires_chromium,
 ]
 
 # As the demo's own tests run the scenarios: a short hold, one worker of eight threads.
@@ -55,21 +47,8 @@ PASSWORD = "correct horse"
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--no-first-run", "--window-size=1400,1000"):
-        options.add_argument(argument)
-    profile = tempfile.mkdtemp(prefix="keyjobs-chromium-")
-    options.add_argument(f"--user-data-dir={profile}")
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.implicitly_wait(0)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture

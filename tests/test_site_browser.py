@@ -5,8 +5,6 @@ makes the calls to an in-process provider, whose counters are the witness of col
 ``test-artifacts/``.
 """
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +17,8 @@ from demo_project.provider import Provider
 from demo_project.scenarios import ProviderClient
 from keyjobs import Status
 from keyjobs.models import Event, Invocation
-from tests.test_browser import CHROMEDRIVER, CHROMIUM, assert_no_script_errors, overlaps, screenshot
+from tests.browser import chromium, requires_chromium
+from tests.test_browser import assert_no_script_errors, overlaps, screenshot
 
 # Fixtures, reused: an in-process provider, and a runworker process calling it. Parameters of that name
 # below redefine them, as pytest means them to (F811).
@@ -27,7 +26,6 @@ from tests.test_demo import provider, workers  # noqa: F401
 from tests.waiting import wait_for
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
@@ -36,35 +34,16 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(
-        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-        reason=f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
-               "apt-get install chromium chromium-driver",
-    ),
+    requires_chromium,
 ]
 
 PASSWORD = "correct horse"
-# Nothing may reach out: no QUIC, no background, component or sync traffic, a profile of its own.
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1000")
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    profile = tempfile.mkdtemp(prefix="keyjobs-site-chromium-")
-    options.add_argument(f"--user-data-dir={profile}")
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.implicitly_wait(0)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture

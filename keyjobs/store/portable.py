@@ -35,6 +35,11 @@ _PLAIN_TYPES = frozenset({"CharField", "TextField", "IntegerField", "PositiveInt
 #: Event rows per INSERT: 7 parameters each, within SQLite's 32,766 and PostgreSQL's 65,535.
 EVENT_BATCH = 2000
 
+#: The queue's order: by priority, then by when each invocation (last) entered the queue.
+QUEUE_ORDER = (("priority", " DESC"), ("registered_at", ""), ("id", ""))
+#: The order of one key's invocations: by priority, then in the order they were enqueued.
+KEY_ORDER = (("priority", " DESC"), ("id", ""))
+
 #: SQLite's write turn within this process, per database file.
 _writers: dict[str, threading.RLock] = {}
 
@@ -91,13 +96,18 @@ class Store:
         self.is_waiting = f"{quote('status')} IN ({', '.join(map(literal, sorted(WAITING)))})"
         self.is_owned = f"{quote('status')} IN ({', '.join(map(literal, sorted(OWNED)))})"
         #: The order of one key's invocations, and the order of the queue (see ``claimable``).
-        self.key_order = f"{quote('priority')} DESC, {quote('id')}"
-        self.queue_order = f"{quote('priority')} DESC, {quote('registered_at')}, {quote('id')}"
+        self.key_order = self.order(KEY_ORDER)
+        self.queue_order = self.order(QUEUE_ORDER)
         self.event_columns = ", ".join(quote(column) for column in (
             "invocation_id", "kind", "from_status", "to_status", "runner_id", "runner_thread", "note"))
         self._expressions: dict[str, tuple[str, list[Any]]] = {}
         self._orders: dict[tuple[str, ...], list[int]] = {}
         self._inserts: dict[tuple[Any, ...], str] = {}
+
+    def order(self, order: Sequence[tuple[str, str]], table: str | None = None) -> str:
+        """Return an ORDER BY list of ``order``'s columns, of ``table`` if given."""
+        prefix = f"{table}." if table else ""
+        return ", ".join(f"{prefix}{self.quote(column)}{direction}" for column, direction in order)
 
     def cursor(self) -> Any:
         """Return a cursor for these statements."""

@@ -18,7 +18,7 @@ from ..conf import conf
 from ..models import Invocation
 from ..status import Change, Status
 from .interface import Claimed, LockedRow, Recorded, Woken
-from .portable import Store, literal
+from .portable import QUEUE_ORDER, Store, literal
 
 logger = logging.getLogger("keyjobs.worker")
 
@@ -239,8 +239,7 @@ class PostgresStore(Store):
             f"candidate AS ({candidates}), "
             # admission.FAST_PATH: a task whose policy this statement implements, and no key, or a
             # key nobody holds with nothing due ahead of it (one slot per key).
-            f"judged AS (SELECT candidate.id, row_number() OVER (ORDER BY candidate.priority DESC, "
-            f"candidate.registered_at, candidate.id) AS n, "
+            f"judged AS (SELECT candidate.id, row_number() OVER (ORDER BY {self._queue_order('candidate')}) AS n, "
             f"candidate.task_name = ANY(%s) AND (candidate.running_key IS NULL OR ("
             f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_owned}) AND "
             f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_waiting} "
@@ -269,8 +268,7 @@ class PostgresStore(Store):
         return f"{alias}.*"
 
     def _queue_order(self, table: str) -> str:
-        q = self.quote
-        return f"{table}.{q('priority')} DESC, {table}.{q('registered_at')}, {table}.{q('id')}"
+        return self.order(QUEUE_ORDER, table)
 
     def _claimed_rows(self, before: str = "") -> str:
         """The main query after ``_claim``: whether the claim stopped, ``before``, then each row claimed."""
