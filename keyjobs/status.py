@@ -96,6 +96,11 @@ STAMPS: dict[Status, str] = {
     Status.CONCURRENCY_CONTROLLED_FINAL: "finished_at",
 }
 
+#: What entering RUNNING adds to the attempts, and the database's clock: one object each, shared by every
+#: change (expressions are never changed in place; the store compiles each once per connection).
+ONE_MORE_ATTEMPT = F("attempts") + 1
+NOW = Now()
+
 #: The history's notes for the two ways a freed key's next invocation goes on.
 WOKEN = "its key freed: its turn"
 HANDED = "handed over by the invocation that freed its key"
@@ -172,9 +177,9 @@ def change(
     if slot is not None:
         written.update(runner_id=owner_id, runner_thread=thread, slot=slot)
     if Status.RUNNING in path:
-        written["attempts"] = F("attempts") + 1
+        written["attempts"] = ONE_MORE_ATTEMPT
     for entered in path:
         if entered in STAMPS:
-            written[STAMPS[entered]] = Now()
+            written[STAMPS[entered]] = NOW
     written.update(values or {})
     return Change(path, written, runner_id if runner_id is not None else owner_id, thread, note)

@@ -171,3 +171,32 @@ def test_threads_of_one_process_take_turns_to_write_to_sqlite():
     for thread in threads:
         thread.join(10)
     assert order == ["held", "released", "claimed"]
+
+
+@postgres_only
+@pytest.mark.parametrize("queues", [None, ["default", "reports", "urgent"]])
+def test_every_hot_statement_stays_within_what_psycopg_caches(queues):
+    """psycopg caches its parsing of a statement of at most 4 kB and 50 parameters only; past that, every run parses."""
+    from keyjobs.claim import Claimer
+    from keyjobs.execute import execute
+
+    seen: list[tuple[int, int, str]] = []
+
+    def spy(run, sql, params, many, context):
+        seen.append((len(sql.encode()), len(params or ()), sql[:40]))
+        return run(sql, params, many, context)
+
+    runner = RunnerFactory()
+    for op in "abc":
+        jobs.keyed.delay("acme", op)  # a key's chain: hand-offs and wake-ups
+    jobs.add.delay(1), jobs.add.delay(2)  # keyless work: record-and-claim
+    with connection.execute_wrapper(spy):
+        queue = claim(runner, using="default", queues=queues, start=True, thread=0)
+        while queue:
+            invocation = queue.pop(0)
+            handed: list[Invocation] = []
+            execute(invocation, runner, using="default", thread=0, claimer=Claimer(runner, 0, queues), handed=handed)
+            queue[:0] = handed or claim(runner, using="default", queues=queues, start=True, thread=0)
+    assert Invocation.objects.exclude(status=Status.SUCCESS).count() == 0
+    too_big = [(size, count, start) for size, count, start in seen if size > 4096 or count > 50]
+    assert seen and too_big == [], too_big

@@ -101,6 +101,7 @@ class Store:
         self.event_columns = ", ".join(quote(column) for column in (
             "invocation_id", "kind", "from_status", "to_status", "runner_id", "runner_thread", "note"))
         self._expressions: dict[str, tuple[str, list[Any]]] = {}
+        self._expressions_by_id: dict[int, tuple[Any, tuple[str, list[Any]]]] = {}
         self._orders: dict[tuple[str, ...], list[int]] = {}
         self._inserts: dict[tuple[Any, ...], str] = {}
 
@@ -108,6 +109,10 @@ class Store:
         """Return an ORDER BY list of ``order``'s columns, of ``table`` if given."""
         prefix = f"{table}." if table else ""
         return ", ".join(f"{prefix}{self.quote(column)}{direction}" for column, direction in order)
+
+    def one_of(self, column: str, values: Sequence[Any], *, negate: bool = False) -> tuple[str, list[Any]]:
+        """Return a condition that ``column`` is (``negate``: is not) one of ``values``, and its parameters."""
+        return f"{column} {'NOT IN' if negate else 'IN'} ({', '.join(['%s'] * len(values))})", list(values)
 
     def cursor(self) -> Any:
         """Return a cursor for these statements."""
@@ -184,6 +189,7 @@ class Store:
         """Return the claim's query (see ``claimable``), the one the tests EXPLAIN."""
         where, params = f"{self.is_registered} AND {self.due}", []
         if queues:
+            # A list, not an array: PostgreSQL reads keyjobs_claim_by_queue in order only for `queue IN (...)`.
             where += f" AND {self.quote('queue')} IN ({', '.join(['%s'] * len(queues))})"
             params += list(queues)
         return (f"SELECT {columns} FROM {self.invocations} WHERE {where} "
@@ -277,7 +283,11 @@ class Store:
         return "SET " + ", ".join(assignments), params
 
     def _expression(self, value: Any) -> tuple[str, list[Any]]:
-        # The same few expressions come back on every call (the clock, one more attempt).
+        # The same few expressions come back on every call (the clock, one more attempt), mostly as
+        # the very same objects (status.NOW, status.ONE_MORE_ATTEMPT): known by identity at once.
+        known = self._expressions_by_id.get(id(value))
+        if known is not None and known[0] is value:
+            return known[1]
         cache_key = repr(value)
         if cache_key not in self._expressions:
             resolved = value.resolve_expression(self.update_query, allow_joins=False, for_save=True)
@@ -285,6 +295,8 @@ class Store:
             # Unqualified, as SET may name the row's own columns: valid whatever alias the statement
             # gives the table (the one-statement steps alias it to stay short).
             self._expressions[cache_key] = (sql.replace(f"{self.invocations}.", ""), list(params))
+        # Kept with the object itself, so that its id cannot be reused by another while cached.
+        self._expressions_by_id[id(value)] = (value, self._expressions[cache_key])
         return self._expressions[cache_key]
 
     def _insert_events(self, rows: Sequence[EventRow]) -> tuple[str, list[Any]]:

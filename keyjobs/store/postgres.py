@@ -43,7 +43,13 @@ class PostgresStore(Store):
     def __init__(self, connection: Any) -> None:
         super().__init__(connection)
         self._columns_of: dict[str, list[str]] = {}
+        self._recorded_sql: dict[tuple[Any, ...], str] = {}
+        self._queue_orders: dict[str, str] = {}
         self.steps = self
+
+    def one_of(self, column: str, values: Sequence[Any], *, negate: bool = False) -> tuple[str, list[Any]]:
+        # One array parameter, however many values: the statement's text stays the same, and short.
+        return f"{column} {'<> ALL' if negate else '= ANY'}(%s)", [list(values)]
 
     def cursor(self) -> Any:
         """Return a cursor that binds parameters on the server, so that these statements can be prepared.
@@ -121,18 +127,18 @@ class PostgresStore(Store):
         if handed is not None:
             # Handed over only if it would be next anyway (see claim.wake_next).
             nothing_waits, nothing_waits_params = self.claimable_sql("1", queues, 1, lock=False, ordered=False)
-            served = f"first.queue IN ({_marks(queues)})" if queues else "TRUE"
-            hand, hand_params = f"(NOT EXISTS ({nothing_waits}) AND {served})", [*nothing_waits_params, *queues]
-            notify = f"woken.queue NOT IN ({_marks(queues)})" if queues else "FALSE"
+            served, served_params = self.one_of("first.queue", queues) if queues else ("TRUE", [])
+            hand, hand_params = f"(NOT EXISTS ({nothing_waits}) AND {served})", [*nothing_waits_params, *served_params]
+            notify, notify_params = self.one_of("woken.queue", queues, negate=True) if queues else ("FALSE", [])
         else:
-            hand, hand_params, notify = "FALSE", [], "TRUE"
+            hand, hand_params, notify, notify_params = "FALSE", [], "TRUE", []
         handing = handed if handed is not None else woken  # never applied when nothing is handed
         handed_set, handed_params = self._set(handing.values)
         woken_set, woken_params = self._set(woken.values)
         handed_events, handed_event_params = self._recorded("handed_recorded", "handed", handing,
                                                             first_from=Status.REROUTED)
         woken_events, woken_event_params = self._recorded("woken_recorded", "woken", woken,
-                                                          first_from=Status.REROUTED)
+                                                          first_from=Status.REROUTED, read=True)
         sql_text = (
             f"WITH first AS (SELECT {q('id')}, {q('status')}, {q('queue')} FROM {inv} "
             f"WHERE {same_key} AND {self.is_waiting} AND {self.due} "
@@ -144,20 +150,22 @@ class PostgresStore(Store):
             f"AND h.{q('status')} = %s RETURNING {self._returning('h')}), "
             f"woken AS (UPDATE {inv} AS w {woken_set} FROM go WHERE w.{q('id')} = go.id AND NOT go.hand "
             f"AND w.{q('status')} = %s RETURNING w.{q('id')} AS id, w.{q('queue')} AS queue), "
-            f"{handed_events}, {woken_events}, "
+            f"{handed_events}, {woken_events}"
             # The thread that freed the key claims next: only a runner of another queue needs waking.
-            f"notified AS (SELECT pg_notify(%s, woken.queue) FROM woken WHERE {notify}) "
+            + (f", notified AS (SELECT pg_notify(%s, woken.queue) FROM woken WHERE {notify}) " if notify != "FALSE"
+               else " ")
         )
+        notified = "(SELECT count(*) FROM notified)" if notify != "FALSE" else "0"
         claim_params: list[Any] = []
         if claim is not None and fast_tasks:
             # Nothing handed over: the thread's next claim, in this same statement.
             claiming, claim_params = self._claim(queues, 1, fast_tasks=fast_tasks, claim=claim,
                                                  only_if="NOT EXISTS (SELECT 1 FROM handed)", after="woken_recorded")
-            sql_text += (f", {claiming} SELECT (SELECT count(*) FROM notified), (SELECT id FROM woken), picked.* "
+            sql_text += (f", {claiming} SELECT {notified}, (SELECT id FROM woken), picked.* "
                          f"FROM (SELECT 1) AS one LEFT JOIN (SELECT * FROM handed UNION ALL SELECT * FROM taken) "
                          f"AS picked ON true")
         else:
-            sql_text += ("SELECT (SELECT count(*) FROM notified), (SELECT id FROM woken), handed.* "
+            sql_text += (f"SELECT {notified}, (SELECT id FROM woken), handed.* "
                          "FROM (SELECT 1) AS one LEFT JOIN handed ON true")
         params = [
             task_name, running_key,
@@ -165,7 +173,7 @@ class PostgresStore(Store):
             *handed_params, Status.REROUTED,
             *woken_params, Status.REROUTED,
             *handed_event_params, *woken_event_params,
-            CHANNEL, *(queues if handed is not None else []),
+            *([CHANNEL, *notify_params] if notify != "FALSE" else []),
             *claim_params,
         ]
         with self.cursor() as cursor:
@@ -179,23 +187,37 @@ class PostgresStore(Store):
     # -- the parts those statements are made of ---------------------------------------
 
     def _recorded(self, name: str, source: str, change: Change, *, first_from: str | None = None,
-                  after: str = "", order: str = "") -> tuple[str, list[Any]]:
+                  after: str = "", order: str = "", read: bool = False) -> tuple[str, list[Any]]:
         """The CTE ``name`` inserting ``change``'s history rows for each row of CTE ``source``.
 
         The first step's from is ``first_from``, else the source's ``status``
         column (the row's status before the change). ``after`` names a CTE
-        whose rows these must follow in the history.
+        whose rows these must follow in the history; ``read``, that another
+        CTE reads this one's (so it returns them). Kept short: psycopg caches
+        its parsing of a statement of at most 4 kB only.
         """
-        came_from = literal(first_from) if first_from is not None else f"{source}.status"
-        steps = ", ".join(f"({n}, {literal(here)}, {literal(there)})" for n, (here, there) in enumerate(change.steps()))
-        return (
-            f"{name} AS (INSERT INTO {self.events} ({self.event_columns}) "
-            f"SELECT {source}.{self.quote('id')}, %s, COALESCE(step.came_from, {came_from}), step.went_to, %s, %s, %s "
-            f"FROM {source} CROSS JOIN (VALUES {steps}) AS step(n, came_from, went_to) "
-            # Reading `after` makes PostgreSQL write it first: otherwise the order is its own choice.
-            + (f"CROSS JOIN (SELECT count(*) FROM {after}) AS before " if after else "")
-            + f"ORDER BY {order or source + '.' + self.quote('id')}, step.n RETURNING 1)"
-        ), [change.kind, change.runner_id, change.runner_thread, change.note]
+        shape = (name, source, change.path, first_from, after, order, read)
+        sql = self._recorded_sql.get(shape)
+        if sql is None:  # a few shapes per connection: built once each
+            steps = change.steps()
+            if first_from is not None:
+                steps[0] = (first_from, steps[0][1])
+            came_from = "step.came_from" if first_from is not None else f"COALESCE(step.came_from, {source}.status)"
+            head = f"{name} AS (INSERT INTO {self.events} ({self.event_columns}) SELECT {source}.{self.quote('id')}, %s, "
+            if len(steps) == 1 and not after:
+                came = literal(first_from) if first_from is not None else f"{source}.status"
+                sql = f"{head}{came}, {literal(steps[0][1])}, %s, %s, %s FROM {source}"
+            else:
+                values = ", ".join(f"({n}, {literal(here)}, {literal(there)})" for n, (here, there) in enumerate(steps))
+                sql = (
+                    f"{head}{came_from}, step.went_to, %s, %s, %s FROM {source} "
+                    f"CROSS JOIN (VALUES {values}) AS step(n, came_from, went_to) "
+                    # Reading `after` makes PostgreSQL write it first: otherwise the order is its own choice.
+                    + (f"CROSS JOIN (SELECT count(*) FROM {after}) AS before " if after else "")
+                    + f"ORDER BY {order or source + '.' + self.quote('id')}, step.n"
+                )
+            sql = self._recorded_sql[shape] = sql + (" RETURNING 1)" if read else ")")
+        return sql, [change.kind, change.runner_id, change.runner_thread, change.note]
 
     def _checked_move(
         self, ids: Sequence[int], change: Change, *, only_from: Collection[str], owner_id: int | None
@@ -209,7 +231,7 @@ class PostgresStore(Store):
             guard = (f" AND NOT EXISTS (SELECT 1 FROM locked WHERE locked.status IN ({_marks(only_from)}) "
                      f"AND locked.runner_id IS DISTINCT FROM %s)")
             guard_params = [*only_from, owner_id]
-        recorded, recorded_params = self._recorded("recorded", "moved", change)
+        recorded, recorded_params = self._recorded("recorded", "moved", change, read=True)
         ctes = (
             f"locked AS (SELECT {q('id')} AS id, {q('status')} AS status, {q('runner_id')} AS runner_id "
             f"FROM {inv} WHERE {q('id')} IN ({_marks(ids)}) ORDER BY {q('id')}{self.lock}), "
@@ -268,7 +290,10 @@ class PostgresStore(Store):
         return f"{alias}.*"
 
     def _queue_order(self, table: str) -> str:
-        return self.order(QUEUE_ORDER, table)
+        order = self._queue_orders.get(table)
+        if order is None:
+            order = self._queue_orders[table] = self.order(QUEUE_ORDER, table)
+        return order
 
     def _claimed_rows(self, before: str = "") -> str:
         """The main query after ``_claim``: whether the claim stopped, ``before``, then each row claimed."""
