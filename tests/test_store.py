@@ -200,3 +200,18 @@ def test_every_hot_statement_stays_within_what_psycopg_caches(queues):
     assert Invocation.objects.exclude(status=Status.SUCCESS).count() == 0
     too_big = [(size, count, start) for size, count, start in seen if size > 4096 or count > 50]
     assert seen and too_big == [], too_big
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_owners_of_a_key_are_read_through_their_partial_index_whatever_its_backlog():
+    jobs.keyed.delay_many([(("hot", "x"), {})] * 3000)
+    first = Invocation.objects.order_by("id").first()
+    Invocation.objects.filter(pk=first.pk).update(status=Status.RUNNING, runner=RunnerFactory())
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("ANALYZE")  # SQLite keeps no statistics unless asked: a runner's database has none
+        cursor.execute(connection.ops.explain_query_prefix() + " " + statements("default").owned_slots_sql(),
+                       [first.task_name, first.running_key])
+        plan = "\n".join(str(row[-1]) for row in cursor.fetchall())
+    assert "keyjobs_one_owner_per_running_key" in plan, plan
+    assert statements("default").owned_slots(first.task_name, first.running_key, lock=False) == {0}
