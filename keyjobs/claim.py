@@ -317,9 +317,8 @@ def wake_orphans(*, using: str, runner: Runner | None = None) -> list[int]:
 
 def promote_due_retries(*, using: str, runner: Runner | None = None, limit: int = 1000) -> list[int]:
     """Register again the retries whose delay is over; return their ids."""
-    retries = Invocation.objects.using(using).filter(status=Status.RETRY).due()
-    if not retries.exists():
-        return []  # a read, not a write transaction: this runs as often as an idle runner polls
+    if not store(using).retries_due():
+        return []  # one cheap read, not a write transaction: this runs as often as runners poll
     with transaction.atomic(using=using):
         due = list(
             Invocation.objects.using(using)

@@ -104,6 +104,7 @@ class Store:
         self._expressions_by_id: dict[int, tuple[Any, tuple[str, list[Any]]]] = {}
         self._orders: dict[tuple[str, ...], list[int]] = {}
         self._inserts: dict[tuple[Any, ...], str] = {}
+        self._retries_due: str | None = None
 
     def order(self, order: Sequence[tuple[str, str]], table: str | None = None) -> str:
         """Return an ORDER BY list of ``order``'s columns, of ``table`` if given."""
@@ -195,6 +196,13 @@ class Store:
         return (f"SELECT {columns} FROM {self.invocations} WHERE {where} "
                 f"{'ORDER BY ' + self.queue_order if ordered else ''} LIMIT {int(limit)}"
                 f"{self.lock_skip if lock else ''}"), params
+
+    def retries_due(self) -> bool:
+        """Return whether a retry's delay is over (the duty that registers them again asks, as often as runners poll)."""
+        if self._retries_due is None:
+            self._retries_due = (f"SELECT 1 FROM {self.invocations} WHERE {self.quote('status')} = "
+                                 f"{literal(Status.RETRY)} AND {self.due} LIMIT 1")
+        return bool(self._rows(self._retries_due, []))
 
     def lock_invocation(self, pk: int, status: str) -> Invocation | None:
         """Lock and return invocation ``pk`` if it is still in ``status``."""
