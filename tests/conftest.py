@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -115,3 +116,12 @@ def worker_process() -> Iterator[type[WorkerProcess]]:
     yield Tracked
     for process in started:
         process.kill()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless chromium for a module's page tests (``tests.browser``), quit after the module."""
+    from tests.browser import chromium
+
+    with chromium() as driver:
+        yield driver

@@ -63,3 +63,14 @@ def give_run(
             invocation.finished_at = end
     invocation.save()
     return invocation
+
+
+def give_runs(now: datetime, count: int = 30) -> None:
+    """Write ``count`` finished half-second runs of distinct keys over three runners in the 100 s before ``now``,
+    plus one run still going since an hour ago: a timeline's worth, for query-count tests."""
+    runners = [RunnerFactory() for _ in range(3)]
+    for number in range(count):
+        start = now - timedelta(seconds=100 - number)
+        give_run(InvocationFactory(running_key=f'{{"account_id":"a{number}"}}'), runner=runners[number % 3],
+                 thread=number % 4, start=start, end=start + timedelta(milliseconds=500))
+    give_run(InvocationFactory(), runner=runners[0], thread=0, start=now - timedelta(hours=1))

@@ -8,7 +8,6 @@ where they are, so that it downloads nothing. Screenshots go to ``test-artifacts
 import itertools
 import json
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from django.utils import timezone
 
 from keyjobs.models import Event, Invocation, Runner
 from keyjobs.status import Status
-from tests.browser import chromium, requires_chromium
+from tests.browser import requires_chromium
 from tests.factories import InvocationFactory, RunnerFactory, give_run
 from tests.waiting import wait_for
 
@@ -43,12 +42,6 @@ pytestmark = [
 HOLD = 0.25
 THREADS = 8
 PASSWORD = "correct horse"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    with chromium() as driver:
-        yield driver
 
 
 @pytest.fixture

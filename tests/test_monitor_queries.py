@@ -9,7 +9,7 @@ from django.utils import timezone
 from keyjobs.models import Event, Invocation, Runner
 from keyjobs.monitor.queries import Window, dashboard, key_history, timeline, timeline_events
 from keyjobs.status import Status
-from tests.factories import EventFactory, InvocationFactory, RunnerFactory, give_run
+from tests.factories import EventFactory, InvocationFactory, RunnerFactory, give_run, give_runs
 
 pytestmark = pytest.mark.django_db
 
@@ -218,12 +218,8 @@ def test_the_timeline_query_uses_the_index_on_postgresql_even_when_a_scan_looks_
 
 
 def test_the_timeline_takes_the_same_queries_however_many_runs(django_assert_num_queries) -> None:
-    runners, now = [RunnerFactory() for _ in range(3)], timezone.now()
-    for number in range(30):
-        start = now - timedelta(seconds=100 - number)
-        give_run(InvocationFactory(running_key=f'{{"account_id":"a{number}"}}'), runner=runners[number % 3],
-                 thread=number % 4, start=start, end=start + timedelta(milliseconds=500))
-    give_run(InvocationFactory(), runner=runners[0], thread=0, start=now - timedelta(hours=1))  # still running
+    now = timezone.now()
+    give_runs(now)  # 30 finished, one still running
     # Events; runs still going; runners; whether any work is left.
     with django_assert_num_queries(4):
         data = timeline(window(now=now), now=now)

@@ -1,5 +1,3 @@
-import subprocess
-import sys
 from datetime import timedelta
 from io import StringIO
 
@@ -8,7 +6,7 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from keyjobs.models import Event, Invocation
-from tests.conftest import ROOT
+from tests.commands import assert_usage_error
 from tests.factories import EventFactory, InvocationFactory
 
 
@@ -52,10 +50,4 @@ def test_prune_deletes_in_batches_of_the_given_size():
     ],
 )
 def test_bad_arguments_get_a_one_line_usage_error_and_exit_2(arguments, message):
-    result = subprocess.run([sys.executable, "manage.py", "prunejobs", *arguments], cwd=ROOT,
-                            capture_output=True, text=True, env={"DJANGO_SETTINGS_MODULE": "tests.settings",
-                                                                 "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 2, result.stderr
-    *usage, last_line = result.stderr.strip().splitlines()
-    assert last_line.startswith(f"manage.py prunejobs: error: {message}"), result.stderr
-    assert all(line.startswith(("usage:", " ")) for line in usage), result.stderr
+    assert_usage_error("prunejobs", arguments, message)

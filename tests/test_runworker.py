@@ -1,10 +1,8 @@
-import subprocess
-import sys
 
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.conftest import ROOT
+from tests.commands import assert_usage_error
 
 
 @pytest.mark.parametrize(
@@ -16,13 +14,7 @@ from tests.conftest import ROOT
     ],
 )
 def test_bad_arguments_get_a_one_line_error_and_a_non_zero_exit(arguments, message):
-    result = subprocess.run([sys.executable, "manage.py", "runworker", *arguments], cwd=ROOT,
-                            capture_output=True, text=True, env={"DJANGO_SETTINGS_MODULE": "tests.settings",
-                                                                 "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 2, result.stderr
-    *usage, last_line = result.stderr.strip().splitlines()
-    assert last_line.startswith(f"manage.py runworker: error: {message}"), result.stderr
-    assert all(line.startswith(("usage:", " ")) for line in usage), result.stderr
+    assert_usage_error("runworker", arguments, message)
 
 
 def test_an_unknown_database_is_refused():

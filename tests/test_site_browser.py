@@ -5,7 +5,6 @@ makes the calls to an in-process provider, whose counters are the witness of col
 ``test-artifacts/``.
 """
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from demo_project.provider import Provider
 from demo_project.scenarios import ProviderClient
 from keyjobs import Status
 from keyjobs.models import Event, Invocation
-from tests.browser import chromium, requires_chromium
+from tests.browser import requires_chromium
 from tests.test_browser import assert_no_script_errors, overlaps, screenshot
 
 # Fixtures, reused: an in-process provider, and a runworker process calling it. Parameters of that name
@@ -38,12 +37,6 @@ pytestmark = [
 ]
 
 PASSWORD = "correct horse"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    with chromium() as driver:
-        yield driver
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from keyjobs.status import Status
-from tests.factories import InvocationFactory, RunnerFactory, give_run
+from tests.factories import InvocationFactory, RunnerFactory, give_run, give_runs
 
 pytestmark = pytest.mark.django_db
 
@@ -95,12 +95,8 @@ def test_the_admin_index_of_keyjobs_links_the_monitor(admin_client: Client) -> N
 
 
 def test_the_timeline_data_takes_a_bounded_number_of_queries(viewer: Client, django_assert_num_queries) -> None:
-    runners, now = [RunnerFactory() for _ in range(3)], timezone.now()
-    for number in range(30):
-        start = now - timedelta(seconds=100 - number)
-        give_run(InvocationFactory(running_key=f'{{"account_id":"a{number}"}}'), runner=runners[number % 3],
-                 thread=number % 4, start=start, end=start + timedelta(milliseconds=500))
-    give_run(InvocationFactory(), runner=runners[0], thread=0, start=now - timedelta(hours=1))  # still running
+    now = timezone.now()
+    give_runs(now)  # 30 finished, one still running
     # Session, user, its permissions and its groups'; events; runs still going; runners; whether any work is left.
     with django_assert_num_queries(8):
         response = viewer.get(reverse(TIMELINE_DATA))
