@@ -214,9 +214,9 @@ def history(db: str, size: Sizes, empty_rate: float | None) -> list[Result]:
     _fill_history(size.history_finished, size.history_waiting)
     filled = time.perf_counter() - start
     say(f"  {db:8} history: {size.history_finished:,} finished + {size.history_waiting:,} waiting in {filled:.0f}s")
-    from keyjobs.store import store as statements
+    from keyjobs.store import store
 
-    query, params = statements("default").claimable_sql('"id"', None, 1)  # the statement the claim runs
+    query, params = store("default").claimable_sql('"id"', None, 1)  # the statement the claim runs
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(f"{connection.ops.explain_query_prefix()} {query}", params)
         plan = "\n".join(str(row[-1]) for row in cursor.fetchall())

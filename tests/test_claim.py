@@ -261,9 +261,9 @@ def test_the_claim_query_reads_its_index_in_order(queues, index):
     jobs.add.delay_many([((n,), {}) for n in range(300)])  # a backlog: reading in order beats sorting it
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE")
-    from keyjobs.store import store as statements
+    from keyjobs.store import store
 
-    query, params = statements("default").claimable_sql('"id"', queues, 1)
+    query, params = store("default").claimable_sql('"id"', queues, 1)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(connection.ops.explain_query_prefix() + " " + query, params)
         plan = "\n".join(str(row[-1]) for row in cursor.fetchall())

@@ -11,7 +11,7 @@ from keyjobs import Status
 from keyjobs.claim import Claimer, claim
 from keyjobs.exceptions import NotOwner
 from keyjobs.models import Event, Invocation
-from keyjobs.store import store as statements
+from keyjobs.store import store
 from keyjobs.transitions import move
 from tests import jobs
 from tests.factories import InvocationFactory, RunnerFactory
@@ -29,7 +29,7 @@ def test_invocations_read_by_the_statements_equal_the_orms():
     runner = RunnerFactory()
     InvocationFactory(args=[1, "é", {"nested": [None, 2.5]}], kwargs={"b": True}, running_key="k",
                       run_after=timezone.now() - timedelta(seconds=1), runner=runner, runner_thread=3)
-    read = statements("default").claimable(None, 1)
+    read = store("default").claimable(None, 1)
     assert [fields(inv) for inv in read] == [fields(inv) for inv in Invocation.objects.all()]
 
 
@@ -64,7 +64,7 @@ def test_the_one_statement_claim_stops_at_a_key_that_needs_a_decision():
     Invocation.objects.filter(pk=held.pk).update(status=Status.RUNNING, runner=other)
     blocked = jobs.keyed.delay("acme", "b")
     after = jobs.add.delay(2)
-    taken, stopped = statements("default").steps.claim_head(
+    taken, stopped = store("default").steps.claim_head(
         None, 10, fast_tasks=[jobs.add.name, jobs.keyed.name], claim=Claimer(runner, 0, None).claim(start=False))
     assert ([inv.pk for inv in taken], stopped) == ([plain.pk], True)
     assert Invocation.objects.get(pk=blocked.pk).status == Status.REGISTERED
@@ -74,7 +74,7 @@ def test_the_one_statement_claim_stops_at_a_key_that_needs_a_decision():
 @postgres_only
 def test_the_one_statement_claim_leaves_a_task_it_does_not_know_to_the_general_path():
     unknown = InvocationFactory(task_name="tests.jobs.nowhere")
-    taken, stopped = statements("default").steps.claim_head(
+    taken, stopped = store("default").steps.claim_head(
         None, 5, fast_tasks=[jobs.add.name], claim=Claimer(RunnerFactory(), 0, None).claim())
     assert (taken, stopped) == ([], True)
     assert Invocation.objects.get(pk=unknown.pk).status == Status.REGISTERED
@@ -149,7 +149,7 @@ def test_threads_of_one_process_take_turns_to_write_to_sqlite():
     holding, release = threading.Event(), threading.Event()
 
     def hold_the_turn() -> None:
-        with statements("default").writing():
+        with store("default").writing():
             order.append("held")
             holding.set()
             release.wait(5)
@@ -210,8 +210,8 @@ def test_the_owners_of_a_key_are_read_through_their_partial_index_whatever_its_b
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute("ANALYZE")  # SQLite keeps no statistics unless asked: a runner's database has none
-        cursor.execute(connection.ops.explain_query_prefix() + " " + statements("default").owned_slots_sql(),
+        cursor.execute(connection.ops.explain_query_prefix() + " " + store("default").owned_slots_sql(),
                        [first.task_name, first.running_key])
         plan = "\n".join(str(row[-1]) for row in cursor.fetchall())
     assert "keyjobs_one_owner_per_running_key" in plan, plan
-    assert statements("default").owned_slots(first.task_name, first.running_key, lock=False) == {0}
+    assert store("default").owned_slots(first.task_name, first.running_key, lock=False) == {0}
