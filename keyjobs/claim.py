@@ -112,12 +112,8 @@ def _claim_next(claimer: Claimer, *, using: str, start: bool, room: int) -> list
         if head.running_key is None:
             plain = [head]
             for candidate in candidates[1:]:
-                if candidate.running_key is not None:
+                if candidate.running_key is not None or not registry.is_registered(candidate.task_name):
                     break  # keep the queue's order: the rest waits for the next claim
-                try:
-                    registry.get(candidate.task_name)
-                except TaskNotFound:
-                    break
                 plain.append(candidate)
             return _take(plain, claimer, 0, using, start)
         decision = _decide(head, spec.policy, claimer, using)
@@ -264,9 +260,10 @@ def record_and_claim(
     nothing written, to take the general path. NotOwner if the claimer's
     runner does not own the invocation any more.
     """
-    outcome = change(to, values=values, owner_id=None, runner_id=claimer.runner.pk, thread=claimer.thread,
-                     note=note)
-    if invocation.running_key is not None or not outcome.legal_from(Status.RUNNING):
+    if invocation.running_key is not None:
+        return None
+    outcome = change(to, values=values, runner_id=claimer.runner.pk, thread=claimer.thread, note=note)
+    if not outcome.legal_from(Status.RUNNING):
         return None
     steps = store(using).steps
     fast_tasks = admission.fast_tasks()

@@ -43,6 +43,11 @@ def get(name: str) -> "TaskSpec":
     return spec
 
 
+def is_registered(name: str) -> bool:
+    """Return whether this process has a task called ``name``, without trying to import it (a hot-path look)."""
+    return name in _tasks
+
+
 def all_tasks() -> dict[str, "TaskSpec"]:
     """Return a copy of the registry."""
     return dict(_tasks)
