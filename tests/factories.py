@@ -1,6 +1,7 @@
 from datetime import datetime, timedelta
 
 import factory
+from django.utils import timezone
 
 from keyjobs.models import Event, Invocation, Runner
 from keyjobs.status import Status
@@ -74,3 +75,12 @@ def give_runs(now: datetime, count: int = 30) -> None:
         give_run(InvocationFactory(running_key=f'{{"account_id":"a{number}"}}'), runner=runners[number % 3],
                  thread=number % 4, start=start, end=start + timedelta(milliseconds=500))
     give_run(InvocationFactory(), runner=runners[0], thread=0, start=now - timedelta(hours=1))
+
+
+def give_dashboard_load() -> None:
+    """Write 20 finished invocations over 4 tasks, 7 keys and 3 runners, and one waiting: for query-count tests."""
+    runners = [RunnerFactory() for _ in range(3)]
+    for number in range(20):
+        InvocationFactory(task_name=f"tests.jobs.t{number % 4}", running_key=f'{{"account_id":"a{number % 7}"}}',
+                          status=Status.SUCCESS, finished_at=timezone.now(), runner=runners[number % 3])
+    InvocationFactory(status=Status.REGISTERED)

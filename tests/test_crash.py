@@ -42,16 +42,17 @@ def test_a_killed_workers_key_is_recovered_and_its_run_happens_again(worker_proc
     assert Runner.objects.filter(lost=True).count() == 1
 
 
+def chaos_env(**settings: str) -> dict[str, str]:
+    """The environment of the chaos run's worker processes: the test database, and ``settings``."""
+    return {**os.environ, **settings, "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "KEYJOBS_TEST_DB_NAME": connection.settings_dict["NAME"]}
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_chaos_kills_and_a_database_restart_lose_nothing_and_never_overlap_a_key(tmp_path):
-    env = {
-        **os.environ,
-        **FAST_LEASE,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "KEYJOBS_TEST_DB_NAME": connection.settings_dict["NAME"],
-    }
+    env = chaos_env(**FAST_LEASE)
     # Keyed work is serial, so each key's chain (10 x 0.4 s) is a floor on the run's length however
     # fast keyjobs gets: the kills (every second) and the restart (at 2 s) all land before it can end.
     report = run_chaos(env=env, log=tmp_path / "spans.log", keys=24, per_key=10, hold=0.4, workers=3, threads=8,
@@ -69,13 +70,7 @@ def test_chaos_kills_and_a_database_restart_lose_nothing_and_never_overlap_a_key
 def test_database_restarts_while_outcomes_are_recorded_leave_every_invocation_final_by_its_own_runner(tmp_path):
     # No kills, and a lease longer than the restarts: nothing is recovered, so an outcome that
     # its runner did not retry until it landed stays unfinished, and fails this test.
-    env = {
-        **os.environ,
-        "KEYJOBS_HEARTBEAT_INTERVAL": "0.5",
-        "KEYJOBS_LEASE": "60",
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "KEYJOBS_TEST_DB_NAME": connection.settings_dict["NAME"],
-    }
+    env = chaos_env(KEYJOBS_HEARTBEAT_INTERVAL="0.5", KEYJOBS_LEASE="60")
     # Each key's chain (40 x 0.15 s) outlasts both restarts, with every thread busy: outcomes are
     # being recorded all the while.
     report = run_chaos(env=env, log=tmp_path / "spans.log", keys=12, per_key=40, hold=0.15, workers=2, threads=6,

@@ -9,7 +9,7 @@ from django.utils import timezone
 from keyjobs.models import Event, Invocation, Runner
 from keyjobs.monitor.queries import Window, dashboard, key_history, timeline, timeline_events
 from keyjobs.status import Status
-from tests.factories import EventFactory, InvocationFactory, RunnerFactory, give_run, give_runs
+from tests.factories import EventFactory, InvocationFactory, RunnerFactory, give_dashboard_load, give_run, give_runs
 
 pytestmark = pytest.mark.django_db
 
@@ -346,11 +346,7 @@ def test_the_dashboard_names_the_busiest_keys_and_the_oldest_waiting_invocation(
 
 
 def test_the_dashboard_takes_the_same_queries_however_many_invocations(django_assert_num_queries) -> None:
-    runners = [RunnerFactory() for _ in range(3)]
-    for number in range(20):
-        InvocationFactory(task_name=f"tests.jobs.t{number % 4}", running_key=f'{{"account_id":"a{number % 7}"}}',
-                          status=Status.SUCCESS, finished_at=timezone.now(), runner=runners[number % 3])
-    InvocationFactory(status=Status.REGISTERED)
+    give_dashboard_load()  # 20 finished over 4 tasks, 7 keys and 3 runners; one waiting
     # Per task and status; throughput; what runners own; live runners; busiest keys; oldest waiting.
     with django_assert_num_queries(6):
         data = dashboard(now=timezone.now())

@@ -14,7 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from keyjobs.status import Status
-from tests.factories import InvocationFactory, RunnerFactory, give_run, give_runs
+from tests.factories import InvocationFactory, RunnerFactory, give_dashboard_load, give_run, give_runs
 
 pytestmark = pytest.mark.django_db
 
@@ -179,11 +179,7 @@ def test_the_dashboard_page_stays_still_when_nothing_waits(viewer: Client) -> No
 
 
 def test_the_dashboard_takes_a_bounded_number_of_queries(viewer: Client, django_assert_num_queries) -> None:
-    runners = [RunnerFactory() for _ in range(3)]
-    for number in range(20):
-        InvocationFactory(task_name=f"tests.jobs.t{number % 4}", running_key=f'{{"account_id":"a{number % 7}"}}',
-                          status=Status.SUCCESS, finished_at=timezone.now(), runner=runners[number % 3])
-    InvocationFactory(status=Status.REGISTERED)
+    give_dashboard_load()  # 20 finished over 4 tasks, 7 keys and 3 runners; one waiting
     # Session, user, its permissions and its groups'; per task and status; throughput; live runners; what
     # they run; busiest keys; oldest waiting.
     with django_assert_num_queries(10):
