@@ -25,6 +25,7 @@ from tests.test_demo import provider, workers  # noqa: F401
 from tests.waiting import wait_for
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
@@ -85,7 +86,14 @@ def calls_in_row(browser: WebDriver, account: str) -> list[dict[str, str]]:
 def press(browser: WebDriver, account: str, action: str) -> None:
     """Press a button of the account's row and wait for the page the view redirects back to."""
     old = browser.find_element(By.ID, "accounts")
-    browser.find_element(By.CSS_SELECTOR, f"#account-{account} button[value='{action}']").click()
+
+    def click(driver: WebDriver) -> bool:
+        driver.find_element(By.CSS_SELECTOR, f"#account-{account} button[value='{action}']").click()
+        return True
+
+    # The page swaps its live parts in every second: a button found just before a swap is gone by the click,
+    # which then never reached it ("stale", or "does not belong to the document"). Find it again and click.
+    WebDriverWait(browser, 10, ignored_exceptions=(StaleElementReferenceException, WebDriverException)).until(click)
     WebDriverWait(browser, 10).until(staleness_of(old))
     WebDriverWait(browser, 10).until(lambda driver: driver.find_elements(By.ID, "accounts"))
 
