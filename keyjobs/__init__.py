@@ -1,10 +1,13 @@
 """keyjobs: per-key serial task execution for Django, with the database as the coordinator."""
 
 from .concurrency import ConcurrencyControlType, Mode
+from .current import current
 from .declare import Task, task
 from .exceptions import (
     ArgumentError,
+    Cancelled,
     InvalidTransition,
+    InvocationCancelled,
     InvocationDropped,
     InvocationFailed,
     InvocationNotFinished,
@@ -18,8 +21,10 @@ from .status import Status
 
 __all__ = [
     "ArgumentError",
+    "Cancelled",
     "ConcurrencyControlType",
     "InvalidTransition",
+    "InvocationCancelled",
     "InvocationDropped",
     "InvocationFailed",
     "InvocationNotFinished",
@@ -31,5 +36,6 @@ __all__ = [
     "TaskDeclarationError",
     "TaskNotFound",
     "TimeLimitExceeded",
+    "current",
     "task",
 ]

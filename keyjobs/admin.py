@@ -248,11 +248,12 @@ class InvocationAdmin(InvocationModelAdmin):
                               using=conf.DATABASE)
         self._report(request, "Registered again", moved, queryset, "failed or dropped")
 
-    @admin.action(description="Cancel the selected invocations that have not started", permissions=["change"])
+    @admin.action(description="Cancel the selected invocations (waiting ones end, running ones are asked to stop)",
+                  permissions=["change"])
     def cancel(self, request: HttpRequest, queryset: QuerySet[Invocation]) -> None:
         moved = control.cancel(list(queryset.select_related(None).only("pk")), by=request.user.get_username(),
                                using=conf.DATABASE)
-        self._report(request, "Cancelled", moved, queryset, "waiting")
+        self._report(request, "Cancelled", moved, queryset, "waiting or running")
 
     def _report(self, request: HttpRequest, verb: str, moved: list[int], queryset: QuerySet[Invocation] | None,
                 expected: str, selected: int | None = None) -> None:
@@ -285,7 +286,7 @@ class InvocationAdmin(InvocationModelAdmin):
         return self._act_on_one(request, object_id, control.retry, "Registered again", "failed or dropped")
 
     def cancel_one(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        return self._act_on_one(request, object_id, control.cancel, "Cancelled", "waiting")
+        return self._act_on_one(request, object_id, control.cancel, "Cancelled", "waiting or running")
 
     def _act_on_one(self, request: HttpRequest, object_id: str, act: Callable[..., list[int]], verb: str,
                     expected: str) -> HttpResponse:
@@ -310,7 +311,7 @@ class InvocationAdmin(InvocationModelAdmin):
             **(extra_context or {}),
             "can_act": super().has_change_permission(request),
             "retryable": sorted(control.RETRYABLE),
-            "cancellable": sorted(control.CANCELLABLE),
+            "cancellable": sorted(control.CANCELLABLE | control.STOPPABLE),
         }
         return super().change_view(request, object_id, form_url, extra)
 

@@ -8,8 +8,11 @@ key). A decision is one of:
 
 - START in a free slot of the key;
 - PARK until the key frees (REROUTED), for a task that lets blocked work wait;
-- DROP (CONCURRENCY_CONTROLLED_FINAL), for a task that does not;
-- MERGE into a waiting invocation of the same registration key (``register()``).
+- DEFER until its key's rate window has room (``rate_limit``): it stays
+  REGISTERED, not due before that time, holding no thread and no key;
+- DROP (CONCURRENCY_CONTROLLED_FINAL), for a task that does not let blocked work wait;
+- MERGE into a waiting invocation of the same registration key (``register()``),
+  moving its start with ``debounce``.
 
 The partial unique constraints on ``Invocation`` stay the final arbiter: a
 start that races another runner's for the same slot loses at the index.
@@ -21,12 +24,54 @@ SQL only when a bench says it must.
 """
 
 import enum
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from . import registry
 from .concurrency import ConcurrencyControlType, Mode, make_key
+
+#: The units a rate_limit string may count its window in, in seconds.
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*(s|m|h|d)\s*")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """At most ``count`` starts of a key in any window of ``window`` seconds (``rate_limit``)."""
+
+    count: int
+    window: float
+
+    @classmethod
+    def parse(cls, value: object) -> "Rate":
+        """Return the rate ``value`` spells: "100/m", "10/s", "1000/h", "5/10s", or (100, timedelta(minutes=1)).
+
+        ValueError says what is wrong with it.
+        """
+        if isinstance(value, str):
+            found = _RATE.fullmatch(value)
+            if found is None:
+                raise ValueError("must be 'N/s', 'N/m', 'N/h', 'N/d' (or 'N/10s': N per 10 seconds), "
+                                 "or (N, timedelta(...))")
+            count, window = int(found[1]), float(found[2] or 1) * _UNITS[found[3]]
+        elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], timedelta):
+            count, window = value[0], value[1].total_seconds()
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise ValueError("must count whole starts: (N, timedelta(...)) with N an integer")
+        else:
+            raise ValueError("must be a string such as '100/m' or a pair (N, timedelta(...))")
+        if count < 1 or window <= 0:
+            raise ValueError("must allow at least 1 start in a window longer than 0 seconds")
+        return cls(count, window)
+
+    def __str__(self) -> str:
+        for unit, seconds in _UNITS.items():
+            if self.window == seconds:
+                return f"{self.count}/{unit}"
+        return f"{self.count}/{self.window:g}s"
 
 
 @dataclass(frozen=True)
@@ -44,6 +89,12 @@ class Policy:
     #: Blocked work is parked to wait its turn (True; status REROUTED) or dropped (False).
     #: Declared as ``reroute_on_concurrency_control``.
     park_blocked: bool = True
+    #: Starts of one running key in any window (``rate_limit``); None for no limit.
+    rate: Rate | None = None
+    #: A waiting invocation of a registration key starts this many seconds after the last call that merged into it.
+    debounce: float | None = None
+    #: ... but never later than this many seconds after the first of those calls.
+    debounce_max: float | None = None
 
     def keys_for(self, arguments: Mapping[str, Any]) -> tuple[str | None, str | None]:
         """Return the (running, registration) keys of a call's bound arguments."""
@@ -56,6 +107,7 @@ class Verdict(enum.Enum):
     PARK = "park"
     DROP = "drop"
     MERGE = "merge"
+    DEFER = "defer"
 
 
 @dataclass(frozen=True)
@@ -63,6 +115,8 @@ class Decision:
     verdict: Verdict
     #: START: the slot of the key the invocation takes.
     slot: int | None = None
+    #: DEFER: not before this time; MERGE with debounce: the merged invocation's new start.
+    until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +127,8 @@ class KeyState:
     held: Collection[int] = frozenset()
     #: How many due invocations of the key wait ahead of the candidate, in key order (up to the limit).
     ahead: int = 0
+    #: With a rate limit: None if the key's window had room (the start took its token), else when it next has.
+    window_full_until: datetime | None = None
 
 
 def free_slots(policy: Policy, held: Collection[int]) -> list[int]:
@@ -84,27 +140,52 @@ def admit(policy: Policy, key: KeyState) -> Decision:
     """Decide a candidate: START in a free slot if one is left after those ahead of it take theirs; else PARK or DROP.
 
     Work ahead of the candidate in its key goes first: within a key,
-    invocations start in key order (priority, then enqueue order).
+    invocations start in key order (priority, then enqueue order). A key with
+    a free slot but a full rate window (``key.window_full_until``) DEFERs the
+    candidate until the window has room, or DROPs it for a task that does not
+    let blocked work wait. The caller asks about the window only once the
+    slots allow a start: taking the window's token is part of starting.
     """
     free = free_slots(policy, key.held)
-    if len(free) > key.ahead:
-        return Decision(Verdict.START, free[key.ahead])
-    return Decision(Verdict.PARK if policy.park_blocked else Verdict.DROP)
+    if len(free) <= key.ahead:
+        return Decision(Verdict.PARK if policy.park_blocked else Verdict.DROP)
+    if key.window_full_until is not None:
+        return Decision(Verdict.DEFER, until=key.window_full_until) if policy.park_blocked else Decision(Verdict.DROP)
+    return Decision(Verdict.START, free[key.ahead])
 
 
-def register(policy: Policy, waiting: object | None) -> Decision:
-    """Decide a new call of a registration key: MERGE into the invocation already waiting, if any, else START."""
-    return Decision(Verdict.MERGE) if waiting is not None else Decision(Verdict.START)
+def register(policy: Policy, waiting: Any | None, *, now: datetime | None = None) -> Decision:
+    """Decide a new call of a registration key: MERGE into the invocation already waiting, if any, else START.
+
+    With ``debounce``, a merge moves the waiting invocation's start to
+    ``debounce`` seconds after ``now``, but never past ``debounce_max``
+    seconds after it was created (the first of the calls it stands for).
+    """
+    if waiting is None:
+        return Decision(Verdict.START)
+    if policy.debounce is None or now is None:
+        return Decision(Verdict.MERGE)
+    return Decision(Verdict.MERGE, until=debounced_start(policy, first=waiting.created_at, now=now))
+
+
+def debounced_start(policy: Policy, *, first: datetime, now: datetime) -> datetime | None:
+    """Return when a debounced invocation first requested at ``first`` starts, given a request at ``now``."""
+    if policy.debounce is None:
+        return None
+    start = now + timedelta(seconds=policy.debounce)
+    if policy.debounce_max is not None:
+        start = min(start, first + timedelta(seconds=policy.debounce_max))
+    return start
 
 
 #: The policies PostgreSQL's one-statement claim and wake-up implement: one run per key at once
-#: (any scope), parked or dropped when blocked. Anything else takes the general path.
-FAST_PATH = "limit == 1"
+#: (any scope), parked or dropped when blocked, and no rate limit. Anything else takes the general path.
+FAST_PATH = "limit == 1 and rate is None"
 
 
 def in_fast_path(policy: Policy) -> bool:
     """Return whether the one-statement steps implement ``policy`` exactly (see ``FAST_PATH``)."""
-    return policy.limit == 1
+    return policy.limit == 1 and policy.rate is None
 
 
 _fast: tuple[int, list[str]] = (-1, [])

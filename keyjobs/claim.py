@@ -14,19 +14,24 @@ then sees the parked row when it wakes the next one. ``wake_orphans`` (a
 timed duty) is the safety net for a runner that died in between.
 """
 
+import heapq
 import logging
+import threading
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from django.db import IntegrityError, connections, transaction
 from django.db.models import Exists, OuterRef
+from django.utils import timezone
 
 from . import admission, registry
 from .admission import KeyState, Verdict
 from .exceptions import TaskNotFound, dotted_path
-from .models import Invocation, Runner
+from .models import Event, Invocation, Runner
 from .status import HANDED, OWNED, WOKEN, Change, Status, change
 from .store import LockedRow, Woken, store
 from .transitions import apply, apply_locked, moved_rows, row_of
@@ -49,11 +54,64 @@ class Claimer:
     #: Asked when the invocation ends: False once the thread will not go on (its runner stops).
     goes_on: Callable[[], bool] = lambda: True
 
-    def claim(self, *, start: bool = True, slot: int = 0, via: tuple[Status, ...] = ()) -> Change:
-        """Return the change that makes an invocation this thread's (RUNNING with ``start``, else PENDING)."""
+    def claim(self, *, start: bool = True, slot: int = 0, via: tuple[Status, ...] = (),
+              started_at: datetime | None = None) -> Change:
+        """Return the change that makes an invocation this thread's (RUNNING with ``start``, else PENDING).
+
+        ``started_at``: the start's time as its rate window's token recorded it, instead of the clock.
+        """
         path = (*via, Status.PENDING) if start else via
         return change(Status.RUNNING if start else Status.PENDING, via=path, owner_id=self.runner.pk,
-                      thread=self.thread, slot=slot, note=HANDED if via else "")
+                      thread=self.thread, slot=slot, note=HANDED if via else "",
+                      values={"started_at": started_at} if started_at is not None else None)
+
+
+class Releases:
+    """When work this process deferred (a full rate window) becomes due: what the release duty waits for.
+
+    Only a hint, by this process's monotonic clock: the deferred rows carry
+    their time (``run_after``, the database's clock), and every runner's
+    polling finds them anyway; this makes the runner that deferred them look
+    again the moment they are due, instead of at its next poll.
+    """
+
+    def __init__(self) -> None:
+        self._due: list[float] = []
+        self._changed = threading.Condition()
+
+    def note(self, until: datetime) -> None:
+        """Note deferred work due at ``until``."""
+        at = time.monotonic() + max(0.0, (until - timezone.now()).total_seconds())
+        with self._changed:
+            heapq.heappush(self._due, at)
+            self._changed.notify_all()
+
+    def next_in(self) -> float | None:
+        """Return the seconds until the next noted work is due (0 if some is), or None if none is noted."""
+        with self._changed:
+            return max(0.0, self._due[0] - time.monotonic()) if self._due else None
+
+    def take_due(self) -> int:
+        """Forget the noted times that have come; return how many."""
+        now, taken = time.monotonic(), 0
+        with self._changed:
+            while self._due and self._due[0] <= now:
+                heapq.heappop(self._due)
+                taken += 1
+        return taken
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds, or until a time is noted or ``wake()`` is called."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+
+#: This process's deferred work (see ``Releases``).
+releases = Releases()
 
 
 def claim(
@@ -79,19 +137,23 @@ def claim(
         if len(claimed) >= limit:
             break
         with store(using).writing():
-            taken = _claim_next(claimer, using=using, start=start, room=limit - len(claimed))
+            taken = _claim_next(claimer, using=using, start=start, room=limit - len(claimed), first=not claimed)
         if taken is None:
             break
         claimed += taken
     return claimed
 
 
-def _claim_next(claimer: Claimer, *, using: str, start: bool, room: int) -> list[Invocation] | None:
+def _claim_next(
+    claimer: Claimer, *, using: str, start: bool, room: int, first: bool = True
+) -> list[Invocation] | None:
     """Decide the next registered invocations: return those claimed, None if there were none.
 
     Up to ``room`` invocations without a running key at the head of the queue
     are claimed together; one with a running key is decided alone, under its
-    key's owner locks.
+    key's owner locks. A rate-limited invocation is claimed RUNNING, and only
+    as the ``first`` of a claim (else None: the claim stops before it), so
+    that its recorded start, which its rate window counts, is when it runs.
     """
     taken = _claim_head(claimer, using=using, start=start, room=room)
     if taken is not None:
@@ -116,11 +178,22 @@ def _claim_next(claimer: Claimer, *, using: str, start: bool, room: int) -> list
                     break  # keep the queue's order: the rest waits for the next claim
                 plain.append(candidate)
             return _take(plain, claimer, 0, using, start)
-        decision = _decide(head, spec.policy, claimer, using)
+        policy = spec.policy
+        if policy.rate is not None and not first:
+            return None
+        decision, key = _decide(head, policy, claimer, using)
         if decision.verdict is Verdict.START:
             try:
                 with transaction.atomic(using=using):  # a savepoint: losing the race must not end the claim
-                    return _take([head], claimer, decision.slot or 0, using, start)
+                    started_at = None
+                    if policy.rate is not None:
+                        # Part of starting: the token is given back with the savepoint if the start loses its race.
+                        window = store(using).take_start(head.task_name, head.running_key, policy.rate)
+                        decision = admission.admit(policy, replace(key, window_full_until=window.full_until))
+                        started_at = window.taken_at
+                    if decision.verdict is Verdict.START:
+                        return _take([head], claimer, decision.slot or 0, using, start or started_at is not None,
+                                     started_at=started_at)
             except IntegrityError:
                 return []  # another runner took the slot between our look and our claim: the next claim looks again
         # Still under the locks taken on the key's owners: see the module docstring. What is
@@ -130,27 +203,50 @@ def _claim_next(claimer: Claimer, *, using: str, start: bool, room: int) -> list
         if decision.verdict is Verdict.PARK:
             apply_locked(blocked, change(Status.REROUTED, runner_id=claimer.runner.pk,
                                          note="its key was busy: parked until it frees"), using=using)
+        elif decision.verdict is Verdict.DEFER:
+            assert decision.until is not None and policy.rate is not None
+            _defer(blocked, decision.until, f"its key's rate window ({policy.rate}) was full", claimer, using)
         else:
             apply_locked(blocked, change(Status.CONCURRENCY_CONTROLLED_FINAL, runner_id=claimer.runner.pk,
                                          note="its key was busy: dropped"), using=using)
         return []
 
 
-def _decide(candidate: Invocation, policy: admission.Policy, claimer: Claimer, using: str) -> admission.Decision:
-    """Ask admission about ``candidate``, with its key's owners locked (what makes parking safe).
+def _decide(
+    candidate: Invocation, policy: admission.Policy, claimer: Claimer, using: str
+) -> tuple[admission.Decision, KeyState]:
+    """Ask admission about ``candidate``'s slots, with its key's owners locked (what makes parking safe).
 
     Work of its key ahead of it goes first. If that work is parked although
     the key has room (its waker died), it is woken now, in this transaction.
+    Return the decision and the key's state (a rate window is asked about later, when it would start).
     """
     assert candidate.running_key is not None
     db = store(using)
     held = db.owned_slots(candidate.task_name, candidate.running_key, lock=True)
     ahead = db.waiting_in_key_order(candidate.task_name, candidate.running_key, policy.limit, before=candidate)
-    decision = admission.admit(policy, KeyState(held=held, ahead=len(ahead)))
+    key = KeyState(held=held, ahead=len(ahead))
+    decision = admission.admit(policy, key)
     if (decision.verdict is not Verdict.START and admission.free_slots(policy, held)
             and any(row.status == Status.REROUTED for row in ahead)):
         wake_next(candidate.task_name, candidate.running_key, using=using, runner=claimer.runner)
-    return decision
+    return decision, key
+
+
+def _defer(rows: list[LockedRow], until: datetime, why: str, claimer: Claimer, using: str) -> None:
+    """Leave locked registered invocations REGISTERED, not due before ``until``, and record why.
+
+    Not a change of status: a deferred invocation waits in the queue as any
+    invocation given a ``run_after`` does, holding no thread and no key.
+    """
+    ids = [row.id for row in rows]
+    Invocation.objects.using(using).filter(pk__in=ids, status=Status.REGISTERED).update(run_after=until)
+    note = f"{why}: deferred until {until.isoformat(timespec='milliseconds')}"
+    store(using).insert_events([
+        (pk, Event.Kind.DEFERRED, Status.REGISTERED, Status.REGISTERED, claimer.runner.pk, claimer.thread, note)
+        for pk in ids
+    ])
+    releases.note(until)
 
 
 def _claim_head(claimer: Claimer, *, using: str, start: bool, room: int) -> list[Invocation] | None:
@@ -178,8 +274,11 @@ def _claim_head(claimer: Claimer, *, using: str, start: bool, room: int) -> list
     return found.invocations
 
 
-def _take(candidates: list[Invocation], claimer: Claimer, slot: int, using: str, start: bool) -> list[Invocation]:
-    made = claimer.claim(start=start, slot=slot)
+def _take(
+    candidates: list[Invocation], claimer: Claimer, slot: int, using: str, start: bool,
+    started_at: datetime | None = None,
+) -> list[Invocation]:
+    made = claimer.claim(start=start, slot=slot, started_at=started_at)
     moved = set(apply_locked([row_of(c) for c in candidates], made, using=using, only_from={Status.REGISTERED}))
     taken = [c for c in candidates if c.pk in moved]
     for candidate in taken:
@@ -230,6 +329,8 @@ def wake_next(
     handed: Invocation | None = None
     if (
         claimer is not None
+        # A rate-limited start takes its window's token in the claim: no hand-off around it.
+        and policy.rate is None
         and next_up and next_up[0].status == Status.REROUTED
         and (not claimer.queues or parked[0].queue in claimer.queues)
         # Only if it would be next anyway: else it takes its turn in the queue, behind what waits.

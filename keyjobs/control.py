@@ -1,38 +1,58 @@
-"""Changing invocations by hand (the admin's actions), through the same checked transitions as the worker."""
+"""Changing invocations by hand (the admin's actions, ``Invocation.cancel()``), through the same checked transitions as the worker."""
 
 from django.db import transaction
 
 from .claim import wake_next
 from .conf import conf
-from .models import Invocation
-from .status import Status
+from .models import Event, Invocation
+from .status import OWNED, WAITING, Status
+from .store import store
 from .transitions import move
 
 #: What retry() accepts: ended without success.
-RETRYABLE = frozenset({Status.FAILED, Status.CONCURRENCY_CONTROLLED_FINAL})
-#: What cancel() accepts: not started yet.
-CANCELLABLE = frozenset({Status.REGISTERED, Status.REROUTED, Status.RETRY})
+RETRYABLE = frozenset({Status.FAILED, Status.CONCURRENCY_CONTROLLED_FINAL, Status.CANCELLED})
+#: What cancel() ends at once: not started yet (waiting, parked, deferred, or waiting for a retry).
+CANCELLABLE = WAITING
+#: What cancel() asks to stop: owned by a runner. The task reads ``keyjobs.current().cancel_requested``.
+STOPPABLE = OWNED
 
 
 def retry(invocations: list[Invocation], *, by: str = "", using: str | None = None) -> list[int]:
-    """Register FAILED or dropped invocations again; return the ids that moved (others are left alone)."""
+    """Register FAILED, dropped or cancelled invocations again; return the ids that moved (others are left alone)."""
     using = using or conf.DATABASE
     note = f"retried by {by}" if by else "retried by hand"
     return move([inv.pk for inv in invocations], Status.REGISTERED, using=using, only_from=RETRYABLE, note=note,
-                values={"error": "", "traceback": "", "finished_at": None, "run_after": None})
+                values={"error": "", "traceback": "", "finished_at": None, "run_after": None,
+                        "cancel_requested": False})
 
 
 def cancel(invocations: list[Invocation], *, by: str = "", using: str | None = None) -> list[int]:
-    """End not-yet-started invocations as FAILED ("cancelled"); return the ids that moved."""
+    """End waiting invocations CANCELLED and ask running ones to stop; return the ids of both (others are left alone).
+
+    A cancelled invocation that held its key's place wakes the key's next
+    invocation. A running one keeps its key until its run ends: CANCELLED if
+    it stops for the request (an ``async def`` task is stopped outright; a
+    plain one raises ``keyjobs.Cancelled``), else as the run ends.
+    """
     using = using or conf.DATABASE
     reason = f"cancelled by {by}" if by else "cancelled by hand"
+    ids = [inv.pk for inv in invocations]
     with transaction.atomic(using=using):
-        moved = move([inv.pk for inv in invocations], Status.FAILED, using=using, only_from=CANCELLABLE,
-                     note=reason, values={"error": reason.capitalize()})
+        moved = move(ids, Status.CANCELLED, using=using, only_from=CANCELLABLE, note=reason,
+                     values={"error": reason.capitalize()})
         # A cancelled head of a key may have had work parked behind it.
         for task_name, running_key in (
             Invocation.objects.using(using).filter(pk__in=moved, running_key__isnull=False)
             .values_list("task_name", "running_key").distinct()
         ):
             wake_next(task_name, running_key, using=using)
-    return moved
+        running = list(
+            Invocation.objects.using(using).filter(pk__in=ids, status__in=STOPPABLE, cancel_requested=False)
+            .locked().values_list("pk", "status", "runner_id", "runner_thread")
+        )
+        Invocation.objects.using(using).filter(pk__in=[row[0] for row in running]).update(cancel_requested=True)
+        store(using).insert_events([
+            (pk, Event.Kind.CANCEL_REQUESTED, status, status, runner_id, thread, f"{reason}: asked to stop")
+            for pk, status, runner_id, thread in running
+        ])
+    return [*moved, *(row[0] for row in running)]

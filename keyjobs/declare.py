@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import registry
-from .admission import Policy
+from .admission import Policy, Rate
 from .concurrency import ConcurrencyControlType, Mode
 from .exceptions import TaskDeclarationError, dotted_path
 from .spec import Options, TaskSpec
@@ -46,6 +46,9 @@ class Task(Generic[P, R]):
         retry_backoff: float = 1.0,
         retry_backoff_max: float = 300.0,
         timeout: float | None = None,
+        rate_limit: str | tuple[int, timedelta] | None = None,
+        debounce: float | None = None,
+        debounce_max: float | None = None,
     ) -> None:
         where = f"@task on {getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)!s}"
         if not inspect.isfunction(func):
@@ -65,6 +68,8 @@ class Task(Generic[P, R]):
         retries = _check_retries(where, max_retries, retry_for, retry_backoff, retry_backoff_max)
         if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
             raise TaskDeclarationError(f"{where}: timeout={timeout!r} must be a number of seconds above 0, or None")
+        rate = _check_rate(where, rate_limit, running)
+        debounce, debounce_max = _check_debounce(where, debounce, debounce_max, registration)
         if name is None:
             if "<" in func.__qualname__:
                 raise TaskDeclarationError(
@@ -77,7 +82,8 @@ class Task(Generic[P, R]):
             name=name,
             func=func,
             policy=Policy(running=running, registration=registration, key_arguments=keys,
-                          park_blocked=reroute_on_concurrency_control),
+                          park_blocked=reroute_on_concurrency_control, rate=rate, debounce=debounce,
+                          debounce_max=debounce_max),
             default_queue=queue,
             priority=priority,
             max_retries=retries[0], retry_for=retries[1], retry_backoff=retries[2], retry_backoff_max=retries[3],
@@ -123,6 +129,9 @@ class Task(Generic[P, R]):
     timeout = property(lambda self: self.spec.timeout)
     is_async = property(lambda self: self.spec.is_async)
     running_concurrency = property(lambda self: self.spec.policy.running)
+    rate_limit = property(lambda self: self.spec.policy.rate)
+    debounce = property(lambda self: self.spec.policy.debounce)
+    debounce_max = property(lambda self: self.spec.policy.debounce_max)
     registration_concurrency = property(lambda self: self.spec.policy.registration)
     key_arguments = property(lambda self: self.spec.policy.key_arguments)
     reroute_on_concurrency_control = property(lambda self: self.spec.policy.park_blocked)
@@ -175,6 +184,43 @@ def _check_retries(
     return max_retries, kinds, float(backoff), float(backoff_max)  # type: ignore[arg-type]
 
 
+def _check_rate(where: str, rate_limit: object, running: ConcurrencyControlType) -> Rate | None:
+    if rate_limit is None:
+        return None
+    try:
+        rate = Rate.parse(rate_limit)
+    except ValueError as exc:
+        raise TaskDeclarationError(f"{where}: rate_limit={rate_limit!r} {exc}") from None
+    if running == Mode.DISABLED:
+        raise TaskDeclarationError(
+            f"{where}: rate_limit counts the starts of each running key: it needs running_concurrency "
+            "(Mode.TASK for one rate for the whole task)"
+        )
+    return rate
+
+
+def _check_debounce(
+    where: str, debounce: object, debounce_max: object, registration: ConcurrencyControlType
+) -> tuple[float | None, float | None]:
+    for name, value in (("debounce", debounce), ("debounce_max", debounce_max)):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+            raise TaskDeclarationError(f"{where}: {name}={value!r} must be a number of seconds above 0, or None")
+    if debounce is None:
+        if debounce_max is not None:
+            raise TaskDeclarationError(f"{where}: debounce_max={debounce_max!r} has no effect without debounce")
+        return None, None
+    if registration == Mode.DISABLED:
+        raise TaskDeclarationError(
+            f"{where}: debounce merges the calls of a registration key: it needs registration_concurrency "
+            "(e.g. Mode.KEYS with key_arguments)"
+        )
+    if debounce_max is not None and debounce_max < debounce:  # type: ignore[operator]
+        raise TaskDeclarationError(
+            f"{where}: debounce_max={debounce_max!r} must be at least debounce={debounce!r}"
+        )
+    return float(debounce), None if debounce_max is None else float(debounce_max)  # type: ignore[arg-type]
+
+
 def _check_queue(where: str, queue: object) -> str | None:
     if queue is None:
         return None
@@ -211,6 +257,9 @@ def task(
     retry_backoff: float = 1.0,
     retry_backoff_max: float = 300.0,
     timeout: float | None = None,
+    rate_limit: str | tuple[int, timedelta] | None = None,
+    debounce: float | None = None,
+    debounce_max: float | None = None,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 def task(func: Any = None, /, **options: Any) -> Any:
     """Declare a task: ``@task`` or ``@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))``."""

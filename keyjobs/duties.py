@@ -22,7 +22,7 @@ from django.db import close_old_connections
 from django.db.models.functions import Now
 
 from . import faults
-from .claim import promote_due_retries, wake_orphans
+from .claim import promote_due_retries, releases, wake_orphans
 from .conf import conf
 from .models import Event, Runner
 from .recovery import recover_lost_runners
@@ -93,6 +93,17 @@ def flag_overdue(worker: "Worker") -> int:
     return 0
 
 
+def release_deferred(worker: "Worker") -> int:
+    """Wake the pool when work this process deferred (its key's rate window was full) becomes due."""
+    return releases.take_due()
+
+
+def until_release(worker: "Worker") -> float:
+    """Until the next deferred work is due; else as often as an idle runner looks for work anyway."""
+    due = releases.next_in()
+    return worker.poll_interval if due is None else due
+
+
 def every_heartbeat(worker: "Worker") -> float:
     return conf.HEARTBEAT_INTERVAL
 
@@ -110,6 +121,8 @@ def duties_of(worker: "Worker") -> list[Duty]:
         # As often as an idle runner looks for work: a retry is work like any other.
         Duty("promote due retries", every_poll, promote_retries),
         Duty("flag overdue runs", every_heartbeat, flag_overdue),
+        # The moment a full rate window has room again (``Duties.wait`` wakes when a deferral is noted).
+        Duty("release deferred work", until_release, release_deferred),
     ]
 
 
@@ -119,6 +132,10 @@ class Duties:
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
         self.duties = duties_of(worker)
+
+    def wait(self) -> None:
+        """Sleep until the next duty is due, or until this process defers work (a duty's interval shortens)."""
+        releases.wait(self.tick())
 
     def tick(self) -> float:
         """Return how long the duty thread may sleep before the next duty is due."""

@@ -63,18 +63,34 @@ def enqueue(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -
 
 
 def _register(invocation: Invocation, policy: admission.Policy) -> Invocation:
-    """Insert a built invocation, or return the waiting one its registration key already has."""
+    """Insert a built invocation, or merge it into the waiting one its registration key already has.
+
+    The waiting one is locked for the merge: a runner's claim skips a locked
+    row, so it cannot start before the caller's transaction commits, and the
+    run sees whatever the caller wrote with its delay(). With ``debounce`` a
+    merge also gives it this call's arguments (the latest call wins) and moves
+    its start (``admission.register``).
+    """
     using = conf.DATABASE
+    if policy.debounce is not None:
+        now = timezone.now()
+        start = admission.debounced_start(policy, first=now, now=now)
+        invocation.run_after = start if invocation.run_after is None else max(invocation.run_after, start)  # type: ignore[type-var]
     for _ in range(_REGISTRATION_ATTEMPTS):
         with transaction.atomic(using=using):
             existing = (
                 Invocation.objects.using(using)
                 .waiting()
                 .filter(task_name=invocation.task_name, registration_key=invocation.registration_key)
+                .locked()
                 .first()
             )
-            if existing is not None and admission.register(policy, existing).verdict is Verdict.MERGE:
-                record(existing, Event.Kind.REUSED, using=using)
+            decision = admission.register(policy, existing, now=timezone.now())
+            if existing is not None and decision.verdict is Verdict.MERGE:
+                if decision.until is not None and not _debounce(existing, invocation, decision.until, using):
+                    continue  # it left the waiting states before the lock (a database without row locks)
+                if decision.until is None:
+                    record(existing, Event.Kind.REUSED, using=using)
                 existing.reused = True
                 return existing
             try:
@@ -87,6 +103,23 @@ def _register(invocation: Invocation, policy: admission.Policy) -> Invocation:
         f"{invocation.task_name}.delay(): could not register or reuse an invocation of key "
         f"{invocation.registration_key} after {_REGISTRATION_ATTEMPTS} attempts"
     )
+
+
+def _debounce(existing: Invocation, call: Invocation, until: datetime, using: str) -> bool:
+    """Merge ``call`` into the waiting, locked invocation ``existing``: its arguments, its start at ``until``.
+
+    Return False if ``existing`` is not waiting any more. The update checks
+    that itself, for a database without row locks (SQLite), where a claim
+    may have come between the look and this write.
+    """
+    merged = {"args": call.args, "kwargs": call.kwargs, "running_key": call.running_key, "run_after": until}
+    if not Invocation.objects.using(using).waiting().filter(pk=existing.pk).update(**merged):
+        return False
+    for name, value in merged.items():
+        setattr(existing, name, value)
+    record(existing, Event.Kind.DEBOUNCED, using=using,
+           note=f"merged a later call: its arguments, and its start at {until.isoformat(timespec='milliseconds')}")
+    return True
 
 
 def enqueue_many(options: "Options", calls: Iterable[Any]) -> list[Invocation]:

@@ -59,3 +59,11 @@ class InvocationNotFinished(ResultUnavailable):
 
 class TimeLimitExceeded(KeyjobsError, TimeoutError):
     """A run took longer than its task's ``timeout``."""
+
+
+class InvocationCancelled(ResultUnavailable):
+    """The invocation ended CANCELLED: cancelled before it started, or stopped while it ran."""
+
+
+class Cancelled(KeyjobsError):
+    """Raise it in a running task whose cancel was requested (``keyjobs.current().cancel_requested``): it ends CANCELLED."""

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
 from . import faults, registry, signals, values
 from .claim import Claimer, record_and_claim, wake_next
-from .exceptions import ArgumentError, KeyjobsError, NotOwner, TimeLimitExceeded, dotted_path
+from .current import running
+from .exceptions import ArgumentError, Cancelled, KeyjobsError, NotOwner, TimeLimitExceeded, dotted_path
 from .models import Invocation, Runner
 from .spec import TaskSpec
 from .status import Status
@@ -33,6 +34,9 @@ from .transitions import move
 logger = logging.getLogger("keyjobs.worker")
 
 T = TypeVar("T")
+
+#: Seconds between an async run's looks at whether its cancel was requested.
+CANCEL_POLL = 0.2
 
 
 @dataclass
@@ -65,16 +69,22 @@ def call(invocation: Invocation) -> Outcome:
         task = registry.get(invocation.task_name)
         _check_stored_call(invocation)
         signals.invocation_started.send(sender=task, invocation=invocation)
-        if task.is_async:
-            value = async_to_sync(_call_async)(task, invocation)
-        else:
-            value = task.func(*invocation.args, **invocation.kwargs)
+        token = running.set(invocation)
+        try:
+            if task.is_async:
+                value = async_to_sync(_call_async)(task, invocation)
+            else:
+                value = task.func(*invocation.args, **invocation.kwargs)
+        finally:
+            running.reset(token)
         elapsed = time.monotonic() - began
         if task.timeout is not None and elapsed > task.timeout:
             raise TimeLimitExceeded(f"ran {elapsed:.1f}s, over its time limit of {task.timeout:g}s")
         values.check_result(value, where=invocation.task_name)
     except Exception as exc:
         failure = _failure(exc, traceback.format_exc())
+        if isinstance(exc, Cancelled):
+            return Outcome(Status.CANCELLED, failure, "stopped for a cancel request")
         if task is not None and isinstance(exc, task.retry_for) and invocation.attempts <= task.max_retries:
             delay = task.retry_delay(invocation.attempts)
             failure["run_after"] = timezone.now() + timedelta(seconds=delay)
@@ -94,11 +104,34 @@ def _check_stored_call(invocation: Invocation) -> None:
 
 
 async def _call_async(task: TaskSpec, invocation: Invocation) -> Any:
-    # A coroutine can really be stopped at its time limit, unlike a thread.
+    # A coroutine can really be stopped, unlike a thread: at its time limit, and when its cancel is requested.
+    run = asyncio.ensure_future(asyncio.wait_for(task.func(*invocation.args, **invocation.kwargs), task.timeout))
+    watch = asyncio.ensure_future(_stop_when_cancelled(invocation, run))
     try:
-        return await asyncio.wait_for(task.func(*invocation.args, **invocation.kwargs), task.timeout)
+        return await run
     except TimeoutError:
         raise TimeLimitExceeded(f"cancelled at its time limit of {task.timeout:g}s") from None
+    except asyncio.CancelledError:
+        if watch.done() and not watch.cancelled() and watch.result():
+            raise Cancelled("cancelled while it ran: the coroutine was stopped") from None
+        raise
+    finally:
+        watch.cancel()
+
+
+async def _stop_when_cancelled(invocation: Invocation, run: "asyncio.Future[Any]") -> bool:
+    """Cancel ``run`` once ``invocation``'s cancel is requested; return True if it did."""
+    requested = sync_to_async(_cancel_requested)
+    while not run.done():
+        await asyncio.sleep(CANCEL_POLL)
+        if await requested(invocation):
+            run.cancel()
+            return True
+    return False
+
+
+def _cancel_requested(invocation: Invocation) -> bool:
+    return Invocation.objects.using(invocation._state.db).filter(pk=invocation.pk, cancel_requested=True).exists()
 
 
 def _failure(exc: BaseException, formatted: str) -> dict[str, Any]:

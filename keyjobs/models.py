@@ -17,7 +17,7 @@ from django.utils.translation import gettext_lazy as _
 
 from .concurrency import key_label
 from .conf import conf
-from .exceptions import InvocationDropped, InvocationFailed, InvocationNotFinished
+from .exceptions import InvocationCancelled, InvocationDropped, InvocationFailed, InvocationNotFinished
 from .status import FINAL, OWNED, WAITING, Status
 
 
@@ -80,6 +80,9 @@ class Invocation(models.Model):
     run_after = models.DateTimeField(null=True, blank=True, help_text=_("Not claimed before this time."))
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested = models.BooleanField(
+        default=False, help_text=_("cancel() was asked while it was owned: the task reads it, an async one is stopped."),
+    )
 
     objects = InvocationQuerySet.as_manager()
 
@@ -146,7 +149,21 @@ class Invocation(models.Model):
             raise InvocationDropped(
                 f"invocation #{self.pk} of {self.task_name} was dropped by concurrency control and never ran"
             )
+        if self.status == Status.CANCELLED:
+            raise InvocationCancelled(f"invocation #{self.pk} of {self.task_name} was cancelled: {self.error}")
         raise InvocationNotFinished(f"invocation #{self.pk} of {self.task_name} is {self.status}, not finished")
+
+    def cancel(self, *, by: str = "") -> bool:
+        """Cancel it: a waiting invocation ends CANCELLED; a running one is asked to stop. Return whether either applied.
+
+        A running task reads the request as ``keyjobs.current().cancel_requested``;
+        an ``async def`` task is stopped outright. The key's next invocation is woken.
+        """
+        from .control import cancel
+
+        done = bool(cancel([self], by=by, using=self._state.db))
+        self.refresh_from_db(fields=["status", "cancel_requested", "error", "finished_at"])
+        return done
 
     def wait(self, timeout: float | None = None, *, interval: float = 0.02) -> str:
         """Block until the invocation is final and return its status; TimeoutError past ``timeout`` seconds."""
@@ -172,6 +189,12 @@ class Event(models.Model):
         REUSED = "REUSED", _("Reused by a duplicate delay()")
         # It ran past its time limit; its key stays held until the run really stops.
         OVERDUE = "OVERDUE", _("Past its time limit")
+        # Its key's rate window was full when it came up: its start waits until the window has room.
+        DEFERRED = "DEFERRED", _("Deferred by its rate limit")
+        # A later delay() of its key merged into it (debounce): it takes that call's arguments, its start moves.
+        DEBOUNCED = "DEBOUNCED", _("Merged by debounce")
+        # cancel() was asked while it was owned: the running task is asked to stop.
+        CANCEL_REQUESTED = "CANCEL_REQUESTED", _("Cancel requested")
 
     invocation = models.ForeignKey(Invocation, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.TRANSITION)
@@ -188,6 +211,31 @@ class Event(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.invocation_id}: {self.from_status or '-'} -> {self.to_status}"
+
+
+class RateToken(models.Model):
+    """One of the ``N`` starts a rate-limited key may make in any window: when it was last used.
+
+    A start takes a token whose last use is at least a window ago, with a
+    conditional UPDATE: two runners racing for one token are serialized by its
+    row, and the loser's UPDATE matches nothing. ``N`` tokens per key are thus
+    at most ``N`` starts in any window, whichever runner makes them.
+    """
+
+    task_name = models.CharField(max_length=200)
+    running_key = models.CharField(max_length=255)
+    #: 0 to N - 1; tokens of a larger number (a limit since lowered) are never taken.
+    number = models.PositiveIntegerField()
+    #: When a start last took it (the start's ``started_at``); never used yet when NULL.
+    used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["task_name", "running_key", "number"], name="keyjobs_one_token_per_number"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}({key_label(self.running_key)}) token {self.number}"
 
 
 class RunnerQuerySet(models.QuerySet["Runner"]):

@@ -35,6 +35,9 @@ class Status(models.TextChoices):
     RETRY = "RETRY", _("Retry")
     # Ended without running: blocked by concurrency control on a task that drops blocked work.
     CONCURRENCY_CONTROLLED_FINAL = "CONCURRENCY_CONTROLLED_FINAL", _("Dropped by concurrency control")
+    # Ended by cancel(): before it started, or while it ran (an async task stopped, or a task that
+    # saw keyjobs.current().cancel_requested and raised keyjobs.Cancelled).
+    CANCELLED = "CANCELLED", _("Cancelled")
 
 
 #: Waiting to be picked up: the states the registration guard counts.
@@ -42,7 +45,7 @@ WAITING = frozenset({Status.REGISTERED, Status.REROUTED, Status.RETRY})
 #: Owned by a runner: the states the running guard counts.
 OWNED = frozenset({Status.PENDING, Status.RUNNING})
 #: Nothing will change these any more.
-FINAL = frozenset({Status.SUCCESS, Status.FAILED, Status.CONCURRENCY_CONTROLLED_FINAL})
+FINAL = frozenset({Status.SUCCESS, Status.FAILED, Status.CONCURRENCY_CONTROLLED_FINAL, Status.CANCELLED})
 
 #: Every legal change of status. Anything else is an InvalidTransition.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
@@ -51,13 +54,14 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
             Status.PENDING,  # claimed
             Status.REROUTED,  # its key was busy: parked
             Status.CONCURRENCY_CONTROLLED_FINAL,  # its key was busy: dropped
-            Status.FAILED,  # its task cannot be found, or cancelled
+            Status.FAILED,  # its task cannot be found
+            Status.CANCELLED,  # cancelled before it started
         }
     ),
     Status.REROUTED: frozenset(
         {
             Status.REGISTERED,  # its key freed: its turn has come
-            Status.FAILED,  # cancelled
+            Status.CANCELLED,  # cancelled while parked
         }
     ),
     Status.PENDING: frozenset(
@@ -73,12 +77,14 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
             Status.FAILED,
             Status.RETRY,
             Status.REGISTERED,  # recovered from a runner that died while running it
+            Status.CANCELLED,  # cancelled while it ran, and it stopped
         }
     ),
-    Status.RETRY: frozenset({Status.REGISTERED, Status.FAILED}),
+    Status.RETRY: frozenset({Status.REGISTERED, Status.FAILED, Status.CANCELLED}),
     Status.SUCCESS: frozenset(),
     Status.FAILED: frozenset({Status.REGISTERED}),  # retried by hand from the admin
     Status.CONCURRENCY_CONTROLLED_FINAL: frozenset({Status.REGISTERED}),  # retried by hand
+    Status.CANCELLED: frozenset({Status.REGISTERED}),  # retried by hand
 }
 
 
@@ -94,6 +100,7 @@ STAMPS: dict[Status, str] = {
     Status.SUCCESS: "finished_at",
     Status.FAILED: "finished_at",
     Status.CONCURRENCY_CONTROLLED_FINAL: "finished_at",
+    Status.CANCELLED: "finished_at",
 }
 
 #: What entering RUNNING adds to the attempts, and the database's clock: one object each, shared by every

@@ -17,7 +17,7 @@ from django.db import DatabaseError, close_old_connections, connections
 from django.db.models.functions import Now
 
 from . import faults, registry
-from .claim import Claimer, claim
+from .claim import Claimer, claim, releases
 from .conf import conf
 from .duties import Duties
 from .exceptions import TaskNotFound, dotted_path
@@ -120,7 +120,9 @@ class Worker:
                     thread.join(0.2)
         finally:
             self._stopped.set()
-            housekeeping.join()
+            while housekeeping.is_alive():  # it may sleep on this process's deferrals: wake it until it sees the stop
+                releases.wake()
+                housekeeping.join(0.05)
             if listener is not None:
                 listener.join(2)
             if not self.lost:
@@ -308,7 +310,8 @@ class Worker:
             status=Status.REGISTERED).due()
         if self.queues:
             left = left.filter(queue__in=self.queues)
-        return left.exists()
+        # Work this process deferred (a full rate window) is work at hand too, though not due yet.
+        return releases.next_in() is not None or left.exists()
 
     def _holds_lease(self) -> bool:
         return time.monotonic() - self._renewed < self.lease
@@ -325,7 +328,10 @@ class Worker:
         """Run the timed duties (``keyjobs.duties``) until the runner stops; wake the pool for what they freed."""
         assert self.runner is not None
         duties = Duties(self)
-        while not self._stopped.wait(duties.tick()):
+        while not self._stopped.is_set():
+            duties.wait()
+            if self._stopped.is_set():
+                break
             if duties.run_due():
                 with self._work:
                     self._work.notify_all()

@@ -2,8 +2,11 @@
 
 import os
 import time
+from datetime import timedelta
 
-from keyjobs import Mode, task
+from keyjobs import Cancelled, Mode, current, registry, task
+from keyjobs.admission import Policy, Rate
+from keyjobs.spec import TaskSpec
 
 
 @task
@@ -132,3 +135,63 @@ def record_span(account_id: str, number: int, hold: float, log: str) -> None:
     time.sleep(hold)
     with open(log, "a", buffering=1) as out:
         out.write(f"E {account_id} {number} {time.time():.6f} {os.getpid()}\n")
+
+
+def _log_start(log: str, account_id: str, number: int) -> None:
+    if log:
+        with open(log, "a", buffering=1) as out:
+            out.write(f"{account_id} {number} {time.time():.6f} {os.getpid()}\n")
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), rate_limit=(3, timedelta(seconds=1)))
+def rated(account_id: str, number: int, log: str = "") -> None:
+    """At most 3 starts per account in any second; logs its start to ``log``."""
+    _log_start(log, account_id, number)
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), rate_limit="2/m",
+      reroute_on_concurrency_control=False)
+def rated_drop(account_id: str, number: int) -> int:
+    return number
+
+
+def _rated_wide(account_id: str, number: int, log: str = "") -> None:
+    _log_start(log, account_id, number)
+    time.sleep(0.05)
+
+
+#: Four runs of an account at once, but at most 3 starts of it in any second: only the rate window holds
+#: two racing workers back. (A TaskSpec built by hand: the policy's limit is what running_limit declares.)
+rated_wide = TaskSpec(
+    name="tests.jobs.rated_wide", func=_rated_wide,
+    policy=Policy(running=Mode.KEYS, key_arguments=("account_id",), limit=4, rate=Rate(3, 1.0)),
+)
+registry.register(rated_wide)
+
+
+@task(registration_concurrency=Mode.KEYS, key_arguments=("account_id",), debounce=0.3, debounce_max=1.0)
+def debounced(account_id: str, reason: str) -> str:
+    return reason
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
+def stoppable(account_id: str, marker: str, seconds: float = 30.0, obey: bool = True) -> str:
+    """Run until ``seconds`` pass or, with ``obey``, until its cancel is requested."""
+    open(marker + ".started", "w").close()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if current().cancel_requested:
+            if obey:
+                raise Cancelled("stopped as asked")
+            return "asked, but finished anyway"
+        time.sleep(0.02)
+    return "finished"
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
+async def stoppable_async(account_id: str, marker: str, seconds: float = 30.0) -> str:
+    import asyncio
+
+    open(marker + ".started", "w").close()
+    await asyncio.sleep(seconds)
+    return "finished"

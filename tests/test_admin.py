@@ -299,17 +299,22 @@ def test_retry_registers_failed_and_dropped_invocations_again_and_leaves_the_res
     assert any("1 invocation(s) left alone" in message for message in messages_of(response))
 
 
-def test_cancel_ends_waiting_invocations_and_leaves_running_ones(operator: Client) -> None:
+def test_cancel_ends_waiting_invocations_cancelled_and_asks_running_ones_to_stop(operator: Client) -> None:
     waiting = InvocationFactory(status=Status.REGISTERED)
     parked = InvocationFactory(status=Status.REROUTED)
     running = give_run(InvocationFactory(), runner=RunnerFactory(), thread=0, start=timezone.now())
+    done = InvocationFactory(status=Status.SUCCESS)
 
-    act(operator, "cancel", waiting, parked, running)
+    response = act(operator, "cancel", waiting, parked, running, done)
 
-    assert {inv.pk: inv.status for inv in Invocation.objects.all()} == {
-        waiting.pk: Status.FAILED, parked.pk: Status.FAILED, running.pk: Status.RUNNING,
+    assert {inv.pk: (inv.status, inv.cancel_requested) for inv in Invocation.objects.all()} == {
+        waiting.pk: (Status.CANCELLED, False), parked.pk: (Status.CANCELLED, False),
+        running.pk: (Status.RUNNING, True), done.pk: (Status.SUCCESS, False),
     }
     assert Invocation.objects.get(pk=waiting.pk).error == "Cancelled by operator"
+    assert Event.objects.get(invocation=running, kind=Event.Kind.CANCEL_REQUESTED).note == (
+        "cancelled by operator: asked to stop")
+    assert any("1 invocation(s) left alone" in message for message in messages_of(response))
 
 
 def test_cancelling_the_head_of_a_key_wakes_the_invocation_parked_behind_it(operator: Client) -> None:
@@ -372,7 +377,7 @@ def test_retrying_one_invocation_from_its_page_needs_post(operator: Client) -> N
 def test_cancelling_one_invocation_from_its_page(operator: Client) -> None:
     waiting = InvocationFactory(status=Status.REGISTERED)
     operator.post(reverse("admin:keyjobs_invocation_cancel", args=[waiting.pk]))
-    assert Invocation.objects.get().status == Status.FAILED
+    assert Invocation.objects.get().status == Status.CANCELLED
 
 
 def test_retrying_one_invocation_needs_the_change_permission(viewer: Client) -> None:

@@ -31,7 +31,7 @@ XSS = '<script>alert("x")</script>'
 
 def test_every_status_every_marker_and_every_runner_state_has_a_colour() -> None:
     assert set(STATUS_COLOURS) == set(Status.values)
-    assert set(MARKER_COLOURS) == {"rerouted", "dropped", "reused"}
+    assert set(MARKER_COLOURS) == {"rerouted", "dropped", "reused", "debounced", "cancelled"}
     assert set(RUNNER_COLOURS) == set(Runner.State.values)
 
 

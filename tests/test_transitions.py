@@ -16,7 +16,7 @@ def test_every_status_has_its_transitions_listed():
 
 
 def test_only_finished_work_is_final_and_success_is_terminal():
-    assert FINAL == {S.SUCCESS, S.FAILED, S.CONCURRENCY_CONTROLLED_FINAL}
+    assert FINAL == {S.SUCCESS, S.FAILED, S.CONCURRENCY_CONTROLLED_FINAL, S.CANCELLED}
     assert TRANSITIONS[S.SUCCESS] == frozenset()
 
 

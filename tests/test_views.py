@@ -207,6 +207,7 @@ def test_the_key_view_takes_a_bounded_number_of_queries(viewer: Client, django_a
     runner = RunnerFactory()
     for status in [Status.SUCCESS] * 5 + [Status.REGISTERED, Status.CONCURRENCY_CONTROLLED_FINAL]:
         InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME, status=status, runner=runner)
-    # Session, user, its permissions and its groups'; running, waiting, ran, dropped.
-    with django_assert_num_queries(8):
+    # Session, user, its permissions and its groups'; running, waiting, ran, dropped, deferred
+    # (and, for a rate-limited task, its window).
+    with django_assert_num_queries(9):
         assert viewer.get(key_url("tests.jobs.keyed", ACME)).status_code == 200

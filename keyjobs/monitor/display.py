@@ -27,12 +27,15 @@ STATUS_COLOURS: dict[str, str] = {
     Status.FAILED: "#c9302c",
     Status.RETRY: "#e8710a",
     Status.CONCURRENCY_CONTROLLED_FINAL: "#7b3fa0",
+    Status.CANCELLED: "#495057",
 }
-#: The colours of the timeline's markers: a parked, a dropped and a deduplicated invocation.
+#: The colours of the timeline's markers: a parked, a dropped, a deduplicated, a debounced and a cancelled invocation.
 MARKER_COLOURS = {
     "rerouted": STATUS_COLOURS[Status.REROUTED],
     "dropped": STATUS_COLOURS[Status.CONCURRENCY_CONTROLLED_FINAL],
     "reused": "#0b7285",
+    "debounced": "#0ca678",
+    "cancelled": STATUS_COLOURS[Status.CANCELLED],
 }
 #: One colour per runner state.
 RUNNER_COLOURS: dict[str, str] = {

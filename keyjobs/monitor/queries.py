@@ -7,19 +7,20 @@ rows; tests pin how many queries each one takes. Whether a runner is alive is
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypedDict, TypeVar
 
 from django.db import connections
 from django.db.models import Count, Q, QuerySet
-from django.db.models.functions import Coalesce, TruncMinute
+from django.db.models.functions import Coalesce, Now, TruncMinute
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from .. import registry
 from ..concurrency import key_label
 from ..conf import conf
-from ..models import Event, Invocation, Runner
+from ..models import Event, Invocation, RateToken, Runner
 from ..status import OWNED, WAITING, Status
 from .display import epoch_ms, runner_label, short_task
 
@@ -108,7 +109,7 @@ class Run(TypedDict):
 
 
 class Marker(TypedDict):
-    """A moment: an invocation parked (``rerouted``), ``dropped`` or deduplicated (``reused``)."""
+    """A moment: an invocation parked (``rerouted``), ``dropped``, deduplicated (``reused``), ``debounced`` or ``cancelled``."""
 
     id: int
     at: int
@@ -158,9 +159,9 @@ def timeline_events(window: Window, *, task: str = "", key: str = "", using: str
         & (
             Q(to_status=Status.RUNNING)
             | Q(from_status=Status.RUNNING)
-            | Q(to_status__in=[Status.REROUTED, Status.CONCURRENCY_CONTROLLED_FINAL])
+            | Q(to_status__in=[Status.REROUTED, Status.CONCURRENCY_CONTROLLED_FINAL, Status.CANCELLED])
         )
-        | Q(kind=Event.Kind.REUSED)
+        | Q(kind__in=[Event.Kind.REUSED, Event.Kind.DEBOUNCED])
     )
     if task:
         events = events.filter(invocation__task_name=task)
@@ -187,7 +188,8 @@ def timeline(
     A run is a RUNNING event paired with the next status change of its
     invocation, whose ``to_status`` colours the bar; a run with no end yet is
     running. Markers are the parked (REROUTED), dropped
-    (CONCURRENCY_CONTROLLED_FINAL) and deduplicated (REUSED) moments. Runs
+    (CONCURRENCY_CONTROLLED_FINAL), deduplicated (REUSED), debounced
+    (DEBOUNCED) and cancelled-before-running (CANCELLED) moments. Runs
     and markers name their lanes by index: ``thread_lane`` into
     ``lanes["thread"]`` (runner and thread), ``key_lane`` into
     ``lanes["key"]`` (task and key).
@@ -220,7 +222,8 @@ def timeline(
     def thread_lane(runner_id: int | None, thread: int | None) -> int:
         return thread_index.setdefault((runner_id, thread), len(thread_index))
 
-    running, reused, rerouted = Status.RUNNING, Event.Kind.REUSED, Status.REROUTED
+    running, rerouted, cancelled = Status.RUNNING, Status.REROUTED, Status.CANCELLED
+    merges = {Event.Kind.REUSED: "reused", Event.Kind.DEBOUNCED: "debounced"}
     database_zone = connections[using].timezone
     for (_, pk, kind, from_status, to_status, at, runner_id, thread,
          task_name, running_key, registration_key) in rows:
@@ -232,10 +235,11 @@ def timeline(
         lane = key_index.get(lane_key)
         if lane is None:
             lane = key_lane(task_name, lane_key[1], moment)
-        if kind == reused or (to_status != running and from_status != running):
+        if kind in merges or (to_status != running and from_status != running):
             markers.append({
                 "id": pk, "at": moment, "key_lane": lane,
-                "kind": "reused" if kind == reused else "rerouted" if to_status == rerouted else "dropped",
+                "kind": merges.get(kind) or ("rerouted" if to_status == rerouted else
+                                             "cancelled" if to_status == cancelled else "dropped"),
             })
             continue
         if to_status == running:
@@ -465,23 +469,40 @@ def dashboard(*, now: datetime, using: str | None = None) -> Dashboard:
 
 
 @dataclass(frozen=True)
+class RateWindow:
+    """A rate-limited key's window as it is now: its limit, and the starts it counts."""
+
+    #: As declared, e.g. "20/s".
+    limit: str
+    #: Starts the window counts now (at most the limit's count).
+    starts: int
+    count: int
+    window: float
+
+
+@dataclass(frozen=True)
 class KeyHistory:
     """What ran, runs, waits and was dropped for one (task, key)."""
 
     running: list[Invocation]
     #: In the order in which the key will take them.
     waiting: list[Invocation]
-    #: Succeeded or failed, newest first, at most ``limit``.
+    #: Succeeded, failed or cancelled, newest first, at most ``limit``.
     ran: list[Invocation]
     #: Dropped by concurrency control, newest first, at most ``limit``.
     dropped: list[Invocation]
     limit: int = KEY_HISTORY
+    #: Waiting, not due yet (a full rate window, a debounce, a later run_after), by when they may start.
+    deferred: list[Invocation] = field(default_factory=list)
+    #: The key's rate window, if its task (as this process knows it) has a rate limit.
+    rate: RateWindow | None = None
 
 
 def key_history(task_name: str, key: str, *, using: str | None = None) -> KeyHistory:
     """Return the history of one (task, key); ``key`` is the stored key, running or registration."""
+    using = using or conf.DATABASE
     of_key = (
-        Invocation.objects.using(using or conf.DATABASE)
+        Invocation.objects.using(using)
         .filter(task_name=task_name)
         .filter(Q(running_key=key) | Q(registration_key=key))
         .select_related("runner")
@@ -489,6 +510,23 @@ def key_history(task_name: str, key: str, *, using: str | None = None) -> KeyHis
     return KeyHistory(
         running=list(of_key.owned().order_by("pk")),
         waiting=list(of_key.waiting().order_by("-priority", "pk")),
-        ran=list(of_key.filter(status__in=[Status.SUCCESS, Status.FAILED]).order_by("-pk")[:KEY_HISTORY]),
+        ran=list(of_key.filter(status__in=[Status.SUCCESS, Status.FAILED, Status.CANCELLED])
+                 .order_by("-pk")[:KEY_HISTORY]),
         dropped=list(of_key.filter(status=Status.CONCURRENCY_CONTROLLED_FINAL).order_by("-pk")[:KEY_HISTORY]),
+        deferred=list(of_key.waiting().filter(run_after__gt=Now()).order_by("run_after", "pk")),
+        rate=rate_window(task_name, key, using=using),
     )
+
+
+def rate_window(task_name: str, key: str, *, using: str) -> RateWindow | None:
+    """Return the key's rate window now: the starts its tokens count within the last window."""
+    try:
+        rate = registry.get(task_name).policy.rate
+    except LookupError:
+        return None
+    if rate is None:
+        return None
+    starts = RateToken.objects.using(using).filter(
+        task_name=task_name, running_key=key, number__lt=rate.count,
+        used_at__gt=Now() - timedelta(seconds=rate.window)).count()
+    return RateWindow(str(rate), starts, rate.count, rate.window)

@@ -111,10 +111,12 @@ class MonitorViews:
             to_value=("" if window.follows_now else timezone.localtime(window.end).strftime("%Y-%m-%dT%H:%M")),
             status_legend=[(label, STATUS_COLOURS[status]) for status, label in Status.choices
                            if status in (Status.SUCCESS, Status.FAILED, Status.RETRY, Status.RUNNING,
-                                         Status.REGISTERED)],
+                                         Status.REGISTERED, Status.CANCELLED)],
             marker_legend=[("parked (rerouted)", MARKER_COLOURS["rerouted"], "▼"),
                            ("dropped", MARKER_COLOURS["dropped"], "✕"),
-                           ("deduplicated (reused)", MARKER_COLOURS["reused"], "◆")],
+                           ("deduplicated (reused)", MARKER_COLOURS["reused"], "◆"),
+                           ("debounced (merged)", MARKER_COLOURS["debounced"], "◆"),
+                           ("cancelled", MARKER_COLOURS["cancelled"], "■")],
         )
         return TemplateResponse(request, "keyjobs/timeline.html", context)
 
@@ -171,6 +173,9 @@ class MonitorViews:
             request, f"{short_task(task)} · {label_of(key)}",
             running=rows(history.running), waiting=rows(history.waiting), ran=rows(history.ran),
             dropped=rows(history.dropped), limit=history.limit, task=task, key=key,
+            deferred=[{**invocation_row(invocation, self._url("change", invocation.pk)),
+                       "run_after": invocation.run_after} for invocation in history.deferred],
+            rate=history.rate,
             timeline_url=f"{self._url('timeline')}?{timeline_query}",
             active=bool(history.running or history.waiting),
         )

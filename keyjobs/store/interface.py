@@ -1,6 +1,7 @@
 """What the store returns, and the one-statement steps a database may offer beside the portable ones."""
 
 from collections.abc import Collection, Sequence
+from datetime import datetime
 from typing import NamedTuple, Protocol
 
 from ..models import Invocation
@@ -21,6 +22,15 @@ class WaitingRow(NamedTuple):
     id: int
     status: str
     queue: str
+
+
+class Window(NamedTuple):
+    """What a rate-limited start found in its key's window."""
+
+    #: When the start took its token (its ``started_at``); None if the window was full.
+    taken_at: datetime | None
+    #: If the window was full: when its first token frees.
+    full_until: datetime | None
 
 
 class Claimed(NamedTuple):

@@ -16,16 +16,20 @@ PostgreSQL can.
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Model
+from django.db.models import F, Min, Model, Q
 from django.db.models.functions import Now
 from django.db.models.sql.subqueries import UpdateQuery
 
-from ..models import Event, Invocation
+from ..models import Event, Invocation, RateToken
 from ..status import OWNED, WAITING, Change, EventRow, Status
-from .interface import LockedRow, Steps, WaitingRow
+from .interface import LockedRow, Steps, WaitingRow, Window
+
+if TYPE_CHECKING:
+    from ..admission import Rate
 
 #: Field types whose get_db_prep_save() returns a str, an int or None unchanged.
 _PLAIN_TYPES = frozenset({"CharField", "TextField", "IntegerField", "PositiveIntegerField",
@@ -262,6 +266,44 @@ class Store:
                f"ORDER BY {self.key_order} LIMIT {int(limit)}{self.lock_skip}")
         params = [head.task_name, head.running_key, head.priority, head.priority, head.pk]
         return [LockedRow(*row) for row in self._rows(sql, params)]
+
+    # -- rate windows ------------------------------------------------------
+
+    def take_start(self, task_name: str, running_key: str, rate: "Rate") -> Window:
+        """Take one of the key's ``rate.count`` start tokens last used at least ``rate.window`` seconds ago.
+
+        The token is taken by a conditional UPDATE, the arbiter of a race:
+        two runners that pick the same token are serialized by its row, and
+        the second's UPDATE, which checks the token again, matches nothing.
+        On the ORM: this runs for rate-limited tasks only, at most at their rate.
+        Call it inside the claim's transaction, so that a claim undone gives its token back.
+        """
+        using = self.connection.alias
+        tokens = RateToken.objects.using(using).filter(
+            task_name=task_name, running_key=running_key, number__lt=rate.count)
+        free = Q(used_at__isnull=True) | Q(used_at__lte=Now() - timedelta(seconds=rate.window))
+        features = self.connection.features
+        for made in (False, True):
+            candidates = tokens.filter(free).order_by(F("used_at").asc(nulls_first=True), "number")
+            if features.has_select_for_update_skip_locked:
+                candidates = candidates.select_for_update(skip_locked=True)
+            for pk in list(candidates.values_list("pk", flat=True)[:4]):
+                if tokens.filter(free, pk=pk).update(used_at=Now()):
+                    return Window(tokens.filter(pk=pk).values_list("used_at", flat=True).get(), None)
+            if made or tokens.count() >= rate.count:
+                break
+            # The key's first start (or a limit since raised): its tokens, once, whoever races to make them.
+            RateToken.objects.using(using).bulk_create(
+                [RateToken(task_name=task_name, running_key=running_key, number=number)
+                 for number in range(rate.count)], ignore_conflicts=True)
+        oldest = tokens.aggregate(oldest=Min("used_at"))["oldest"]
+        if oldest is None:  # every token is being taken by a claim not yet committed: look again shortly
+            return Window(None, self.clock() + timedelta(seconds=min(rate.window, 0.05)))
+        return Window(None, oldest + timedelta(seconds=rate.window))
+
+    def clock(self) -> Any:
+        """Return the database's clock."""
+        return self.read("created_at", self._rows(f"SELECT {self.now}", [])[0][0])
 
     # -- writing -----------------------------------------------------------
 
