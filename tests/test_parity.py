@@ -10,6 +10,7 @@ KEYJOBS_RECORD_PARITY=1 to record the file anew (then review its diff).
 
 import json
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from django.db import connection
 from django.utils import timezone
 
 from keyjobs.claim import Claimer, claim, record_and_claim, wake_next
-from keyjobs.models import Event, Invocation
+from keyjobs.models import Event, Invocation, RateToken
+from keyjobs.spec import Options
 from keyjobs.status import TRANSITIONS, Status
 from keyjobs.store import store
 from keyjobs.transitions import move
@@ -31,23 +33,28 @@ pytestmark = pytest.mark.django_db
 EXPECTED = Path(__file__).parent / "parity" / "changes.json"
 RECORD = os.environ.get("KEYJOBS_RECORD_PARITY") == "1"
 STAMPS = ("registered_at", "run_after", "started_at", "finished_at")
+#: A time a note names (a deferral's, a debounce's): it differs between runs.
+CLOCK_READING = re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+[+-]\d\d:\d\d")
 _recorded: dict[str, Any] = {}
 
 
-def snapshot(invocation: Invocation, before: Invocation, runner_ids: dict[int | None, str]) -> dict[str, Any]:
+def snapshot(
+    invocation: Invocation, before: Invocation, runner_ids: dict[int | None, str], extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """What a change wrote, without what differs between runs (ids, clock readings)."""
     invocation.refresh_from_db()
     row = {
         "status": invocation.status, "attempts": invocation.attempts, "slot": invocation.slot,
         "runner": runner_ids.get(invocation.runner_id), "runner_thread": invocation.runner_thread,
         "error": invocation.error, "return_value": invocation.return_value,
+        **{name: getattr(invocation, name) for name in extra},
     }
     for name in STAMPS:
         value, old = getattr(invocation, name), getattr(before, name)
         row[name] = None if value is None else ("kept" if value == old else "stamped")
     events = [
         [event.kind, event.from_status, event.to_status, runner_ids.get(event.runner_id), event.runner_thread,
-         event.note]
+         CLOCK_READING.sub("<time>", event.note)]
         for event in Event.objects.filter(invocation=invocation).order_by("id")
     ]
     return {"row": row, "events": events}
@@ -139,3 +146,29 @@ def test_recording_an_outcome_and_claiming_next_writes_the_same_on_every_databas
     ids = {runner.pk: "runner"}
     check("record and claim: outcome", snapshot(done, done_before, ids))
     check("record and claim: next", snapshot(following, following_before, ids))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rate_limited_claim_and_a_deferral_write_the_same_on_every_database() -> None:
+    runner = RunnerFactory()
+    calls = Options(jobs.rated_wide).delay_many([(("acme", n), {}) for n in range(4)])
+    before = {call.pk: Invocation.objects.get(pk=call.pk) for call in calls}
+    claimed = [claim(runner, using="default", thread=n, start=True) for n in range(4)]
+    assert [len(taken) for taken in claimed] == [1, 1, 1, 0]
+    ids = {runner.pk: "runner"}
+    check("rate-limited claim", snapshot(calls[0], before[calls[0].pk], ids))
+    check("deferred by a full rate window", snapshot(calls[3], before[calls[3].pk], ids))
+    started = Invocation.objects.get(pk=calls[0].pk)
+    assert started.started_at == RateToken.objects.order_by("used_at").values_list("used_at", flat=True).first()
+
+
+def test_a_debounced_merge_and_a_cancel_request_write_the_same_on_every_database() -> None:
+    waiting = jobs.debounced.delay("acme", "first")
+    before = Invocation.objects.get(pk=waiting.pk)
+    jobs.debounced.delay("acme", "second")
+    check("debounced merge", snapshot(waiting, before, {}, extra=("args",)))
+    owner = RunnerFactory()
+    running = a_row(Status.RUNNING, owner)
+    before = Invocation.objects.get(pk=running.pk)
+    running.cancel(by="parity")
+    check("cancel requested", snapshot(running, before, {owner.pk: "owner"}, extra=("cancel_requested",)))
