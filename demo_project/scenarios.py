@@ -10,6 +10,7 @@ Nothing in a summary is what the scenario expected to happen.
 provider and workers started by hand.
 """
 
+import bisect
 import os
 import re
 import selectors
@@ -31,6 +32,7 @@ from django.db.models import Max, Sum
 from django.db.models.functions import Now
 
 from keyjobs import Mode, Status, Task
+from keyjobs.admission import Rate
 from keyjobs.conf import conf
 from keyjobs.models import Event, Invocation, Runner
 from keyjobs.status import FINAL
@@ -74,6 +76,11 @@ def each_op(load: Load) -> list[dict[str, str]]:
     return [{"account_id": account, "op": op} for op in load.ops for account in load.accounts]
 
 
+def each_op_twice(load: Load) -> list[dict[str, str]]:
+    """Return two calls per account and op: enough for a rate limit to bind."""
+    return [call for _ in range(2) for call in each_op(load)]
+
+
 def refreshes(load: Load) -> list[dict[str, str]]:
     """Return the refresh requests of every account, interleaved."""
     return [{"account_id": account} for _ in range(REFRESHES_PER_OP * len(load.ops)) for account in load.accounts]
@@ -102,6 +109,12 @@ class Scenario:
         return self.task.registration_concurrency is not Mode.DISABLED
 
     @property
+    def rate(self) -> Rate | None:
+        """The task's ``rate_limit``: at most ``count`` calls per account in any ``window`` seconds."""
+        rate: Rate | None = self.task.rate_limit
+        return rate
+
+    @property
     def title(self) -> str:
         # Read off the task's declaration, so that the title cannot drift from what runs.
         declared = [
@@ -112,6 +125,8 @@ class Scenario:
             )
             if mode is not Mode.DISABLED
         ]
+        if self.rate is not None:
+            declared.append(f"rate_limit={self.rate}")
         if declared:
             declared.append(f"reroute={self.task.reroute_on_concurrency_control}")
         return f"{self.letter}. {self.name} — {', '.join(declared) or 'no concurrency control'}"
@@ -124,6 +139,7 @@ SCENARIOS = {
         Scenario("B", "keyed", tasks.call_keyed, each_op),
         Scenario("C", "keyed, dropping", tasks.call_keyed_drop, each_op),
         Scenario("D", "refresh once", tasks.refresh_once, refreshes),
+        Scenario("F", "rate-limited", tasks.call_rated, each_op_twice),
     )
 }
 
@@ -177,6 +193,10 @@ class Account:
     collisions: int
     dropped: int
     deduplicated: int
+    #: With a rate limit: the most starts of the account's calls within one window, by the database's
+    #: records (what the rate limit promises), and the most calls the provider saw arrive within one.
+    busiest_window: int = 0
+    busiest_at_provider: int = 0
 
 
 @dataclass(frozen=True)
@@ -213,6 +233,11 @@ class Summary:
             found.append(f"{self.scenario.letter} saw {self.collisions} collision(s)")
         if self.unfinished:
             found.append(f"{self.scenario.letter} left {self.unfinished} invocation(s) unfinished")
+        rate = self.scenario.rate
+        if rate is not None:
+            found += [f"{self.scenario.letter}: {account.name} started {account.busiest_window} calls within "
+                      f"{rate.window:g}s, its rate is {rate}" for account in self.accounts
+                      if account.busiest_window > rate.count]
         return found
 
     def report(self, *, log: bool = True) -> str:
@@ -238,6 +263,9 @@ class Summary:
                 line += f"  dropped={account.dropped}"
             if self.scenario.merges or account.deduplicated:
                 line += f"  deduplicated={account.deduplicated}"
+            if self.scenario.rate is not None:
+                line += (f"  busiest {self.scenario.rate.window:g}s window: {account.busiest_window} starts "
+                         f"({account.busiest_at_provider} arrivals at the provider)")
             lines.append(line)
         if log and self.log:
             lines.append("  call log, in seconds from the first call:")
@@ -249,15 +277,18 @@ class Summary:
         return "\n".join(lines)
 
 
-def limit(invocations: Iterable[dict[str, Any]], hold: float, threads: int) -> float:
+def limit(invocations: Iterable[dict[str, Any]], hold: float, threads: int, rate: Rate | None = None) -> float:
     """Return the least time the calls made could take: the longest chain of one key, or the pool's width.
 
     The calls of one running key run one after the other; calls without a key
-    are chains of one; and no more than ``threads`` calls run at a time.
+    are chains of one; and no more than ``threads`` calls run at a time. With
+    a ``rate``, a key's n calls also need ceil(n / count) - 1 windows before its last one starts.
     """
     made = [invocation for invocation in invocations if invocation["started_at"] is not None]
     chains = Counter(invocation["running_key"] or f"#{invocation['pk']}" for invocation in made)
-    return max(max(chains.values(), default=0) * hold, len(made) * hold / threads)
+    longest = max(chains.values(), default=0)
+    paced = 0.0 if rate is None else (-(-longest // rate.count) - 1) * rate.window + hold
+    return max(longest * hold, len(made) * hold / threads, paced)
 
 
 def live_threads(*, using: str | None = None) -> int:
@@ -361,7 +392,7 @@ def collect(
         deduplicated=sum(deduplicated.values()),
         unfinished=unfinished,
         seconds=seconds,
-        limit=limit(rows, stats["hold"], threads),
+        limit=limit(rows, stats["hold"], threads, scenario.rate),
         timeout=timeout,
         accounts=[
             Account(
@@ -370,11 +401,30 @@ def collect(
                 collisions=counted.get(account, {}).get("collisions", 0),
                 dropped=dropped[account],
                 deduplicated=deduplicated[account],
+                busiest_window=busiest_window(
+                    [row["started_at"].timestamp() for row in rows
+                     if row["kwargs"]["account_id"] == account and row["started_at"] is not None], scenario.rate),
+                busiest_at_provider=busiest_window(
+                    [call["started"] for call in stats["log"] if call["account"] == account], scenario.rate),
             )
             for account in dict.fromkeys(row["kwargs"]["account_id"] for row in rows)
         ],
         log=stats["log"],
     )
+
+
+def busiest_window(moments: list[float], rate: Rate | None) -> int:
+    """Return the most of ``moments`` (seconds) within one window of ``rate``, [t, t + window) from each; 0 without one.
+
+    The rate limit counts starts as the database records them. The provider
+    sees each call some milliseconds later, more for a thread's first call
+    (it opens its client): that latency varies, so the provider may see calls
+    a little closer together than they started.
+    """
+    if rate is None:
+        return 0
+    starts = sorted(moments)
+    return max((bisect.bisect_left(starts, start + rate.window) - n for n, start in enumerate(starts)), default=0)
 
 
 def run_all(

@@ -1,4 +1,4 @@
-"""The demo's tasks: calls to the provider on behalf of client accounts, under four concurrency settings.
+"""The demo's tasks: calls to the provider on behalf of client accounts, under several concurrency settings.
 
 The provider answers 429 to a second call for an account while one is in
 flight; every task raises on it, so that a collision shows up as a FAILED
@@ -92,3 +92,9 @@ def call_keyed_drop(account_id: str, op: str) -> dict[str, object]:
 def refresh_once(account_id: str) -> dict[str, object]:
     """Refresh an account: requests made while one is already waiting merge into it."""
     return call_provider(account_id, "refresh")
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), rate_limit="2/s")
+def call_rated(account_id: str, op: str) -> dict[str, object]:
+    """Call the provider, one call per account at a time and at most 2 starts per account in any second."""
+    return call_provider(account_id, op)

@@ -29,6 +29,7 @@ from demo_project import scenarios, tasks
 from demo_project.provider import Provider
 from demo_project.scenarios import SCENARIOS, Load, ProviderClient, Summary
 from keyjobs import Status
+from keyjobs.admission import Rate
 from keyjobs.models import Runner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +122,26 @@ def test_d_refresh_once_makes_exactly_one_call_per_account(workers: None, client
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
+def test_f_rate_limited_calls_never_start_more_than_the_rate_in_a_window(workers: None, client: ProviderClient) -> None:
+    summary = run("F", client)
+
+    assert (summary.enqueued, summary.calls, summary.collisions) == (24, 24, 0)
+    assert summary.statuses == {Status.SUCCESS: 24}
+    assert {(account.name, account.calls) for account in summary.accounts} == {
+        ("acme", 8), ("globex", 8), ("initech", 8)}
+    assert all(account.busiest_window == 2 for account in summary.accounts), summary.report()
+    # 8 calls of an account at 2 a second: its last starts 3 windows after its first.
+    assert summary.seconds is not None and summary.seconds >= 3.0
+
+
+def test_limit_of_rate_limited_calls_counts_the_windows_a_key_needs() -> None:
+    rows = [made('{"account_id":"acme"}', pk) for pk in range(8)]
+
+    assert scenarios.limit(rows, hold=0.25, threads=8, rate=Rate(2, 1.0)) == pytest.approx(3.25)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
 def test_a_run_counts_only_its_own_calls_and_invocations(workers: None, client: ProviderClient) -> None:
     run("D", client)
 
@@ -141,7 +162,22 @@ def test_titles_are_read_off_the_tasks_declarations() -> None:
         "B. keyed — running_concurrency=KEYS, reroute=True",
         "C. keyed, dropping — running_concurrency=KEYS, reroute=False",
         "D. refresh once — running_concurrency=KEYS, registration_concurrency=KEYS, reroute=True",
+        "F. rate-limited — running_concurrency=KEYS, rate_limit=2/s, reroute=True",
     ]
+
+
+def test_the_busiest_window_counts_moments_within_one_window_of_the_rate() -> None:
+    rate = Rate(2, 1.0)
+    assert scenarios.busiest_window([0.0, 0.4, 1.0, 1.4, 2.0], rate) == 2
+    assert scenarios.busiest_window([0.0, 0.4, 0.99], rate) == 3
+    assert scenarios.busiest_window([0.0, 0.4], None) == 0
+
+
+def test_a_rate_limited_scenario_fails_when_a_window_saw_more_starts_than_its_rate() -> None:
+    within = summary_of("F", accounts=[scenarios.Account("acme", 8, 0, 0, 0, busiest_window=2, busiest_at_provider=3)])
+    over = summary_of("F", accounts=[scenarios.Account("acme", 8, 0, 0, 0, busiest_window=3)])
+    assert within.ok
+    assert over.problems() == ["F: acme started 3 calls within 1s, its rate is 2/s"]
 
 
 def summary_of(letter: str, **figures: object) -> Summary:
@@ -298,14 +334,14 @@ def manage(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[object, str]
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
-        (["demo", "E"], "argument A|B|C|D|all: unknown scenario 'E'; choose A, B, C, D or all"),
+        (["demo", "Z"], "argument A|B|C|D|F|all: unknown scenario 'Z'; choose A, B, C, D, F or all"),
         (["demo", "--hold", "-1"], "argument --hold: must be a number of seconds from 0 to 60, not '-1'"),
         (["demo", "--threads", "0"], "argument --threads: must be at least 1, not 0"),
         (["demo", "--workers", "two"], "argument --workers: 'two' is not a whole number"),
         (["demo", "--port", "70000"], "argument --port: must be from 0 to 65535, not 70000"),
         (["demo", "--timeout", "nan"], "argument --timeout: must be more than 0 seconds, not nan"),
         (["enqueue", "all", "--ops", "-3"], "argument --ops: must be at least 1, not -3"),
-        (["enqueue"], "the following arguments are required: A|B|C|D|all"),
+        (["enqueue"], "the following arguments are required: A|B|C|D|F|all"),
     ],
 )
 def test_bad_input_gets_one_line_and_a_non_zero_exit(
@@ -332,7 +368,7 @@ def test_demo_with_its_port_in_use_says_so_in_one_line(capsys: pytest.CaptureFix
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_demo_runs_the_four_scenarios_and_stops_what_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_runs_every_scenario_and_stops_what_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
     # What the worker processes it starts need to open the test database.
     monkeypatch.setenv("KEYJOBS_TEST_DB_NAME", connection.settings_dict["NAME"])
     out = io.StringIO()
@@ -340,9 +376,9 @@ def test_demo_runs_the_four_scenarios_and_stops_what_it_started(monkeypatch: pyt
     call_command("demo", "all", port=0, hold=HOLD, stdout=out)
 
     titles = [line for line in out.getvalue().splitlines() if line.startswith("===")]
-    assert [title[4] for title in titles] == ["A", "B", "C", "D"]
+    assert [title[4] for title in titles] == ["A", "B", "C", "D", "F"]
     figures = re.findall(r"^  (\d+) enqueued -> (\d+) calls, (\d+) collisions", out.getvalue(), re.MULTILINE)
-    assert figures[1:] == [("12", "12", "0"), ("12", "3", "0"), ("24", "3", "0")]
+    assert figures[1:] == [("12", "12", "0"), ("12", "3", "0"), ("24", "3", "0"), ("24", "24", "0")]
     assert not Runner.objects.active().exists()
 
 
