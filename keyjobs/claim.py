@@ -329,8 +329,6 @@ def wake_next(
     handed: Invocation | None = None
     if (
         claimer is not None
-        # A rate-limited start takes its window's token in the claim: no hand-off around it.
-        and policy.rate is None
         and next_up and next_up[0].status == Status.REROUTED
         and (not claimer.queues or parked[0].queue in claimer.queues)
         # Only if it would be next anyway: else it takes its turn in the queue, behind what waits.
@@ -338,8 +336,17 @@ def wake_next(
     ):
         # Claimers never lock parked rows, so this waits for nobody but a concurrent waker of the same key.
         handed = db.lock_invocation(parked[0].id, Status.REROUTED)
+        started_at = None
+        if handed is not None and policy.rate is not None:
+            # A hand-off is a start: it takes its window's token, or the invocation is woken instead,
+            # and its claim defers it.
+            window = db.take_start(task_name, running_key, policy.rate)
+            if admission.admit(policy, KeyState(held=held, window_full_until=window.full_until)).verdict \
+                    is not Verdict.START:
+                handed = None
+            started_at = window.taken_at
         if handed is not None:
-            made = claimer.claim(slot=free[0], via=(Status.REGISTERED,))
+            made = claimer.claim(slot=free[0], via=(Status.REGISTERED,), started_at=started_at)
             apply_locked([row_of(handed)], made, using=using)
             handed.status, handed.slot, handed.attempts = Status.RUNNING, free[0], handed.attempts + 1
             handed.runner, handed.runner_thread = claimer.runner, claimer.thread

@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import F, Min, Model, Q
+from django.db.models import Model
 from django.db.models.functions import Now
 from django.db.models.sql.subqueries import UpdateQuery
 
@@ -273,33 +273,42 @@ class Store:
         """Take one of the key's ``rate.count`` start tokens last used at least ``rate.window`` seconds ago.
 
         The token is taken by a conditional UPDATE, the arbiter of a race:
-        two runners that pick the same token are serialized by its row, and
-        the second's UPDATE, which checks the token again, matches nothing.
-        On the ORM: this runs for rate-limited tasks only, at most at their rate.
-        Call it inside the claim's transaction, so that a claim undone gives its token back.
+        runners skip a token another has locked, and one that waited for it
+        finds, on the database's second look, that it no longer qualifies.
+        Call it inside the claim's transaction, so that a claim undone gives
+        its token back. One statement, unless the key has no tokens yet.
         """
-        using = self.connection.alias
-        tokens = RateToken.objects.using(using).filter(
-            task_name=task_name, running_key=running_key, number__lt=rate.count)
-        free = Q(used_at__isnull=True) | Q(used_at__lte=Now() - timedelta(seconds=rate.window))
-        features = self.connection.features
+        params = [task_name, running_key, rate.count]
         for made in (False, True):
-            candidates = tokens.filter(free).order_by(F("used_at").asc(nulls_first=True), "number")
-            if features.has_select_for_update_skip_locked:
-                candidates = candidates.select_for_update(skip_locked=True)
-            for pk in list(candidates.values_list("pk", flat=True)[:4]):
-                if tokens.filter(free, pk=pk).update(used_at=Now()):
-                    return Window(tokens.filter(pk=pk).values_list("used_at", flat=True).get(), None)
-            if made or tokens.count() >= rate.count:
+            sql, horizon_params = self._take_start_sql(rate.window)
+            rows = self._rows(sql, [*params, *horizon_params, *horizon_params])
+            if rows:
+                return Window(self.read("started_at", rows[0][0]), None)
+            oldest, tokens = self._rows(self._tokens_sql(), params)[0]
+            if made or tokens >= rate.count:
                 break
             # The key's first start (or a limit since raised): its tokens, once, whoever races to make them.
-            RateToken.objects.using(using).bulk_create(
+            RateToken.objects.using(self.connection.alias).bulk_create(
                 [RateToken(task_name=task_name, running_key=running_key, number=number)
                  for number in range(rate.count)], ignore_conflicts=True)
-        oldest = tokens.aggregate(oldest=Min("used_at"))["oldest"]
         if oldest is None:  # every token is being taken by a claim not yet committed: look again shortly
             return Window(None, self.clock() + timedelta(seconds=min(rate.window, 0.05)))
-        return Window(None, oldest + timedelta(seconds=rate.window))
+        return Window(None, self.read("started_at", oldest) + timedelta(seconds=rate.window))
+
+    def _take_start_sql(self, window: float) -> tuple[str, list[Any]]:
+        q = self.quote
+        horizon, horizon_params = self._expression(Now() - timedelta(seconds=window))
+        free = f"({q('used_at')} IS NULL OR {q('used_at')} <= {horizon})"
+        tokens = q(RateToken._meta.db_table)
+        return (f"UPDATE {tokens} SET {q('used_at')} = {self.now} WHERE {q('id')} = ("
+                f"SELECT {q('id')} FROM {tokens} WHERE {q('task_name')} = %s AND {q('running_key')} = %s "
+                f"AND {q('number')} < %s AND {free} ORDER BY {q('used_at')} IS NOT NULL, {q('used_at')}, "
+                f"{q('number')} LIMIT 1{self.lock_skip}) AND {free} RETURNING {q('used_at')}"), horizon_params
+
+    def _tokens_sql(self) -> str:
+        q = self.quote
+        return (f"SELECT MIN({q('used_at')}), COUNT(*) FROM {q(RateToken._meta.db_table)} "
+                f"WHERE {q('task_name')} = %s AND {q('running_key')} = %s AND {q('number')} < %s")
 
     def clock(self) -> Any:
         """Return the database's clock."""
