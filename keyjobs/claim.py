@@ -66,6 +66,10 @@ class Claimer:
                       values={"started_at": started_at} if started_at is not None else None)
 
 
+#: Seconds after deferred work is due that the runner which deferred it looks for it.
+RELEASE_MARGIN = 0.005
+
+
 class Releases:
     """When work this process deferred (a full rate window) becomes due: what the release duty waits for.
 
@@ -81,7 +85,8 @@ class Releases:
 
     def note(self, until: datetime) -> None:
         """Note deferred work due at ``until``."""
-        at = time.monotonic() + max(0.0, (until - timezone.now()).total_seconds())
+        # A little late rather than early: work looked for before it is due waits for the next poll.
+        at = time.monotonic() + max(0.0, (until - timezone.now()).total_seconds()) + RELEASE_MARGIN
         with self._changed:
             heapq.heappush(self._due, at)
             self._changed.notify_all()

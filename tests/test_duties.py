@@ -8,11 +8,13 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from keyjobs import Status
-from keyjobs.duties import Duties, Duty, duties_of, every_heartbeat, every_poll
+from keyjobs.claim import releases
+from keyjobs.duties import Duties, Duty, duties_of, every_heartbeat, every_poll, release_deferred, until_release
 from keyjobs.models import Event, Invocation, Runner
 from keyjobs.worker import Run, Worker
 from tests import jobs
 from tests.factories import InvocationFactory, RunnerFactory
+from tests.waiting import wait_for
 
 # Transactional: the heartbeat closes obsolete connections, as it does in its own thread.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -29,14 +31,16 @@ def worker() -> Worker:
 def test_a_runner_has_its_duties_each_with_an_interval(worker, settings):
     settings.KEYJOBS_HEARTBEAT_INTERVAL = 2.0
     duties = {duty.name: duty.interval(worker) for duty in duties_of(worker)}
+    release = duties.pop("release deferred work")
     assert duties == {
         "heartbeat": 2.0,
         "recover lost runners": 2.0,
         "wake orphaned parked invocations": 2.0,
         "promote due retries": 0.05,
         "flag overdue runs": 2.0,
-        "release deferred work": 0.05,  # nothing deferred: as often as an idle runner polls
     }
+    # As often as an idle runner polls, or sooner when deferred work is due (another test may have left some).
+    assert release <= 0.05
 
 
 def test_the_heartbeat_stamps_the_databases_clock(worker):
@@ -117,3 +121,10 @@ def test_a_run_past_its_limit_is_flagged_once(worker):
 
 def test_retries_are_looked_for_as_often_as_an_idle_runner_polls(worker):
     assert every_poll(worker) == worker.poll_interval
+
+
+def test_deferred_work_brings_the_release_duty_forward_and_wakes_the_pool_when_due(worker) -> None:
+    releases.take_due()
+    releases.note(timezone.now() + timedelta(seconds=0.3))
+    assert until_release(worker) <= 0.31
+    wait_for(lambda: release_deferred(worker) >= 1, timeout=5, what="the deferred work due")

@@ -6,7 +6,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from keyjobs.models import Event, Invocation, Runner
+from keyjobs.models import Event, Invocation, RateToken, Runner
 from keyjobs.monitor.queries import Window, dashboard, key_history, timeline, timeline_events
 from keyjobs.status import Status
 from tests.factories import EventFactory, InvocationFactory, RunnerFactory, give_dashboard_load, give_run, give_runs
@@ -153,6 +153,53 @@ def test_rerouted_dropped_and_deduplicated_invocations_are_markers() -> None:
     ]
     assert {data["lanes"]["key"][marker["key_lane"]]["key"] for marker in data["markers"]} == {"acme"}
     assert data["runs"] == []
+
+
+def test_debounced_merges_and_cancellations_before_a_run_are_markers() -> None:
+    now = timezone.now()
+    debounced, cancelled = (InvocationFactory(running_key=ACME) for _ in range(2))
+    EventFactory(invocation=debounced, kind=Event.Kind.DEBOUNCED, from_status=Status.REGISTERED,
+                 to_status=Status.REGISTERED, at=now - timedelta(seconds=2))
+    EventFactory(invocation=cancelled, from_status=Status.REROUTED, to_status=Status.CANCELLED,
+                 at=now - timedelta(seconds=1))
+
+    data = timeline(window(now=now), now=now)
+
+    assert [(marker["id"], marker["kind"]) for marker in data["markers"]] == [
+        (debounced.pk, "debounced"), (cancelled.pk, "cancelled"),
+    ]
+
+
+def test_a_run_cancelled_while_it_ran_is_a_bar_of_its_status() -> None:
+    now = timezone.now()
+    invocation = give_run(InvocationFactory(), runner=RunnerFactory(), thread=0, start=now - timedelta(seconds=9))
+    EventFactory(invocation=invocation, from_status=Status.RUNNING, to_status=Status.CANCELLED,
+                 at=now - timedelta(seconds=1))
+
+    data = timeline(window(now=now), now=now)
+
+    assert [(run["id"], run["status"]) for run in data["runs"]] == [(invocation.pk, "CANCELLED")]
+    assert data["markers"] == []
+
+
+def test_the_key_history_counts_the_starts_in_its_rate_window_and_lists_what_waits_for_later() -> None:
+    rated = '{"account_id":"acme"}'
+    now = timezone.now()
+    RateToken.objects.bulk_create([
+        RateToken(task_name="tests.jobs.rated", running_key=rated, number=0, used_at=now - timedelta(seconds=0.2)),
+        RateToken(task_name="tests.jobs.rated", running_key=rated, number=1, used_at=now - timedelta(seconds=5)),
+        RateToken(task_name="tests.jobs.rated", running_key=rated, number=2, used_at=None),
+    ])
+    later, sooner = (InvocationFactory(task_name="tests.jobs.rated", running_key=rated, status=Status.REGISTERED,
+                                       run_after=now + timedelta(seconds=seconds)) for seconds in (60, 30))
+    InvocationFactory(task_name="tests.jobs.rated", running_key=rated, status=Status.REGISTERED)
+
+    history = key_history("tests.jobs.rated", rated)
+
+    assert history.rate is not None
+    assert (history.rate.limit, history.rate.starts, history.rate.count) == ("3/s", 1, 3)
+    assert [invocation.pk for invocation in history.deferred] == [sooner.pk, later.pk]
+    assert key_history("tests.jobs.keyed", ACME).rate is None
 
 
 def test_events_that_change_no_status_are_neither_runs_nor_markers() -> None:
@@ -391,7 +438,7 @@ def test_the_key_view_reads_each_part_in_one_query_with_its_runners(django_asser
     runner = RunnerFactory()
     for status in [Status.SUCCESS] * 5 + [Status.REGISTERED, Status.CONCURRENCY_CONTROLLED_FINAL, Status.RUNNING]:
         InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME, status=status, runner=runner)
-    # Running, waiting, ran, dropped.
-    with django_assert_num_queries(4):
+    # Running, waiting, ran, dropped, deferred (a rate-limited task's window is one more).
+    with django_assert_num_queries(5):
         history = key_history("tests.jobs.keyed", ACME)
         assert {invocation.runner.host for invocation in history.ran + history.running} == {runner.host}

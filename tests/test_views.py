@@ -199,6 +199,16 @@ def test_the_key_view_shows_arguments_and_errors_as_text(viewer: Client) -> None
     assert "&lt;/script&gt;&lt;script&gt;alert(" in page
 
 
+def test_the_key_view_shows_its_rate_window_and_the_work_deferred(viewer: Client) -> None:
+    deferred = InvocationFactory(task_name="tests.jobs.rated", running_key=ACME, status=Status.REGISTERED,
+                                 run_after=timezone.now() + timedelta(minutes=5))
+
+    page = viewer.get(key_url("tests.jobs.rated", ACME)).content.decode()
+
+    assert "Rate limit <code>3/s</code>: <strong>0</strong> of 3 starts in the current window of 1 s." in page
+    assert f"#{deferred.pk}</a>" in page.split("Rate window and deferred work")[1]
+
+
 def test_the_key_view_needs_a_task_and_a_key(viewer: Client) -> None:
     assert viewer.get(reverse(KEY), {"task": "tests.jobs.keyed"}).status_code == 400
 
