@@ -56,6 +56,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     messages: list[CheckMessage] = []
     if conf.DATABASE not in settings.DATABASES:
         messages.append(Error(f"KEYJOBS_DATABASE = {conf.DATABASE!r} is not in DATABASES.", id="keyjobs.E001"))
+    listen = conf.LISTEN_DATABASE
+    if listen is not None and (listen not in settings.DATABASES or connections[listen].vendor != "postgresql"):
+        messages.append(Error(
+            f"KEYJOBS_LISTEN_DATABASE = {listen!r} is not a PostgreSQL database in DATABASES.",
+            hint="Name the alias of a direct connection to the database that KEYJOBS_DATABASE reaches through "
+                 "a pooler: runners LISTEN on it.",
+            id="keyjobs.E004",
+        ))
     for name in ("POLL_INTERVAL", "HEARTBEAT_INTERVAL", "LEASE"):
         value = getattr(conf, name)
         if name == "POLL_INTERVAL" and value is None:

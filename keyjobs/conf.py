@@ -13,6 +13,17 @@ class Settings:
         return getattr(settings, "KEYJOBS_DATABASE", "default")
 
     @property
+    def LISTEN_DATABASE(self) -> str | None:
+        """The database alias whose connection settings a runner LISTENs with (``KEYJOBS_LISTEN_DATABASE``).
+
+        None: ``KEYJOBS_DATABASE``'s own. Behind a pooler in transaction mode
+        (PgBouncer), which cannot keep a LISTEN, name an alias that reaches
+        the same database directly: each runner process holds one connection
+        of it.
+        """
+        return getattr(settings, "KEYJOBS_LISTEN_DATABASE", None)
+
+    @property
     def DEFAULT_QUEUE(self) -> str:
         """The queue of a task that names none (``KEYJOBS_DEFAULT_QUEUE``)."""
         return getattr(settings, "KEYJOBS_DEFAULT_QUEUE", "default")

@@ -285,6 +285,8 @@ def execute(
     if not started:
         logger.warning("keyjobs: invocation #%s was taken from %s before it started", invocation.pk, runner)
         return None
+    # The task's own code holds no connection of keyjobs': busy threads share a pool's connections.
+    store(using).let_go()
     outcome = call(invocation)
 
     def record() -> Status | None:

@@ -79,7 +79,11 @@ class Worker:
         self.runner: Runner | None = None
         self.stopping = threading.Event()
         self._stopped = threading.Event()
-        self._work = threading.Condition()
+        lock = threading.RLock()  # stop() takes it again inside _idle()
+        #: Idle threads wait here, without a database connection (``_idle``).
+        self._work = threading.Condition(lock)
+        #: The scout waits here, on the same lock: it keeps its connection, so a wake-up goes to it first.
+        self._scouting = threading.Condition(lock)
         self._busy = 0
         #: Wake-ups received so far: a thread that was claiming when one came looks again instead of waiting.
         self._wakes = 0
@@ -106,6 +110,8 @@ class Worker:
         recover_lost_runners(using=self.using, lease=self.lease, by=self.runner)
         logger.info("keyjobs: %s started with %d thread(s) on %s", self.runner, self.threads,
                     ", ".join(self.queues) or "every queue")
+        # The main thread only waits from here on: it holds no connection meanwhile.
+        connections[self.using].close()
         pool = [
             threading.Thread(target=self._thread_main, args=(number,), name=f"keyjobs-runner-{number}", daemon=True)
             for number in range(self.threads)
@@ -151,7 +157,7 @@ class Worker:
         """Stop claiming; invocations already running finish first."""
         self.stopping.set()
         with self._work:
-            self._work.notify_all()
+            self._wake_all()
 
     def install_signal_handlers(self) -> None:
         """First SIGINT/SIGTERM: stop gracefully. Second: exit at once."""
@@ -173,7 +179,19 @@ class Worker:
         if not self.queues or queue in self.queues:
             with self._work:
                 self._wakes += 1
-                self._work.notify()
+                self._wake_one()
+
+    def _wake_one(self) -> None:
+        """Wake one idle thread: the scout if it waits, as it holds a connection; call with the lock held."""
+        if self._scout is not None:
+            self._scout = None  # woken: a second wake-up goes to another thread
+            self._scouting.notify()
+        else:
+            self._work.notify()
+
+    def _wake_all(self) -> None:
+        self._scouting.notify_all()
+        self._work.notify_all()
 
     def _thread_main(self, number: int) -> None:
         assert self.runner is not None
@@ -214,7 +232,7 @@ class Worker:
                         pause = 0.1
                         if batch:
                             with self._work:
-                                self._work.notify()  # there may be more: wake a colleague
+                                self._wake_one()  # there may be more: wake a colleague
                             self._run_batch(batch, number)
                     finally:
                         with self._work:
@@ -285,6 +303,11 @@ class Worker:
         One idle thread (the scout) looks again every poll interval; the others
         wait for a wake-up, which a thread that found work passes on, so that an
         idle pool costs the database one query per interval, not one per thread.
+
+        Only the scout keeps its database connection while it waits, and a
+        wake-up goes to it first: the others close theirs (with Django's pool,
+        ``OPTIONS["pool"]``, that gives it back to the pool), so that an idle
+        runner holds one connection, not one per thread.
         """
         with self._work:
             if self.stopping.is_set():  # stop() may have notified before this thread began to wait
@@ -296,11 +319,14 @@ class Worker:
                 return True
             if self._scout is None:
                 self._scout = number
-            try:
-                self._work.wait(self.poll_interval if self._scout == number else max(self.poll_interval * 20, 1.0))
-            finally:
-                if self._scout == number:
-                    self._scout = None
+                try:
+                    self._scouting.wait(self.poll_interval)
+                finally:
+                    if self._scout == number:
+                        self._scout = None
+            else:
+                self.close_connection()
+                self._work.wait(max(self.poll_interval * 20, 1.0))
         return False
 
     def _work_left(self) -> bool:
@@ -332,9 +358,11 @@ class Worker:
             duties.wait()
             if self._stopped.is_set():
                 break
-            if duties.run_due():
+            made_runnable = duties.run_due()
+            store(self.using).let_go()
+            if made_runnable:
                 with self._work:
-                    self._work.notify_all()
+                    self._wake_all()
         connections.close_all()
 
 

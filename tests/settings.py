@@ -27,6 +27,25 @@ if "KEYJOBS_TEST_DB_NAME" in os.environ:
 
 DATABASES = {"default": default}
 
+# What a worker process of a connection test is given (tests/test_connections.py): a name that
+# tells its connections apart in pg_stat_activity, Django's pool, or a pooler (PgBouncer in
+# transaction mode) with LISTEN on a direct connection.
+if "KEYJOBS_TEST_APPLICATION_NAME" in os.environ:
+    default.setdefault("OPTIONS", {})["application_name"] = os.environ["KEYJOBS_TEST_APPLICATION_NAME"]
+if "KEYJOBS_TEST_POOL" in os.environ:  # "min_size,max_size"
+    low, high = (int(size) for size in os.environ["KEYJOBS_TEST_POOL"].split(","))
+    default.setdefault("OPTIONS", {})["pool"] = {"min_size": low, "max_size": high}
+if "KEYJOBS_TEST_LISTEN_URL" in os.environ:
+    listen = env.db_url_config(os.environ["KEYJOBS_TEST_LISTEN_URL"])
+    listen["NAME"] = default["NAME"]
+    listen["OPTIONS"] = {key: value for key, value in default.get("OPTIONS", {}).items() if key != "pool"}
+    listen["TEST"] = {"MIRROR": "default"}
+    DATABASES["listen"] = listen
+    KEYJOBS_LISTEN_DATABASE = "listen"
+    # PgBouncer before 1.21 keeps no prepared statement across transactions, nor a cursor.
+    KEYJOBS_PREPARE_STATEMENTS = False
+    default["DISABLE_SERVER_SIDE_CURSORS"] = True
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # Short, so that crash tests recover in seconds; worker processes may be given their own.
 KEYJOBS_HEARTBEAT_INTERVAL = float(os.environ.get("KEYJOBS_HEARTBEAT_INTERVAL", 1.0))

@@ -89,3 +89,14 @@ def test_e002_a_lease_no_longer_than_a_heartbeat(settings):
 
     settings.KEYJOBS_HEARTBEAT_INTERVAL, settings.KEYJOBS_LEASE = 5.0, 5.0
     assert [message.id for message in check_numeric_settings()] == ["keyjobs.E002"]
+
+
+def test_e004_a_listen_database_that_is_not_a_postgresql_alias(settings):
+    settings.KEYJOBS_LISTEN_DATABASE = "direct"
+    assert error_ids() == ["keyjobs.E004"]
+
+
+@pytest.mark.postgres
+def test_a_listen_database_naming_a_postgresql_alias_passes(settings):
+    settings.KEYJOBS_LISTEN_DATABASE = "default"
+    assert error_ids() == []

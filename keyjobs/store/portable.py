@@ -123,6 +123,18 @@ class Store:
         """Return a cursor for these statements."""
         return self.connection.cursor()
 
+    def let_go(self) -> None:
+        """Give this thread's connection back to Django's pool, where the database has one (``OPTIONS["pool"]``).
+
+        For a thread about to do something other than query (run a task's own
+        code, sleep until its next duty): it takes a connection again, cheaply,
+        with its next query. Without a pool that would be a new connection each
+        time, so the connection is kept; and never inside a transaction.
+        """
+        connection = self.connection
+        if getattr(connection, "pool", None) is not None and not connection.in_atomic_block:
+            connection.close()
+
     def writing(self) -> Any:
         """Return a context that holds this process's turn to write, where the database has one writer.
 

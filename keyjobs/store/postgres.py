@@ -315,7 +315,8 @@ class PostgresStore(Store):
             cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, queue])
 
     def listen(self, on_wake: Callable[[str], None], stop: threading.Event) -> threading.Thread:
-        listener = Listener(self.connection.alias, CHANNEL, on_wake, stop)
+        # Its own connection, never the pool's: a pooler in transaction mode cannot keep a LISTEN.
+        listener = Listener(conf.LISTEN_DATABASE or self.connection.alias, CHANNEL, on_wake, stop)
         listener.start()
         return listener
 
@@ -326,6 +327,10 @@ def _marks(values: Collection[Any]) -> str:
 
 class Listener(threading.Thread):
     """Listen on a separate autocommit connection and call back on each notification.
+
+    One per runner process, made from ``using``'s settings by psycopg itself:
+    outside Django's connection handling, so never one of a pool's, and
+    direct to the server when ``KEYJOBS_LISTEN_DATABASE`` names such an alias.
 
     If the connection drops, reconnect with a growing pause; polling covers the gap.
     """
