@@ -20,7 +20,7 @@ from pathlib import Path
 from .harness import ROOT, Result, postgres_reachable, run_children, say, table
 from .throughput import METRICS as COST_METRICS
 
-METRICS = ("keyed", "rates", *COST_METRICS)
+METRICS = ("keyed", "rates", *COST_METRICS, "connections")
 PEER_METRICS = {"keyed", "drain", "latency", "enqueue"}
 PEERS = ("bench.peers.procrastinate_bench", "bench.peers.celery_bench")
 #: Where each run's results are kept, as JSON (ignored by git).
@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     costs = [metric for metric in COST_METRICS if metric in only]
     if costs:
         part("keyjobs: queue costs", "bench.throughput", databases, [*quick, "--only", ",".join(costs)])
+
+    if "connections" in only and "postgres" in databases:
+        part("keyjobs: connections held", "bench.connections", ["postgres"], quick)
 
     peer_metrics = sorted(PEER_METRICS & only)
     python = None if args.no_peers or not peer_metrics else peers_python()

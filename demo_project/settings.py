@@ -78,6 +78,11 @@ DATABASES = {
     "default": sqlite_for_workers(env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'demo.sqlite3'}")),
 }
 
+# Django's connection pool on PostgreSQL, which a runner's threads share: DATABASE_POOL=min,max (e.g. 1,4).
+if env("DATABASE_POOL", default="") and DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    _low, _high = (int(size) for size in env("DATABASE_POOL").split(","))
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {"min_size": _low, "max_size": _high}
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

@@ -42,6 +42,10 @@ class Run:
     limit: float | None
     flagged: bool = False
 
+#: Seconds a waiting thread keeps its connection where there is no pool to give it back to: a
+#: connection is costly to make again, and a thread woken within this keeps it.
+IDLE_CONNECTION_GRACE = 5.0
+
 #: Unexpected errors in a row after which a runner thread gives up, and the runner stops claiming.
 _FAILURES_IN_A_ROW = 5
 
@@ -304,10 +308,11 @@ class Worker:
         wait for a wake-up, which a thread that found work passes on, so that an
         idle pool costs the database one query per interval, not one per thread.
 
-        Only the scout keeps its database connection while it waits, and a
-        wake-up goes to it first: the others close theirs (with Django's pool,
-        ``OPTIONS["pool"]``, that gives it back to the pool), so that an idle
-        runner holds one connection, not one per thread.
+        With Django's pool (``OPTIONS["pool"]``) every waiting thread gives its
+        connection back at once. Without one, only the scout keeps its
+        connection, and a wake-up goes to it first: the others close theirs
+        once idle for ``IDLE_CONNECTION_GRACE``. Either way an idle runner
+        holds no connection per thread.
         """
         with self._work:
             if self.stopping.is_set():  # stop() may have notified before this thread began to wait
@@ -319,14 +324,19 @@ class Worker:
                 return True
             if self._scout is None:
                 self._scout = number
+                store(self.using).let_go()  # with a pool, a look every poll interval takes one cheaply
                 try:
                     self._scouting.wait(self.poll_interval)
                 finally:
                     if self._scout == number:
                         self._scout = None
             else:
+                if not store(self.using).pooled and self._work.wait(IDLE_CONNECTION_GRACE):
+                    return False
                 self.close_connection()
-                self._work.wait(max(self.poll_interval * 20, 1.0))
+                # Until woken; past the long wait, it looks only if nobody scouts (a look would reconnect).
+                while not self._work.wait(max(self.poll_interval * 20, 1.0)) and self._scout is not None:
+                    pass
         return False
 
     def _work_left(self) -> bool:

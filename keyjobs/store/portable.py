@@ -131,9 +131,13 @@ class Store:
         with its next query. Without a pool that would be a new connection each
         time, so the connection is kept; and never inside a transaction.
         """
-        connection = self.connection
-        if getattr(connection, "pool", None) is not None and not connection.in_atomic_block:
-            connection.close()
+        if self.pooled and not self.connection.in_atomic_block:
+            self.connection.close()
+
+    @property
+    def pooled(self) -> bool:
+        """Whether closing this connection gives it back to Django's pool, to be taken again cheaply."""
+        return getattr(self.connection, "pool", None) is not None
 
     def writing(self) -> Any:
         """Return a context that holds this process's turn to write, where the database has one writer.

@@ -1,0 +1,134 @@
+"""PostgreSQL connections a runner holds, idle and under a keyed load, against the documented bound (issue 15).
+
+    .venv/bin/python -m bench.connections [--quick] [--no-pool]
+
+Real ``manage.py runworker --threads 8`` processes on a scratch database
+(kj_bench_connections, recreated), their connections named by an
+application_name and counted in pg_stat_activity every 20 ms: for 3 s while
+idle, then while they run a keyed workload (each call an HTTP call to the
+demo's provider, no query of its own). One process, then two side by side,
+then one on Django's pool (``DATABASE_POOL``, the demo's knob for
+``OPTIONS["pool"]``). The bound (README, "Many hosts"): per process, an idle
+runner holds 3 (its scout, its duty thread, its LISTEN) once idle for 5 s;
+a busy one at most threads + 2; with a pool, at most its ``max_size`` + 1,
+busy or idle (a pool keeps what it opened for ``max_idle``, 10 minutes by
+default).
+
+Run from a checkout of another commit (the bench module copied in), it
+measures that commit's runner the same way: that is how "before" was measured.
+"""
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .harness import POSTGRES_URL, ProviderProcess, Recorder, Result, exit_on_sigterm, say, table
+from .workloads import Workload
+
+THREADS = 8
+POOL = (1, 4)
+NAME = "kj-bench-runner"
+#: 64 accounts x 5 calls of 50 ms: every thread of one runner busy for about 2 s.
+ACCOUNTS, CALLS, SECONDS = 64, 5, 0.05
+
+
+@contextmanager
+def sampling() -> Iterator[list[int]]:
+    """Count the runners' connections every 20 ms while the block runs, on a connection of its own."""
+    import psycopg
+
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as connection:
+            while not done.wait(0.02):
+                row = connection.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                                         [NAME]).fetchone()
+                samples.append(int(row[0]) if row else 0)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        thread.join(10)
+
+
+def measure(processes: int, provider: ProviderProcess, *, pool: tuple[int, int] | None, idle: float) -> list[Result]:
+    from bench import runs, tasks
+
+    url = runs._url
+    env = {"DATABASE_URL": f"{url}?application_name={NAME}", "PROVIDER_URL": provider.url}
+    if pool is not None:
+        env["DATABASE_POOL"] = ",".join(map(str, pool))
+    # A pool keeps what it opened for max_idle (psycopg_pool: 10 minutes) before it shrinks to min_size.
+    bound_idle = processes * ((pool[1] + 1) if pool is not None else 3)
+    bound_busy = processes * ((pool[1] + 1) if pool is not None else THREADS + 2)
+    label = f"t{THREADS} w{processes}" + (f" pool {pool[0]},{pool[1]}" if pool is not None else "")
+    results = []
+    runs.clear()
+    with runs.Workers(processes, THREADS * processes, name="connections", env=env) as workers:
+        # Every thread takes its first look; waiting threads let go of their connections at once with a
+        # pool, else once idle for keyjobs.worker.IDLE_CONNECTION_GRACE (5 s).
+        time.sleep(1.0 if pool is not None else 7.0)
+        with sampling() as samples:
+            time.sleep(idle)
+        results.append(row(f"idle {label}", samples, bound_idle))
+        load = Workload("keyed", ACCOUNTS, CALLS, SECONDS, THREADS * processes)
+        provider.reset(load.seconds)
+        calls = load.calls_in("interleaved")
+        with sampling() as samples:
+            tasks.call.delay_many([((account, op), {}) for account, op in calls])
+            runs.wait_finished(len(calls), timeout=120, workers=workers)
+        busy = row(f"keyed {ACCOUNTS}x{CALLS} {SECONDS * 1000:g}ms {label}", samples, bound_busy)
+        elapsed, statuses = runs.span()
+        collisions = provider.stats()["collisions"]
+        busy.note += f"; ran in {elapsed or 0:.2f} s (limit {load.limit:.2f} s), {collisions} collisions"
+        if collisions or runs.describe(statuses):
+            busy.ok = False
+            busy.note += f" {runs.describe(statuses)}"
+        results.append(busy)
+    return results
+
+
+def row(case: str, samples: list[int], bound: int) -> Result:
+    result = Result(15, "connections", case, "postgres", "keyjobs", float(max(samples, default=0)), "conns",
+                    float(bound), "bound")
+    result.judge(result.measured / bound if result.measured is not None else None, at_most=1.0)
+    result.note = f"mean {statistics.fmean(samples) if samples else 0:.1f} over {len(samples)} samples"
+    say(f"  postgres {case:44} max {max(samples, default=0):3d}  {result.note}  bound {bound}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.connections", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", choices=["postgres"], default="postgres")
+    parser.add_argument("--quick", action="store_true", help="One idle period of 2 s instead of 3 s.")
+    parser.add_argument("--no-pool", action="store_true", help="Without the pooled rows (a checkout without it).")
+    parser.add_argument("--json", default=None, help="Also write the results to this file.")
+    args = parser.parse_args(argv)
+    exit_on_sigterm()
+    from bench import runs
+
+    runs.setup("postgres", name="kj_bench_connections")
+    results = Recorder(args.json)
+    idle = 2.0 if args.quick else 3.0
+    with ProviderProcess() as provider:
+        results.add(*measure(1, provider, pool=None, idle=idle))
+        # Until runworker --processes lands: two runworker processes side by side.
+        results.add(*measure(2, provider, pool=None, idle=idle))
+        if not args.no_pool:
+            results.add(*measure(1, provider, pool=POOL, idle=idle))
+    if not args.json:
+        print(table(results, title="keyjobs: PostgreSQL connections held by runners, against the bound"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
