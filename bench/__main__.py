@@ -1,6 +1,6 @@
 """Every bench of issue 6 in one run: keyjobs on SQLite and PostgreSQL, and its peers beside it.
 
-    .venv-bench/bin/python -m bench [--quick] [--only keyed,rates,hotkey,drain,latency,enqueue,history] [--db both]
+    .venv-bench/bin/python -m bench [--quick] [--only keyed,rates,hotkey,drain,latency,enqueue,history,schedules] [--db both]
 
 Each part runs in a process of its own, one after the other (the machine has
 two cores): keyjobs' keyed workloads and queue costs per database, then
@@ -20,7 +20,7 @@ from pathlib import Path
 from .harness import ROOT, Result, postgres_reachable, run_children, say, table
 from .throughput import METRICS as COST_METRICS
 
-METRICS = ("keyed", "rates", *COST_METRICS, "connections")
+METRICS = ("keyed", "rates", *COST_METRICS, "connections", "schedules")
 PEER_METRICS = {"keyed", "drain", "latency", "enqueue"}
 PEERS = ("bench.peers.procrastinate_bench", "bench.peers.celery_bench")
 #: Where each run's results are kept, as JSON (ignored by git).
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "connections" in only and "postgres" in databases:
         part("keyjobs: connections held", "bench.connections", ["postgres"], quick)
+    if "schedules" in only:
+        part("keyjobs: schedules (issue 14)", "bench.schedules", databases, quick)
 
     peer_metrics = sorted(PEER_METRICS & only)
     python = None if args.no_peers or not peer_metrics else peers_python()

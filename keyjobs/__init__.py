@@ -18,6 +18,7 @@ from .exceptions import (
     TimeLimitExceeded,
 )
 from .status import Status
+from .triggers import emit, on_event, on_status
 
 __all__ = [
     "ArgumentError",
@@ -37,5 +38,8 @@ __all__ = [
     "TaskNotFound",
     "TimeLimitExceeded",
     "current",
+    "emit",
+    "on_event",
+    "on_status",
     "task",
 ]

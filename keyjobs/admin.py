@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import Prefetch, QuerySet
@@ -22,28 +23,37 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 from django.views.decorators.http import require_POST
 
-from . import control, registry
+from . import control, registry, schedules
 from .conf import conf
-from .models import Event, Invocation, Runner, RunnerQuerySet
+from .exceptions import KeyjobsError
+from .models import Event, Invocation, Runner, RunnerQuerySet, Schedule
 from .monitor.display import (
+    cause_of,
     format_duration,
+    invocation_url,
     key_url,
     monitor_links,
     runner_badge,
     runner_label,
+    runs_of_schedule_url,
+    schedule_rule,
     short_task,
     status_badge,
 )
 from .monitor.views import MonitorViews
 from .status import Status
+from .timers import Timer, TimerError
 
 if TYPE_CHECKING:
     # The admin's classes are generic to the type checker only (django-stubs), not at run time.
     InvocationModelAdmin = admin.ModelAdmin[Invocation]
     RunnerModelAdmin = admin.ModelAdmin[Runner]
+    ScheduleModelAdmin = admin.ModelAdmin[Schedule]
     EventTabularInline = admin.TabularInline[Event, Invocation]
+    ScheduleModelForm = forms.ModelForm[Schedule]
 else:
-    InvocationModelAdmin = RunnerModelAdmin = admin.ModelAdmin
+    InvocationModelAdmin = RunnerModelAdmin = ScheduleModelAdmin = admin.ModelAdmin
+    ScheduleModelForm = forms.ModelForm
     EventTabularInline = admin.TabularInline
 
 #: How many of the newest invocations the task and queue filters look at for names the registry lacks.
@@ -163,6 +173,7 @@ class InvocationAdmin(InvocationModelAdmin):
         ("Arguments", {"fields": ("args_display", "kwargs_display")}),
         ("Outcome", {"fields": ("result_display", "error_display", "traceback_display")}),
         ("Keys", {"fields": ("running_key", "registration_key", "slot"), "classes": ("collapse",)}),
+        ("Cause", {"fields": ("cause_display", "triggered_display")}),
     )
 
     class Media:
@@ -181,7 +192,7 @@ class InvocationAdmin(InvocationModelAdmin):
         return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Invocation]:
-        return super().get_queryset(request).select_related("runner")
+        return super().get_queryset(request).select_related("runner", "cause_schedule")
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Invocation], search_term: str
@@ -239,6 +250,20 @@ class InvocationAdmin(InvocationModelAdmin):
     @admin.display(description="traceback")
     def traceback_display(self, obj: Invocation) -> SafeString | str:
         return format_html('<pre class="kj-pre">{}</pre>', obj.traceback) if obj.traceback else "–"
+
+    @admin.display(description="created by")
+    def cause_display(self, obj: Invocation) -> SafeString | str:
+        return cause_of(obj, self.admin_site.name)
+
+    @admin.display(description="triggered")
+    def triggered_display(self, obj: Invocation) -> SafeString | str:
+        triggered = list(obj.triggered.order_by("pk").values_list("pk", "task_name", "cause_status")[:50])
+        if not triggered:
+            return "–"
+        return format_html_join(", ", '<a href="{}">#{} {}</a> (on {})', (
+            (invocation_url(pk, self.admin_site.name), pk, short_task(task_name), status)
+            for pk, task_name, status in triggered
+        ))
 
     # -- actions --------------------------------------------------------------
 
@@ -388,3 +413,123 @@ class RunnerAdmin(RunnerModelAdmin):
             ),
         )
 
+
+
+class ScheduleForm(ScheduleModelForm):
+    """A schedule of the admin: the rule checked by cronsim, the task found, the arguments fitting its function."""
+
+    class Meta:
+        model = Schedule
+        fields = ("name", "task_name", "kwargs", "cron", "interval", "catch_up", "enabled")
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        cron, interval = (data.get("cron") or "").strip(), data.get("interval")
+        data["cron"] = cron
+        try:
+            Timer(cron=cron, interval=interval)
+        except TimerError as exc:
+            self.add_error("cron" if cron or interval is None else "interval", str(exc))
+        task_name = data.get("task_name")
+        if task_name:
+            try:
+                spec = registry.get(task_name)
+            except KeyjobsError as exc:
+                self.add_error("task_name", str(exc))
+                return data
+            kwargs = data.get("kwargs")
+            if not isinstance(kwargs, dict):
+                self.add_error("kwargs", "The arguments must be a JSON object of keyword arguments.")
+            else:
+                try:
+                    spec.signature.bind(**kwargs)
+                except TypeError as exc:
+                    self.add_error("kwargs", f"{task_name} cannot be called with these arguments: {exc}")
+        return data
+
+
+@admin.register(Schedule)
+class ScheduleAdmin(ScheduleModelAdmin):
+    form = ScheduleForm
+    list_display = ("name", "rule", "enabled", "next_run", "last_run", "last_status", "origin", "runs_link")
+    list_filter = ("enabled", "origin")
+    list_select_related = ("last_invocation",)
+    search_fields = ("name", "task_name")
+    ordering = ("name",)
+    actions = ("pause", "resume")
+    readonly_fields = ("rule", "origin", "next_run", "last_run", "last_status", "problem", "runs_link")
+
+    class Media:
+        css = {"all": ("keyjobs/monitor.css",)}
+
+    def get_fields(self, request: HttpRequest, obj: Schedule | None = None) -> list[str]:  # type: ignore[override]
+        fields = ["name", "task_name", "kwargs", "cron", "rule", "interval", "catch_up", "enabled"]
+        return fields + ([] if obj is None else ["origin", "next_run", "last_run", "last_status", "problem",
+                                                 "runs_link"])
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Schedule | None = None) -> list[str]:
+        if obj is not None and obj.is_declared:
+            # Declared in code: the code is its source; only its pause is the admin's.
+            return [field for field in self.get_fields(request, obj) if field != "enabled"]
+        return list(self.readonly_fields)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Schedule | None = None) -> bool:
+        return not (obj is not None and obj.is_declared) and super().has_delete_permission(request, obj)
+
+    @admin.display(description="when")
+    def rule(self, obj: Schedule) -> str:
+        if obj._state.adding:
+            return "–"
+        return schedule_rule(obj)
+
+    @admin.display(description="last status")
+    def last_status(self, obj: Schedule) -> SafeString | str:
+        invocation = obj.last_invocation
+        if invocation is None:
+            return "–"
+        return format_html('<a href="{}">{}</a>', invocation_url(invocation.pk, self.admin_site.name),
+                           status_badge(invocation.status))
+
+    @admin.display(description="runs")
+    def runs_link(self, obj: Schedule) -> SafeString | str:
+        if obj._state.adding:
+            return "–"
+        return format_html('<a href="{}">its invocations</a>', runs_of_schedule_url(obj.pk, self.admin_site.name))
+
+    def save_model(self, request: HttpRequest, obj: Schedule, form: "forms.ModelForm[Schedule]", change: bool) -> None:
+        if not change or {"cron", "interval", "enabled"} & set(form.changed_data) or obj.problem:
+            schedules.plan(obj, timezone.now())
+        super().save_model(request, obj, form, change)
+
+    @admin.action(description="Pause the selected schedules", permissions=["change"])
+    def pause(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
+        paused = control.pause_schedules(queryset)
+        self.message_user(request, f"Paused {paused} schedule(s).", messages.SUCCESS)
+
+    @admin.action(description="Resume the selected schedules", permissions=["change"])
+    def resume(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
+        resumed = control.resume_schedules(queryset, timezone.now())
+        self.message_user(request, f"Resumed {resumed} schedule(s).", messages.SUCCESS)
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            # admin_view adds the CSRF check; require_POST refuses a GET. The Schedules page's buttons.
+            path("<int:pk>/toggle/", self.admin_site.admin_view(require_POST(self.toggle)),
+                 name="keyjobs_schedule_toggle"),
+            *super().get_urls(),
+        ]
+
+    def toggle(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """Pause a running schedule, or resume a paused one from its next tick; back to the Schedules page."""
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        found = Schedule.objects.filter(pk=pk)
+        schedule = get_object_or_404(found)
+        if schedule.enabled:
+            control.pause_schedules(found)
+            self.message_user(request, f"Paused {schedule.name}: no tick of it runs from its next one on.",
+                              messages.SUCCESS)
+        else:
+            control.resume_schedules(found, timezone.now())
+            self.message_user(request, f"Resumed {schedule.name} from its next tick.", messages.SUCCESS)
+        return HttpResponseRedirect(reverse(f"{self.admin_site.name}:keyjobs_invocation_schedules"))

@@ -76,5 +76,14 @@ class Settings:
         """
         return getattr(settings, "KEYJOBS_PREPARE_STATEMENTS", True)
 
+    @property
+    def SCHEDULE_GRACE(self) -> float:
+        """Seconds after its time a schedule's tick still counts as on time (``KEYJOBS_SCHEDULE_GRACE``).
+
+        A schedule that skips missed ticks (``catch_up`` off) skips a tick
+        found later than this, as one missed while no runner ran. Default 60.
+        """
+        return getattr(settings, "KEYJOBS_SCHEDULE_GRACE", 60.0)
+
 
 conf = Settings()

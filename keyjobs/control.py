@@ -1,10 +1,17 @@
-"""Changing invocations by hand (the admin's actions, ``Invocation.cancel()``), through the same checked transitions as the worker."""
+"""Changing invocations by hand (the admin's actions, ``Invocation.cancel()``), through the same checked transitions as the worker.
+
+And pausing and resuming schedules, the admin's and the Schedules page's.
+"""
+
+from datetime import datetime
 
 from django.db import transaction
+from django.db.models import QuerySet
 
 from .claim import wake_next
 from .conf import conf
-from .models import Event, Invocation
+from .models import Event, Invocation, Schedule
+from .schedules import plan
 from .status import OWNED, WAITING, Status
 from .store import store
 from .transitions import move
@@ -56,3 +63,19 @@ def cancel(invocations: list[Invocation], *, by: str = "", using: str | None = N
             for pk, status, runner_id, thread in running
         ])
     return [*moved, *(row[0] for row in running)]
+
+
+def pause_schedules(schedules: QuerySet[Schedule]) -> int:
+    """Pause schedules: no tick of theirs is enqueued from the next one on. Return how many were running."""
+    return schedules.filter(enabled=True).update(enabled=False)
+
+
+def resume_schedules(schedules: QuerySet[Schedule], now: datetime) -> int:
+    """Resume paused schedules from their first tick after ``now`` (the ticks missed while paused do not run)."""
+    resumed = 0
+    for schedule in schedules.filter(enabled=False):
+        schedule.enabled = True
+        plan(schedule, now)
+        schedule.save(update_fields=["enabled", "next_run", "problem"])
+        resumed += 1
+    return resumed

@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 from . import registry
 from .admission import Policy, Rate
 from .concurrency import ConcurrencyControlType, Mode
-from .exceptions import TaskDeclarationError, dotted_path
+from .exceptions import ArgumentError, TaskDeclarationError, dotted_path
 from .spec import Options, TaskSpec
+from .timers import Timer, TimerError
+from .triggers import Trigger, check_trigger
+from .values import check_arguments
 
 if TYPE_CHECKING:
     from .models import Invocation
@@ -49,6 +52,10 @@ class Task(Generic[P, R]):
         rate_limit: str | tuple[int, timedelta] | None = None,
         debounce: float | None = None,
         debounce_max: float | None = None,
+        schedule: str | timedelta | None = None,
+        schedule_kwargs: Mapping[str, Any] | None = None,
+        schedule_catch_up: bool = True,
+        trigger: Trigger | Iterable[Trigger] | None = None,
     ) -> None:
         where = f"@task on {getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)!s}"
         if not inspect.isfunction(func):
@@ -78,6 +85,9 @@ class Task(Generic[P, R]):
             name = dotted_path(func)
         if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
             raise TaskDeclarationError(f"{where}: name must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
+        timer, kwargs = _check_schedule(where, signature, schedule, schedule_kwargs, schedule_catch_up)
+        triggers = () if trigger is None else (trigger,) if not isinstance(trigger, Iterable) else tuple(trigger)
+        triggers = tuple(check_trigger(where, signature, each) for each in triggers)
         self.spec = TaskSpec(
             name=name,
             func=func,
@@ -88,6 +98,8 @@ class Task(Generic[P, R]):
             priority=priority,
             max_retries=retries[0], retry_for=retries[1], retry_backoff=retries[2], retry_backoff_max=retries[3],
             timeout=float(timeout) if timeout is not None else None,
+            schedule=timer, schedule_kwargs=kwargs, schedule_catch_up=schedule_catch_up,
+            triggers=triggers,
         )
         self.func: Callable[P, R] = func
         functools.update_wrapper(self, func)
@@ -138,6 +150,8 @@ class Task(Generic[P, R]):
     running_limit = property(lambda self: self.spec.policy.limit)
     max_retries = property(lambda self: self.spec.max_retries)
     retry_for = property(lambda self: self.spec.retry_for)
+    schedule = property(lambda self: self.spec.schedule)
+    triggers = property(lambda self: self.spec.triggers)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.func(*args, **kwargs)
@@ -221,6 +235,37 @@ def _check_debounce(
     return float(debounce), None if debounce_max is None else float(debounce_max)  # type: ignore[arg-type]
 
 
+def _check_schedule(
+    where: str, signature: inspect.Signature, schedule: object, kwargs: object, catch_up: object
+) -> tuple[Timer | None, dict[str, Any]]:
+    """Return the timer and the arguments of a declared schedule, checked as a tick will call the task."""
+    if not isinstance(catch_up, bool):
+        raise TaskDeclarationError(f"{where}: schedule_catch_up must be True or False")
+    if schedule is None:
+        if kwargs is not None:
+            raise TaskDeclarationError(f"{where}: schedule_kwargs has no effect without schedule=")
+        return None, {}
+    try:
+        timer = Timer.of(schedule)
+    except TimerError as exc:
+        raise TaskDeclarationError(f"{where}: schedule={schedule!r}: {exc}") from None
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, Mapping):
+        raise TaskDeclarationError(f"{where}: schedule_kwargs must be a dict of keyword arguments")
+    arguments = dict(kwargs)
+    try:
+        signature.bind(**arguments)
+        check_arguments(arguments, where=where)
+    except ArgumentError as exc:
+        raise TaskDeclarationError(f"{where}: schedule_kwargs: {exc}") from None
+    except TypeError as exc:
+        needs = "" if arguments else " (a scheduled task with required arguments needs schedule_kwargs={...})"
+        raise TaskDeclarationError(f"{where}: a tick cannot call it with schedule_kwargs={arguments!r}: {exc}{needs}") \
+            from None
+    return timer, arguments
+
+
 def _check_queue(where: str, queue: object) -> str | None:
     if queue is None:
         return None
@@ -260,6 +305,10 @@ def task(
     rate_limit: str | tuple[int, timedelta] | None = None,
     debounce: float | None = None,
     debounce_max: float | None = None,
+    schedule: str | timedelta | None = None,
+    schedule_kwargs: Mapping[str, Any] | None = None,
+    schedule_catch_up: bool = True,
+    trigger: Trigger | Iterable[Trigger] | None = None,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 def task(func: Any = None, /, **options: Any) -> Any:
     """Declare a task: ``@task`` or ``@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))``."""

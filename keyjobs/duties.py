@@ -9,7 +9,7 @@ hosts with skewed clocks agree.
 
 A duty returns how many invocations it made runnable, so that idle threads
 are woken to claim them. A new duty (a schedule's tick, a rate window's
-release) joins ``duties_of()``.
+release) joins ``duties_of()``; the schedules' tick is one (``ScheduleTicks``).
 """
 
 import logging
@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING
 from django.db import close_old_connections
 from django.db.models.functions import Now
 
-from . import faults
+from . import faults, schedules
 from .claim import promote_due_retries, releases, wake_orphans
 from .conf import conf
 from .models import Event, Runner
 from .recovery import recover_lost_runners
+from .store import store
 from .transitions import record
 
 if TYPE_CHECKING:
@@ -104,6 +105,72 @@ def until_release(worker: "Worker") -> float:
     return worker.poll_interval if due is None else due
 
 
+class ScheduleTicks:
+    """The scheduling duty: enqueue each tick of the schedules (``keyjobs.schedules``), and start it on time.
+
+    Its interval follows the schedules. A little before a tick
+    (``LEAD``) it enqueues the tick's invocation, due at the tick
+    (``run_after``); at the tick itself it only wakes the pool, so that an
+    idle thread claims the invocation at once, and then tells the other
+    runners (NOTIFY). Every runner runs it; the row locks and the unique tick
+    constraint make each tick run once. It looks at least once a heartbeat
+    interval, so that a schedule added or edited in the admin is seen soon.
+    """
+
+    #: How long before its tick an invocation is enqueued, in seconds: a pause within this of a tick
+    #: no longer stops that tick.
+    LEAD = 0.2
+    #: How long after its tick the pool is woken: the time the runner's clock may be early by.
+    MARGIN = 0.001
+    #: A second, local wake-up after the tick, in case the first came too early for the database.
+    AGAIN = 0.005
+    #: How soon to look again when the due schedules are all being run by other runners.
+    HELD_ELSEWHERE = 0.05
+
+    def __init__(self) -> None:
+        self.synced = False
+        #: When it next runs, and when it began its last run, by this process's monotonic clock.
+        self.next_at = 0.0
+        self.began = 0.0
+        #: (when, by this process's monotonic clock; queue; whether to tell the other runners): wake-ups for
+        #: invocations enqueued ahead of their tick.
+        self.starts: list[tuple[float, str, bool]] = []
+        #: The queues whose tick came: their runners elsewhere are told on the next run, at once.
+        self.to_notify: set[str] = set()
+
+    def interval(self, worker: "Worker") -> float:
+        return self.next_at - self.began
+
+    def run(self, worker: "Worker") -> int:
+        self.began = now = time.monotonic()
+        due = [(queue, tell) for start, queue, tell in self.starts if start <= now]
+        if due:
+            # A tick's time: wake this runner's idle threads first, then (the next run, at once) the others.
+            self.starts = [start for start in self.starts if start[0] > now]
+            self.to_notify.update(queue for queue, tell in due if tell)
+            self.next_at = now
+            return len(due)
+        for queue in sorted(self.to_notify):
+            store(worker.using).notify(queue)
+        self.to_notify.clear()
+        if not self.synced:
+            schedules.sync_declared(using=worker.using)
+            self.synced = True
+        self.next_at = now + conf.HEARTBEAT_INTERVAL  # if the tick fails: try again a heartbeat later
+        ticked = schedules.tick(using=worker.using, lead=self.LEAD)
+        looked = time.monotonic()
+        for due_at, queue in ticked.ahead:
+            self.starts += [(due_at + self.MARGIN, queue, True), (due_at + self.AGAIN, queue, False)]
+        if ticked.wait is None:
+            wait = conf.HEARTBEAT_INTERVAL
+        elif ticked.wait <= self.LEAD:
+            wait = self.HELD_ELSEWHERE
+        else:
+            wait = min(ticked.wait - self.LEAD, conf.HEARTBEAT_INTERVAL)
+        self.next_at = min([looked + wait, *(start for start, _, _ in self.starts)])
+        return ticked.enqueued
+
+
 def every_heartbeat(worker: "Worker") -> float:
     return conf.HEARTBEAT_INTERVAL
 
@@ -123,6 +190,8 @@ def duties_of(worker: "Worker") -> list[Duty]:
         Duty("flag overdue runs", every_heartbeat, flag_overdue),
         # The moment a full rate window has room again (``Duties.wait`` wakes when a deferral is noted).
         Duty("release deferred work", until_release, release_deferred),
+        # Last: at a tick's time nothing else is due, and the tick goes first anyway.
+        Duty("enqueue due schedule ticks", (ticks := ScheduleTicks()).interval, ticks.run),
     ]
 
 

@@ -33,7 +33,7 @@ from .values import check_arguments
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
-    from .spec import Options, TaskSpec
+    from .spec import Cause, Options, TaskSpec
 
 #: How often a delay() retries after losing a race at the registration guard.
 _REGISTRATION_ATTEMPTS = 20
@@ -263,7 +263,15 @@ def _build(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         running_key=running_key,
         registration_key=registration_key,
         run_after=_when(options.run_after),
+        **_cause_fields(options.cause),
     )
+
+
+def _cause_fields(cause: "Cause | None") -> dict[str, Any]:
+    if cause is None:
+        return {}
+    return {"cause_schedule_id": cause.schedule_id, "cause_tick": cause.tick, "cause_event": cause.event,
+            "cause_invocation_id": cause.invocation_id, "cause_status": cause.status}
 
 
 def _bind(task: "TaskSpec", args: tuple[Any, ...], kwargs: dict[str, Any], where: str) -> dict[str, Any]:

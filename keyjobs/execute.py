@@ -21,7 +21,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
-from . import faults, registry, signals, values
+from . import faults, registry, signals, triggers, values
 from .claim import Claimer, record_and_claim, wake_next
 from .current import running
 from .exceptions import ArgumentError, Cancelled, KeyjobsError, NotOwner, TimeLimitExceeded, dotted_path
@@ -178,7 +178,9 @@ def _finish(
 ) -> Status | None:
     try:
         done = None
-        if claimer is not None and invocation.running_key is None and outcome.status != Status.RETRY:
+        triggering = bool(triggers.triggered_by(invocation.task_name, outcome.status))
+        if (claimer is not None and invocation.running_key is None and outcome.status != Status.RETRY
+                and not triggering):
             # Nothing to release: where the database can, one statement records the outcome and
             # claims the thread's next invocation.
             done = record_and_claim(invocation, outcome.status, values=outcome.values, note=outcome.note,
@@ -187,7 +189,8 @@ def _finish(
             moved, taken = done
             outcome.handed = taken[0] if taken else None
         else:
-            moved, outcome = _record(invocation, outcome, runner, using=using, thread=thread, claimer=claimer)
+            moved, outcome = _record(invocation, outcome, runner, using=using, thread=thread, claimer=claimer,
+                                     triggering=triggering)
     except NotOwner:
         return None
     if not moved:
@@ -198,12 +201,16 @@ def _finish(
 
 
 def _record(
-    invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None, claimer: Claimer | None
+    invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None, claimer: Claimer | None,
+    triggering: bool = False,
 ) -> tuple[list[int], Outcome]:
-    """Record ``outcome`` and release the key in one transaction; return the ids moved and the outcome recorded."""
-    # Without a key or a retry to guard there is only the outcome: one statement where the
-    # database has it, no transaction around.
-    needs_transaction = invocation.running_key is not None or outcome.status == Status.RETRY
+    """Record ``outcome``, release the key and enqueue what it triggers, in one transaction.
+
+    Return the ids moved and the outcome recorded.
+    """
+    # Without a key, a retry to guard or a trigger to fire there is only the outcome: one
+    # statement where the database has it, no transaction around.
+    needs_transaction = invocation.running_key is not None or outcome.status == Status.RETRY or triggering
     with transaction.atomic(using=using) if needs_transaction else nullcontext():
         if outcome.status == Status.RETRY:
             try:
@@ -218,6 +225,8 @@ def _record(
             moved = move([invocation.pk], outcome.status, using=using, only_from={Status.RUNNING}, owner=runner,
                          runner_thread=thread, values=outcome.values, note=outcome.note)
         if moved:
+            # Only the run that moved the invocation fires: a retried recording finds it moved already.
+            triggers.fire(invocation, outcome.status, outcome.values, using=using)
             outcome.handed = wake_next(invocation.task_name, invocation.running_key, using=using,
                                        runner=runner, claimer=claimer, take=True).handed
     return moved, outcome

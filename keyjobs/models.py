@@ -83,6 +83,24 @@ class Invocation(models.Model):
     cancel_requested = models.BooleanField(
         default=False, help_text=_("cancel() was asked while it was owned: the task reads it, an async one is stopped."),
     )
+    # What created it, when not a plain delay(): a schedule's tick, an emitted event, or another
+    # invocation's outcome (``keyjobs.schedules``, ``keyjobs.triggers``).
+    cause_schedule = models.ForeignKey(
+        "Schedule", null=True, blank=True, on_delete=models.SET_NULL, related_name="invocations",
+        verbose_name=_("schedule"), help_text=_("The schedule whose tick created it."),
+    )
+    cause_tick = models.DateTimeField(_("tick"), null=True, blank=True, help_text=_("The tick it runs for."))
+    cause_event = models.CharField(
+        _("event"), max_length=200, blank=True, help_text=_("The event whose emit() created it."),
+    )
+    cause_invocation = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="triggered",
+        verbose_name=_("triggered by"), help_text=_("The invocation whose outcome triggered it."),
+    )
+    cause_status = models.CharField(
+        _("triggering status"), max_length=32, choices=Status.choices, blank=True,
+        help_text=_("The outcome of the triggering invocation that triggered it."),
+    )
 
     objects = InvocationQuerySet.as_manager()
 
@@ -102,6 +120,16 @@ class Invocation(models.Model):
                 condition=Q(status__in=sorted(map(str, WAITING))) & Q(registration_key__isnull=False),
                 name="keyjobs_one_waiting_per_registration_key",
             ),
+            # A schedule's tick creates one invocation, whichever runners race to create it.
+            models.UniqueConstraint(
+                fields=["cause_schedule", "cause_tick"], condition=Q(cause_schedule__isnull=False),
+                name="keyjobs_one_run_per_tick",
+            ),
+            # An outcome triggers a subscribed task once, however often its recording is retried.
+            models.UniqueConstraint(
+                fields=["cause_invocation", "cause_status", "task_name"], condition=Q(cause_invocation__isnull=False),
+                name="keyjobs_one_trigger_per_outcome",
+            ),
         ]
         indexes = [
             # The claim: registered work in order, for a worker of every queue and for one of
@@ -120,6 +148,8 @@ class Invocation(models.Model):
             models.Index(fields=["task_name", "running_key"], name="keyjobs_by_key"),
             models.Index(fields=["status", "finished_at"], name="keyjobs_status_finished"),
             models.Index(fields=["created_at"], name="keyjobs_created"),
+            # The timeline's tick marks: the scheduled invocations of a window.
+            models.Index(fields=["cause_tick"], condition=Q(cause_tick__isnull=False), name="keyjobs_by_tick"),
         ]
 
     def __str__(self) -> str:
@@ -312,3 +342,67 @@ class Runner(models.Model):
 
     def __str__(self) -> str:
         return f"runner {self.pk} ({self.host}:{self.pid})"
+
+
+class ScheduleQuerySet(models.QuerySet["Schedule"]):
+    def due(self) -> "ScheduleQuerySet":
+        """Return the enabled schedules whose next tick has come, on the database's clock."""
+        return self.filter(enabled=True, next_run__lte=Now())
+
+
+class Schedule(models.Model):
+    """A task run on a timer: every tick of a cron expression, or every interval (``keyjobs.schedules``)."""
+
+    class Origin(models.TextChoices):
+        # Declared with @task(schedule=...); kept in step with the code by every runner, read-only in the admin.
+        CODE = "code", _("code")
+        # Created in the admin.
+        ADMIN = "admin", _("admin")
+
+    name = models.CharField(max_length=200, unique=True, help_text=_("A declared schedule is named after its task."))
+    task_name = models.CharField(_("task"), max_length=200)
+    kwargs = models.JSONField(_("arguments"), default=dict, blank=True,
+                              help_text=_("The keyword arguments of every run, as a JSON object."))
+    cron = models.CharField(
+        max_length=200, blank=True,
+        help_text=_("Five fields: minute hour day-of-month month day-of-week, in the site's time zone."),
+    )
+    interval = models.DurationField(null=True, blank=True, help_text=_("Or: the time between two runs."))
+    catch_up = models.BooleanField(
+        _("catch up missed ticks"), default=True,
+        help_text=_("Ticks missed while no runner ran: run once for all of them (on), or skip them (off)."),
+    )
+    enabled = models.BooleanField(default=True, help_text=_("Off: paused from its next tick on."))
+    origin = models.CharField(max_length=8, choices=Origin.choices, default=Origin.ADMIN)
+    next_run = models.DateTimeField(null=True, blank=True, help_text=_("The next tick; empty while it cannot run."))
+    last_run = models.DateTimeField(null=True, blank=True, help_text=_("The last tick that ran."))
+    last_invocation = models.ForeignKey(
+        Invocation, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text=_("The invocation of the last tick (an invocation it merged into, under registration concurrency)."),
+    )
+    problem = models.TextField(
+        blank=True, help_text=_("Why the runners skip it (a task that cannot be found, arguments it cannot take)."),
+    )
+    created_at = models.DateTimeField(db_default=Now())
+
+    objects = ScheduleQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(cron="") & Q(interval__isnull=False)) | (~Q(cron="") & Q(interval__isnull=True)),
+                name="keyjobs_schedule_cron_or_interval",
+            ),
+        ]
+        indexes = [
+            # The scheduling duty: the enabled schedules in the order they are due. Not partial, for
+            # the reason the claim's index is not: Django binds the flag as a parameter.
+            models.Index(fields=["enabled", "next_run"], name="keyjobs_schedule_due"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_declared(self) -> bool:
+        return self.origin == self.Origin.CODE

@@ -19,6 +19,8 @@ from .exceptions import TaskDeclarationError, dotted_path
 
 if TYPE_CHECKING:
     from .models import Invocation
+    from .timers import Timer
+    from .triggers import Trigger
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,6 +39,13 @@ class TaskSpec:
     retry_backoff_max: float = 300.0
     #: Seconds a run may take; None for no limit.
     timeout: float | None = None
+    #: Declared with ``schedule=``: when it runs by itself, with which keyword arguments, and whether
+    #: ticks missed while no runner ran are run once (True) or skipped.
+    schedule: "Timer | None" = None
+    schedule_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    schedule_catch_up: bool = True
+    #: Declared with ``trigger=``: the outcomes and events that enqueue it (``keyjobs.triggers``).
+    triggers: tuple["Trigger", ...] = ()
 
     @property
     def func_path(self) -> str:
@@ -65,12 +74,23 @@ class TaskSpec:
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+@dataclass(frozen=True)
+class Cause:
+    """What created an invocation other than a plain delay(): stored in its ``cause_*`` fields."""
+
+    schedule_id: int | None = None
+    tick: datetime | None = None
+    event: str = ""
+    invocation_id: int | None = None
+    status: str = ""
+
+
 class Options:
     """A call's enqueue options over a spec: what ``enqueue`` takes, and what ``Task.using()`` returns."""
 
     def __init__(
         self, task: TaskSpec, *, queue: str | None = None, priority: int | None = None,
-        run_after: datetime | timedelta | None = None,
+        run_after: datetime | timedelta | None = None, cause: Cause | None = None,
     ) -> None:
         if run_after is not None and not isinstance(run_after, (datetime, timedelta)):
             raise TaskDeclarationError(f"{task.name}.using(): run_after must be a datetime or a timedelta")
@@ -78,6 +98,8 @@ class Options:
         self.queue = queue or task.queue
         self.priority = task.priority if priority is None else priority
         self.run_after = run_after
+        #: Set by the producers that are not a caller: a schedule's tick, a trigger.
+        self.cause = cause
 
     def delay(self, *args: Any, **kwargs: Any) -> "Invocation":
         """Register a call for a worker to run, in the caller's transaction, and return its invocation."""

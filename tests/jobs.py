@@ -4,7 +4,7 @@ import os
 import time
 from datetime import timedelta
 
-from keyjobs import Cancelled, Mode, current, registry, task
+from keyjobs import Cancelled, Mode, Status, current, on_event, on_status, registry, task
 from keyjobs.admission import Policy, Rate
 from keyjobs.spec import TaskSpec
 
@@ -195,3 +195,44 @@ async def stoppable_async(account_id: str, marker: str, seconds: float = 30.0) -
     open(marker + ".started", "w").close()
     await asyncio.sleep(seconds)
     return "finished"
+
+
+# Triggers (tests/test_triggers.py): tasks of their own, so that no other test's counts see them.
+@task
+def sync_account(account_id: str, op: str = "sync", fail: bool = False) -> str:
+    if fail:
+        raise ValueError(f"could not sync {account_id}")
+    return f"synced {account_id}"
+
+
+@task(trigger=on_status(sync_account, Status.SUCCESS))
+def reindex_account(account_id: str, op: str, result: str) -> list[str]:
+    return [account_id, op, result]
+
+
+@task(trigger=on_status(sync_account, Status.FAILED))
+def report_sync_failure(account_id: str, error: str) -> str:
+    return error
+
+
+@task(trigger=on_event("account.updated"))
+def push_metadata(account_id: str) -> str:
+    return account_id
+
+
+@task(trigger=on_event("account.updated"))
+def audit_update(**fields: object) -> dict[str, object]:
+    return dict(fields)
+
+
+# Schedules (tests/test_schedules.py) run tasks through Schedule rows, not @task(schedule=...):
+# a declared schedule would tick in every test that runs a worker.
+@task
+def tick_log(log: str) -> None:
+    with open(log, "a") as out:
+        out.write(f"{os.getpid()}\n")
+
+
+@task(registration_concurrency=Mode.TASK)
+def slow_report(seconds: float) -> None:
+    time.sleep(seconds)

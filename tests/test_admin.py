@@ -256,8 +256,9 @@ def test_the_detail_page_takes_the_same_queries_however_long_the_history(viewer:
                  end=now - timedelta(seconds=9 - number), status=Status.RETRY)
         EventFactory(invocation=invocation, from_status=Status.RETRY, to_status=Status.REGISTERED, runner=runner)
         invocation.status = Status.REGISTERED
-    # Session, user, its permissions and its groups'; the invocation with its runner; its history with runners.
-    with django_assert_num_queries(6):
+    # Session, user, its permissions and its groups'; the invocation with its runner; its history with runners;
+    # what it triggered.
+    with django_assert_num_queries(7):
         assert viewer.get(change_url(invocation)).status_code == 200
 
 

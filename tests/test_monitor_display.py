@@ -31,7 +31,7 @@ XSS = '<script>alert("x")</script>'
 
 def test_every_status_every_marker_and_every_runner_state_has_a_colour() -> None:
     assert set(STATUS_COLOURS) == set(Status.values)
-    assert set(MARKER_COLOURS) == {"rerouted", "dropped", "reused", "debounced", "cancelled"}
+    assert set(MARKER_COLOURS) == {"rerouted", "dropped", "reused", "debounced", "cancelled", "tick"}
     assert set(RUNNER_COLOURS) == set(Runner.State.values)
 
 
@@ -90,7 +90,7 @@ def test_the_key_url_carries_the_task_and_the_stored_key() -> None:
 
 
 def test_the_monitor_links_its_pages_and_the_admin_lists() -> None:
-    assert [title for title, _ in monitor_links()] == ["Dashboard", "Timeline", "Invocations", "Runners"]
+    assert [title for title, _ in monitor_links()] == ["Dashboard", "Timeline", "Invocations", "Runners", "Schedules"]
     assert dict(monitor_links())["Runners"] == reverse("admin:keyjobs_runner_changelist")
 
 

@@ -267,8 +267,8 @@ def test_the_timeline_query_uses_the_index_on_postgresql_even_when_a_scan_looks_
 def test_the_timeline_takes_the_same_queries_however_many_runs(django_assert_num_queries) -> None:
     now = timezone.now()
     give_runs(now)  # 30 finished, one still running
-    # Events; runs still going; runners; whether any work is left.
-    with django_assert_num_queries(4):
+    # Events; the schedules' ticks; runs still going; runners; whether any work is left.
+    with django_assert_num_queries(5):
         data = timeline(window(now=now), now=now)
     assert len(data["runs"]) == 31
 
@@ -282,8 +282,9 @@ def test_a_past_window_reads_where_its_runs_began_and_ended_in_two_more_queries(
         give_run(InvocationFactory(), runner=runner, thread=1, start=now - timedelta(minutes=25 + number),
                  end=now - timedelta(minutes=5))
     past = Window(now - timedelta(minutes=40), now - timedelta(minutes=20))
-    # Events; when the clipped runs began; when the open runs ended; runners; whether any work is left.
-    with django_assert_num_queries(5):
+    # Events; the schedules' ticks; when the clipped runs began; when the open runs ended; runners; whether any
+    # work is left.
+    with django_assert_num_queries(6):
         runs = timeline(past, now=now)["runs"]
     assert all(run["start"] is not None and run["end"] is not None for run in runs) and len(runs) == 10
 

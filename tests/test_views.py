@@ -97,8 +97,9 @@ def test_the_admin_index_of_keyjobs_links_the_monitor(admin_client: Client) -> N
 def test_the_timeline_data_takes_a_bounded_number_of_queries(viewer: Client, django_assert_num_queries) -> None:
     now = timezone.now()
     give_runs(now)  # 30 finished, one still running
-    # Session, user, its permissions and its groups'; events; runs still going; runners; whether any work is left.
-    with django_assert_num_queries(8):
+    # Session, user, its permissions and its groups'; events; the schedules' ticks; runs still going; runners;
+    # whether any work is left.
+    with django_assert_num_queries(9):
         response = viewer.get(reverse(TIMELINE_DATA))
     assert len(response.json()["runs"]) == 31
 

@@ -14,8 +14,9 @@ from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 
 from ..concurrency import key_label
-from ..models import Invocation, Runner
+from ..models import Invocation, Runner, Schedule
 from ..status import Status
+from ..timers import Timer, TimerError
 
 #: One colour per status: the admin's badges and the timeline's bars share them.
 STATUS_COLOURS: dict[str, str] = {
@@ -36,6 +37,7 @@ MARKER_COLOURS = {
     "reused": "#0b7285",
     "debounced": "#0ca678",
     "cancelled": STATUS_COLOURS[Status.CANCELLED],
+    "tick": "#495057",
 }
 #: One colour per runner state.
 RUNNER_COLOURS: dict[str, str] = {
@@ -112,6 +114,7 @@ def monitor_links(site_name: str = "admin") -> list[tuple[str, str]]:
         ("Timeline", reverse(f"{site_name}:keyjobs_invocation_timeline")),
         ("Invocations", reverse(f"{site_name}:keyjobs_invocation_changelist")),
         ("Runners", reverse(f"{site_name}:keyjobs_runner_changelist")),
+        ("Schedules", reverse(f"{site_name}:keyjobs_invocation_schedules")),
     ]
 
 
@@ -144,3 +147,39 @@ def throughput_bars(counts: list[tuple[datetime, int]]) -> list[dict[str, Any]]:
         bars.append({"minute": minute, "count": count, "height": height, "x": 20 * number + 2, "y": 66 - height,
                      "label_x": 20 * number + 10})
     return bars
+
+
+def schedule_rule(schedule: Schedule) -> str:
+    """Return a schedule's rule in words (``Every 15 minutes``), or its raw text if it cannot be read."""
+    try:
+        return Timer(cron=schedule.cron, interval=schedule.interval).describe()
+    except TimerError:
+        return schedule.cron or str(schedule.interval)
+
+
+def schedule_url(pk: int, site_name: str = "admin") -> str:
+    return reverse(f"{site_name}:keyjobs_schedule_change", args=[pk])
+
+
+def invocation_url(pk: int, site_name: str = "admin") -> str:
+    return reverse(f"{site_name}:keyjobs_invocation_change", args=[pk])
+
+
+def runs_of_schedule_url(pk: int, site_name: str = "admin") -> str:
+    """Return the URL of the invocations a schedule's ticks created."""
+    return f"{reverse(f'{site_name}:keyjobs_invocation_changelist')}?{urlencode({'cause_schedule__id__exact': pk})}"
+
+
+def cause_of(invocation: Invocation, site_name: str = "admin") -> SafeString | str:
+    """Return what created an invocation, with a link to it: a schedule's tick, an event, another's outcome."""
+    if invocation.cause_schedule_id is not None:
+        tick = invocation.cause_tick.isoformat() if invocation.cause_tick else "?"
+        return format_html('the tick of {} of schedule <a href="{}">{}</a>', tick,
+                           schedule_url(invocation.cause_schedule_id, site_name),
+                           invocation.cause_schedule.name if invocation.cause_schedule else invocation.cause_schedule_id)
+    if invocation.cause_invocation_id is not None:
+        return format_html('{} of <a href="{}">#{}</a>', status_badge(invocation.cause_status),
+                           invocation_url(invocation.cause_invocation_id, site_name), invocation.cause_invocation_id)
+    if invocation.cause_event:
+        return format_html("the event <code>{}</code> (emit)", invocation.cause_event)
+    return "a call of delay()"

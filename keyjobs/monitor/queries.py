@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypedDict, TypeVar
 
 from django.db import connections
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, F, Q, QuerySet
 from django.db.models.functions import Coalesce, Now, TruncMinute
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -20,7 +20,7 @@ from django.utils.dateparse import parse_datetime
 from .. import registry
 from ..concurrency import key_label
 from ..conf import conf
-from ..models import Event, Invocation, RateToken, Runner
+from ..models import Event, Invocation, RateToken, Runner, Schedule
 from ..status import OWNED, WAITING, Status
 from .display import epoch_ms, runner_label, short_task
 
@@ -189,7 +189,8 @@ def timeline(
     invocation, whose ``to_status`` colours the bar; a run with no end yet is
     running. Markers are the parked (REROUTED), dropped
     (CONCURRENCY_CONTROLLED_FINAL), deduplicated (REUSED), debounced
-    (DEBOUNCED) and cancelled-before-running (CANCELLED) moments. Runs
+    (DEBOUNCED) and cancelled-before-running (CANCELLED) moments, and the
+    schedules' ticks. Runs
     and markers name their lanes by index: ``thread_lane`` into
     ``lanes["thread"]`` (runner and thread), ``key_lane`` into
     ``lanes["key"]`` (task and key).
@@ -255,6 +256,14 @@ def timeline(
         run["end"], run["status"] = moment, to_status
         runs.append(run)
 
+    # A schedule's tick: the moment its invocation was due.
+    for pk, tick_at, task_name, running_key, registration_key in ticks(window, task=task, key=key, limit=limit,
+                                                                        using=using):
+        lane_key = (task_name, running_key or registration_key)
+        moment = epoch_ms(tick_at) or 0
+        lane = key_index.get(lane_key)
+        markers.append({"id": pk, "at": moment, "kind": "tick",
+                        "key_lane": lane if lane is not None else key_lane(task_name, lane_key[1], moment)})
     if clipped:
         started = dict(invocations.filter(pk__in=[run["id"] for run in clipped]).values_list("pk", "started_at"))
         for run in clipped:
@@ -530,3 +539,31 @@ def rate_window(task_name: str, key: str, *, using: str) -> RateWindow | None:
         task_name=task_name, running_key=key, number__lt=rate.count,
         used_at__gt=Now() - timedelta(seconds=rate.window)).count()
     return RateWindow(str(rate), starts, rate.count, rate.window)
+
+
+# -- the schedules page --------------------------------------------------------------
+
+#: The most schedules the page lists (in the order they are due).
+SCHEDULES_SHOWN = 500
+
+
+def schedules(*, using: str | None = None) -> list[Schedule]:
+    """Return the schedules, running ones by next run then paused and set-aside ones, with their last invocation."""
+    return list(
+        Schedule.objects.using(using or conf.DATABASE)
+        .select_related("last_invocation")
+        .order_by(F("next_run").asc(nulls_last=True), "name")[:SCHEDULES_SHOWN]
+    )
+
+
+def ticks(window: "Window", *, task: str = "", key: str = "", limit: int = MAX_EVENTS,
+          using: str | None = None) -> list[tuple[Any, ...]]:
+    """Return (invocation id, tick, task, running key, registration key) of the schedules' ticks in ``window``."""
+    found = Invocation.objects.using(using or conf.DATABASE).filter(
+        cause_tick__isnull=False, cause_tick__gte=window.start, cause_tick__lte=window.end)
+    if task:
+        found = found.filter(task_name=task)
+    if key:
+        found = found.filter(Q(running_key=key) | Q(registration_key=key))
+    return list(found.order_by("-cause_tick").values_list(
+        "pk", "cause_tick", "task_name", "running_key", "registration_key")[:limit])

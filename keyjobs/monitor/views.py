@@ -22,9 +22,12 @@ from .display import (
     MARKER_COLOURS,
     STATUS_COLOURS,
     invocation_row,
+    invocation_url,
     key_url,
     label_of,
     monitor_links,
+    runs_of_schedule_url,
+    schedule_rule,
     short_task,
     status_badge,
     throughput_bars,
@@ -55,13 +58,14 @@ class MonitorViews:
             path("timeline/data/", self._guard(self.timeline_json), name=f"{prefix}_timeline_data"),
             path("dashboard/", self._guard(self.dashboard), name=f"{prefix}_dashboard"),
             path("key/", self._guard(self.key), name=f"{prefix}_key"),
+            path("schedules/", self._guard(self.schedules), name=f"{prefix}_schedules"),
         ]
 
-    def _guard(self, view: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
-        def guarded(request: HttpRequest) -> HttpResponse:
+    def _guard(self, view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             if not self.model_admin.has_view_permission(request):
                 raise PermissionDenied
-            return view(request)
+            return view(request, *args, **kwargs)
 
         # admin_view: anonymous users go to the login page, users who are not staff are refused.
         return self.admin_site.admin_view(guarded)
@@ -116,7 +120,8 @@ class MonitorViews:
                            ("dropped", MARKER_COLOURS["dropped"], "✕"),
                            ("deduplicated (reused)", MARKER_COLOURS["reused"], "◆"),
                            ("debounced (merged)", MARKER_COLOURS["debounced"], "◆"),
-                           ("cancelled", MARKER_COLOURS["cancelled"], "■")],
+                           ("cancelled", MARKER_COLOURS["cancelled"], "■"),
+                           ("a schedule's tick", MARKER_COLOURS["tick"], "▲")],
         )
         return TemplateResponse(request, "keyjobs/timeline.html", context)
 
@@ -180,3 +185,21 @@ class MonitorViews:
             active=bool(history.running or history.waiting),
         )
         return TemplateResponse(request, "keyjobs/key.html", context)
+
+    def schedules(self, request: HttpRequest) -> HttpResponse:
+        site = self.admin_site.name
+        rows = [
+            {"schedule": schedule, "rule": schedule_rule(schedule), "detail": schedule.cron or "",
+             "url": reverse(f"{site}:keyjobs_schedule_change", args=[schedule.pk]),
+             "runs_url": runs_of_schedule_url(schedule.pk, site),
+             "last": schedule.last_invocation,
+             "last_badge": status_badge(schedule.last_invocation.status) if schedule.last_invocation else "",
+             "last_url": invocation_url(schedule.last_invocation.pk, site) if schedule.last_invocation else "",
+             "toggle_url": reverse(f"{site}:keyjobs_schedule_toggle", args=[schedule.pk])}
+            for schedule in queries.schedules()
+        ]
+        context = self._context(
+            request, "Schedules", rows=rows, limit=queries.SCHEDULES_SHOWN, now=timezone.now(),
+            can_change=request.user.has_perm("keyjobs.change_schedule"),
+        )
+        return TemplateResponse(request, "keyjobs/schedules.html", context)

@@ -20,13 +20,14 @@
     1e3, 2e3, 5e3, 10e3, 15e3, 30e3, 60e3, 120e3, 300e3, 600e3, 900e3, 1800e3,
     3600e3, 7200e3, 10800e3, 21600e3, 43200e3, 86400e3
   ];
-  var MARKER_ROWS = { rerouted: 0, dropped: 1, reused: 2, debounced: 3, cancelled: 4 };
+  var MARKER_ROWS = { rerouted: 0, dropped: 1, reused: 2, debounced: 3, cancelled: 4, tick: 5 };
   var MARKER_TITLES = {
     rerouted: "parked (rerouted): its key was busy",
     dropped: "dropped by concurrency control",
     reused: "deduplicated: a duplicate delay() was merged into it",
     debounced: "debounced: a later delay() merged into it (its arguments, a later start)",
-    cancelled: "cancelled before it ran"
+    cancelled: "cancelled before it ran",
+    tick: "a schedule's tick: the invocation it created was due"
   };
 
   var config, data, root, tooltip, refreshStatus, truncatedNote;
@@ -296,6 +297,8 @@
         } else if (marker.kind === "dropped") {
           shape = "M" + (cx - r) + "," + (cy - r) + "L" + (cx + r) + "," + (cy + r) +
             "M" + (cx + r) + "," + (cy - r) + "L" + (cx - r) + "," + (cy + r);
+        } else if (marker.kind === "tick") {
+          shape = "M" + (cx - r) + "," + (cy + r) + "L" + (cx + r) + "," + (cy + r) + "L" + cx + "," + (cy - r) + "Z";
         } else {
           shape = "M" + cx + "," + (cy - r) + "L" + (cx + r) + "," + cy + "L" + cx + "," + (cy + r) + "L" + (cx - r) + "," + cy + "Z";
         }

@@ -1,0 +1,218 @@
+"""Schedules: turning each due tick of a ``Schedule`` into exactly one invocation, with any number of runners.
+
+Every runner runs the tick (``tick()``, a timed duty of ``keyjobs.duties``);
+there is no leader and no lock that outlives a transaction. A runner takes
+the due schedules with row locks that the others skip (``SKIP LOCKED``;
+SQLite's write lock serializes the runners instead), enqueues each tick's
+invocation through ``enqueue`` and advances its ``next_run``, all in one
+transaction. The partial unique constraint ``keyjobs_one_run_per_tick`` on
+(``cause_schedule``, ``cause_tick``) is the final arbiter. A runner killed
+in the middle holds nothing: its transaction dies with its connection, and
+the next runner to look takes the tick. Every time compared is the
+database's ``NOW()``.
+
+Missed ticks, those due while no runner ran, make one run, for the latest of
+them (``catch_up``, the default); a schedule with ``catch_up`` off skips a
+tick found more than ``KEYJOBS_SCHEDULE_GRACE`` seconds late. Either way the
+next tick is the first one after now.
+
+A schedule whose row cannot run (a task no runner can find, arguments its
+function does not take, a rule cronsim refuses) is set aside with the reason
+in ``problem`` and ``next_run`` emptied, logged, and never blocks the others;
+saving it in the admin plans it again.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import IntegrityError, connections, transaction
+from django.db.models.functions import Now
+
+from . import registry
+from .conf import conf
+from .enqueue import enqueue
+from .exceptions import KeyjobsError
+from .models import Schedule
+from .spec import Cause, Options
+from .store import store
+from .timers import Timer, TimerError
+
+logger = logging.getLogger("keyjobs.worker")
+
+#: Due schedules one transaction takes at most.
+BATCH = 100
+#: Transactions of due schedules one tick runs at most before letting the other duties run.
+ROUNDS = 50
+
+
+@dataclass(frozen=True)
+class Ticked:
+    """What a tick did."""
+
+    #: Invocations it enqueued (or merged into a waiting one, under registration concurrency).
+    enqueued: int
+    #: Seconds until the next enabled schedule is due by the database's clock (0 or less: due now, held by
+    #: another runner); None if no schedule is enabled.
+    wait: float | None
+    #: (when it is due by this process's monotonic clock, its queue) of each invocation it enqueued ahead
+    #: of its tick. Early, if at all, by the time a statement takes to reach the database.
+    ahead: tuple[tuple[float, str], ...] = ()
+
+
+def tick(*, using: str, lead: float = 0.0) -> Ticked:
+    """Enqueue the invocation of every tick due within ``lead`` seconds; return what it did and the next wait.
+
+    An invocation enqueued ahead of its tick waits for it (``run_after``),
+    so that a runner can start it at the tick's very time. With nothing due
+    it is one indexed query, whatever the number of schedules and
+    invocations.
+    """
+    enqueued = 0
+    ahead: list[tuple[float, str]] = []
+    wait = seconds_to_next(using)
+    for _ in range(ROUNDS):
+        if wait is None or wait > lead:
+            break
+        taken, made = _run_due(using, lead, ahead)
+        enqueued += made
+        wait = seconds_to_next(using)
+        if not taken:
+            break  # every due schedule is another runner's at the moment
+    return Ticked(enqueued, wait, tuple(ahead))
+
+
+def seconds_to_next(using: str) -> float | None:
+    """Return the seconds until the next enabled schedule is due, on the database's clock; None if there is none."""
+    row = (
+        Schedule.objects.using(using)
+        .filter(enabled=True, next_run__isnull=False)
+        .annotate(now=Now())
+        .order_by("next_run")
+        .values_list("next_run", "now")
+        .first()
+    )
+    if row is None:
+        return None
+    next_run, now = row
+    assert next_run is not None and now is not None
+    return (next_run - now).total_seconds()
+
+
+def _run_due(using: str, lead: float, ahead: list[tuple[float, str]]) -> tuple[int, int]:
+    """Take up to ``BATCH`` due schedules no other runner holds and run their ticks; return (taken, enqueued)."""
+    skip_locked = connections[using].features.has_select_for_update_skip_locked
+    enqueued = 0
+    with store(using).writing(), transaction.atomic(using=using):
+        # The database reads its clock (the transaction's start) after this: ``now`` is no earlier than it.
+        looked = time.monotonic()
+        due = list(
+            Schedule.objects.using(using)
+            .filter(enabled=True, next_run__lte=Now() + timedelta(seconds=lead))
+            .annotate(now=Now())
+            .order_by("next_run")
+            .select_for_update(skip_locked=skip_locked, of=("self",))[:BATCH]
+        )
+        for schedule in due:
+            enqueued += _run_one(schedule, schedule.now, looked, ahead)  # type: ignore[attr-defined]
+        # Every schedule taken moves on in one statement.
+        Schedule.objects.using(using).bulk_update(due, ["next_run", "last_run", "last_invocation", "problem"])
+    return len(due), enqueued
+
+
+def _run_one(schedule: Schedule, now: datetime, looked: float, ahead: list[tuple[float, str]]) -> int:
+    """Run the tick of a locked schedule and set its next run (saved by the caller); return 1 if it enqueued."""
+    assert schedule.next_run is not None
+    early = schedule.next_run > now
+    try:
+        timer = Timer(cron=schedule.cron, interval=schedule.interval)
+        spec = registry.get(schedule.task_name)
+        if not isinstance(schedule.kwargs, dict):
+            raise KeyjobsError(f"its arguments are a JSON {type(schedule.kwargs).__name__}, not an object")
+        tick_at = schedule.next_run if early else timer.last_at_or_before(now, since=schedule.next_run)
+        following = timer.next_after(max(now, tick_at), anchor=tick_at)
+    except (TimerError, KeyjobsError, ValueError, OverflowError) as exc:
+        _set_aside(schedule, str(exc))
+        return 0
+    schedule.next_run = following
+    if schedule.last_run is not None and tick_at <= schedule.last_run:
+        return 0  # already ran (its next run was set back by hand)
+    if not schedule.catch_up and now - tick_at > timedelta(seconds=conf.SCHEDULE_GRACE):
+        logger.info("keyjobs: schedule %r skipped the tick of %s, missed while no runner ran", schedule.name,
+                    tick_at.isoformat())
+        return 0
+    options = Options(spec, run_after=tick_at if early else None, cause=Cause(schedule_id=schedule.pk, tick=tick_at))
+    try:
+        # enqueue inserts in a savepoint of its own: a refused tick leaves the others alone.
+        invocation = enqueue(options, (), dict(schedule.kwargs))
+    except IntegrityError:
+        return 0  # the tick has its invocation already (the constraint said so): only move on
+    except KeyjobsError as exc:  # the arguments do not fit the function, or cannot be stored
+        _set_aside(schedule, str(exc))
+        return 0
+    schedule.last_run, schedule.last_invocation = tick_at, invocation
+    if early:
+        ahead.append((looked + (tick_at - now).total_seconds(), invocation.queue))
+    return 1
+
+
+def _set_aside(schedule: Schedule, reason: str) -> None:
+    logger.error("keyjobs: schedule %r cannot run and is set aside until it is saved again: %s", schedule.name, reason)
+    schedule.next_run, schedule.problem = None, reason[:2000]
+
+
+def plan(schedule: Schedule, now: datetime) -> None:
+    """Set a schedule's next run from its rule, the first tick after ``now`` (on a save, a resume, a sync)."""
+    schedule.problem = ""
+    try:
+        schedule.next_run = Timer(cron=schedule.cron, interval=schedule.interval).next_after(now)
+    except TimerError as exc:
+        schedule.next_run, schedule.problem = None, str(exc)
+
+
+def sync_declared(*, using: str) -> None:
+    """Create or update the rows of the schedules declared in code (``@task(schedule=...)``) that this process knows.
+
+    The admin's pause is kept. A declared schedule whose task this process
+    knows but no longer declares a schedule is deleted. Runners of the same
+    code write the same rows: a race lost at the unique name is harmless.
+    """
+    declared = {name: spec for name, spec in registry.all_tasks().items() if spec.schedule is not None}
+    rows = Schedule.objects.using(using)
+    gone = [name for name in registry.all_tasks() if name not in declared]
+    if gone:
+        rows.filter(origin=Schedule.Origin.CODE, name__in=gone).delete()
+    existing = {row.name: row for row in rows.filter(name__in=list(declared))}
+    now = None
+    for name, spec in declared.items():
+        assert spec.schedule is not None
+        wanted = {"task_name": name, "kwargs": dict(spec.schedule_kwargs), "cron": spec.schedule.cron,
+                  "interval": spec.schedule.interval, "catch_up": spec.schedule_catch_up}
+        row = existing.get(name)
+        if row is not None and row.origin != Schedule.Origin.CODE:
+            logger.warning("keyjobs: the schedule declared on %s is not synced: a schedule of the admin has its name",
+                           name)
+            continue
+        if row is not None and not row.problem and all(getattr(row, field) == value for field, value in wanted.items()):
+            continue
+        if now is None:
+            now = _database_now(using)
+        row = row or Schedule(name=name, origin=Schedule.Origin.CODE)
+        for field, value in wanted.items():
+            setattr(row, field, value)
+        plan(row, now)
+        try:
+            with transaction.atomic(using=using):
+                row.save(using=using)
+        except IntegrityError:
+            pass  # another runner created it at the same moment
+
+
+def _database_now(using: str) -> datetime:
+    """Return the database's clock."""
+    db = store(using)
+    with db.cursor() as cursor:
+        cursor.execute(f"SELECT {db.now}", [])
+        found: datetime = db.read("created_at", cursor.fetchone()[0])
+    return found
