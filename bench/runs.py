@@ -17,9 +17,13 @@ DATABASES = ("sqlite", "postgres")
 _url = ""
 
 
-def setup(db: str, name: str = "kj_bench") -> str:
-    """Recreate the scratch database, start Django on it and migrate; return its URL."""
+def setup(db: str, name: str | None = None) -> str:
+    """Recreate the scratch database, start Django on it and migrate; return its URL.
+
+    Its name is ``KEYJOBS_BENCH_DB`` (default kj_bench): benches run side by side each need their own.
+    """
     global _url
+    name = name or os.environ.get("KEYJOBS_BENCH_DB", "kj_bench")
     if db not in DATABASES:
         raise SystemExit(f"unknown database {db!r}; choose from {', '.join(DATABASES)}")
     _url = recreate_postgres(name) if db == "postgres" else fresh_sqlite(name)

@@ -35,3 +35,36 @@ def noop_rated(account_id: str, number: int) -> None:
 def refresh_debounced(account_id: str, request: int) -> int:
     """Return the request it ran for: requests of an account within 0.5 s of each other merge, the last one wins."""
     return request
+def plan_slots(account_id: str) -> int:
+    """The tier bench's plans: four calls at once for the two enterprise accounts, one for the others."""
+    return 4 if account_id.startswith("enterprise") else 1
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=2)
+def call_two(account_id: str, op: str) -> None:
+    """Call the provider, two calls per account at a time."""
+    call_provider(account_id, op, 2)
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=3)
+def call_three(account_id: str, op: str) -> None:
+    """Call the provider, three calls per account at a time."""
+    call_provider(account_id, op, 3)
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=plan_slots)
+def call_tiered(account_id: str, op: str) -> None:
+    """Call the provider, as many calls per account at a time as its plan allows (``plan_slots``)."""
+    call_provider(account_id, op, plan_slots(account_id))
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=8)
+def call_eight(account_id: str, op: str) -> None:
+    """Call the provider, eight calls per account at a time; a freed key's next call keeps its place."""
+    call_provider(account_id, op, 8)
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=8, round_robin=True)
+def call_eight_round_robin(account_id: str, op: str) -> None:
+    """``call_eight``, taking turns across keys: a freed key's next call goes to the back of the queue."""
+    call_provider(account_id, op, 8)

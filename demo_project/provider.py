@@ -7,6 +7,7 @@ the 429 a real provider answers with. With keyjobs keeping the calls for one
 account serial, the collision count stays at zero.
 
     POST /call/<account>/<op>   one call, held for the hold time; 200, or 429 on a collision
+         ?slots=N               the account allows N calls in flight at once (default 1): the N+1th collides
     POST /reset                 zero the counters and the log; body {"hold": 0.1} optional
     GET  /stats                 counters, overall and per account, and the log of calls
 
@@ -31,7 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any, NoReturn, TextIO
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -81,10 +82,13 @@ class Ledger:
         self._accounts: dict[str, dict[str, int]] = {}
         self._log: list[dict[str, Any]] = []
 
-    def arrive(self, account: str, op: str) -> tuple[dict[str, Any], float]:
-        """Record a call arriving and return it with the hold it must stay in flight for."""
+    def arrive(self, account: str, op: str, slots: int = 1) -> tuple[dict[str, Any], float]:
+        """Record a call arriving and return it with the hold it must stay in flight for.
+
+        It collides if the account already has ``slots`` calls in flight.
+        """
         with self._lock:
-            collision = self._in_flight.get(account, 0) > 0
+            collision = self._in_flight.get(account, 0) >= slots
             in_flight = self._in_flight[account] = self._in_flight.get(account, 0) + 1
             self._in_flight_total += 1
             self._calls += 1
@@ -157,6 +161,14 @@ class _RequestError(Exception):
         self.close = close
 
 
+def _slots_from_query(query: str) -> int:
+    """Return the calls in flight a call's account allows (``?slots=N``, default 1); 400 if it is not a count."""
+    values = parse_qs(query).get("slots", ["1"])
+    if len(values) != 1 or not (values[0].isascii() and values[0].isdigit()) or not 1 <= int(values[0]) <= 1000:
+        raise _RequestError(HTTPStatus.BAD_REQUEST, f"slots must be a whole number from 1 to 1000, got {values!r}")
+    return int(values[0])
+
+
 class _Handler(BaseHTTPRequestHandler):
     # Keep-alive, so that a client reusing one connection per thread
     # (httpx.Client, as in the demo's runners) works; every response then
@@ -182,7 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
     def _dispatch(self) -> tuple[HTTPStatus, dict[str, Any]]:
-        path = urlsplit(self.path).path
+        path, query = urlsplit(self.path).path, urlsplit(self.path).query
         # Read the body even for a 404, so that the next request on this
         # keep-alive connection starts where the client put it.
         body = self._read_body()
@@ -190,16 +202,16 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "POST":
             parts = path.split("/")
             if len(parts) == 4 and parts[1] == "call" and parts[2] and parts[3]:
-                return self._call(unquote(parts[2]), unquote(parts[3]))
+                return self._call(unquote(parts[2]), unquote(parts[3]), _slots_from_query(query))
             if path == "/reset":
                 return HTTPStatus.OK, ledger.reset(_hold_from_body(body))
         elif self.command == "GET" and path == "/stats":
             return HTTPStatus.OK, ledger.stats()
         raise _RequestError(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.command} {path}")
 
-    def _call(self, account: str, op: str) -> tuple[HTTPStatus, dict[str, Any]]:
+    def _call(self, account: str, op: str, slots: int) -> tuple[HTTPStatus, dict[str, Any]]:
         ledger = self.server.ledger
-        call, hold = ledger.arrive(account, op)
+        call, hold = ledger.arrive(account, op, slots)
         try:
             time.sleep(hold)
         finally:

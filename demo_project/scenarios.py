@@ -1,4 +1,4 @@
-"""The demo's scenarios: the same calls to the provider under four concurrency settings.
+"""The demo's scenarios: the same calls to the provider under five concurrency settings.
 
 A scenario resets the provider, enqueues its calls in one transaction, waits
 until every invocation it enqueued is final, and sums up what happened from
@@ -113,6 +113,14 @@ class Scenario:
         """The task's ``rate_limit``: at most ``count`` calls per account in any ``window`` seconds."""
         rate: Rate | None = self.task.rate_limit
         return rate
+    def limited(self) -> bool:
+        """Whether the task lets more than one call per account run at once (``running_limit``)."""
+        return self.keyed and self.task.running_limit != 1
+
+    def slots(self, account: str) -> int:
+        """Return the calls of ``account`` the task lets run at once: its running_limit, or the function's answer."""
+        limit = self.task.running_limit
+        return int(limit(account) if callable(limit) else limit)
 
     @property
     def title(self) -> str:
@@ -127,6 +135,9 @@ class Scenario:
         ]
         if self.rate is not None:
             declared.append(f"rate_limit={self.rate}")
+        if self.limited:
+            limit = self.task.running_limit
+            declared.append(f"running_limit={getattr(limit, '__name__', limit)}")
         if declared:
             declared.append(f"reroute={self.task.reroute_on_concurrency_control}")
         return f"{self.letter}. {self.name} — {', '.join(declared) or 'no concurrency control'}"
@@ -139,6 +150,7 @@ SCENARIOS = {
         Scenario("B", "keyed", tasks.call_keyed, each_op),
         Scenario("C", "keyed, dropping", tasks.call_keyed_drop, each_op),
         Scenario("D", "refresh once", tasks.refresh_once, refreshes),
+        Scenario("E", "tiered slots", tasks.call_tiered, each_op),
         Scenario("F", "rate-limited", tasks.call_rated, each_op_twice),
     )
 }
@@ -197,6 +209,9 @@ class Account:
     #: records (what the rate limit promises), and the most calls the provider saw arrive within one.
     busiest_window: int = 0
     busiest_at_provider: int = 0
+    #: The most calls of the account the provider saw in flight at once, and how many its task allows.
+    peak: int = 1
+    slots: int = 1
 
 
 @dataclass(frozen=True)
@@ -238,6 +253,10 @@ class Summary:
             found += [f"{self.scenario.letter}: {account.name} started {account.busiest_window} calls within "
                       f"{rate.window:g}s, its rate is {rate}" for account in self.accounts
                       if account.busiest_window > rate.count]
+        if self.scenario.limited:
+            # The limit is a promise both ways: never above it, and every slot used while work waits.
+            found += [f"{self.scenario.letter}: {account.name} peaked at {account.peak} in flight, its limit is "
+                      f"{account.slots}" for account in self.accounts if account.peak != account.slots]
         return found
 
     def report(self, *, log: bool = True) -> str:
@@ -266,6 +285,8 @@ class Summary:
             if self.scenario.rate is not None:
                 line += (f"  busiest {self.scenario.rate.window:g}s window: {account.busiest_window} starts "
                          f"({account.busiest_at_provider} arrivals at the provider)")
+            if self.scenario.limited:
+                line += f"  in flight at most {account.peak} of {account.slots}"
             lines.append(line)
         if log and self.log:
             lines.append("  call log, in seconds from the first call:")
@@ -280,14 +301,17 @@ class Summary:
 def limit(invocations: Iterable[dict[str, Any]], hold: float, threads: int, rate: Rate | None = None) -> float:
     """Return the least time the calls made could take: the longest chain of one key, or the pool's width.
 
-    The calls of one running key run one after the other; calls without a key
-    are chains of one; and no more than ``threads`` calls run at a time. With
-    a ``rate``, a key's n calls also need ceil(n / count) - 1 windows before its last one starts.
+    The calls of one running key run its ``running_limit`` at a time; calls
+    without a key are chains of one; and no more than ``threads`` calls run
+    at a time. With a ``rate``, a key's n calls also need ceil(n / count) - 1
+    windows before its last one starts.
     """
     made = [invocation for invocation in invocations if invocation["started_at"] is not None]
     chains = Counter(invocation["running_key"] or f"#{invocation['pk']}" for invocation in made)
-    longest = max(chains.values(), default=0)
-    paced = 0.0 if rate is None else (-(-longest // rate.count) - 1) * rate.window + hold
+    slots = {invocation["running_key"] or f"#{invocation['pk']}": invocation.get("running_limit", 1) for invocation in made}
+    longest = max((-(-count // slots[key]) for key, count in chains.items()), default=0)
+    calls = max(chains.values(), default=0)
+    paced = 0.0 if rate is None else (-(-calls // rate.count) - 1) * rate.window + hold
     return max(longest * hold, len(made) * hold / threads, paced)
 
 
@@ -362,7 +386,7 @@ def collect(
     """Sum up a run of ``scenario`` from the provider's ``stats`` and the database's rows of ``ids``."""
     rows = list(
         Invocation.objects.using(using).filter(pk__in=ids).order_by("pk")
-        .values("pk", "status", "kwargs", "running_key", "created_at", "started_at", "finished_at")
+        .values("pk", "status", "kwargs", "running_key", "running_limit", "created_at", "started_at", "finished_at")
     )
     reuses = Counter(
         Event.objects.using(using)
@@ -406,6 +430,8 @@ def collect(
                      if row["kwargs"]["account_id"] == account and row["started_at"] is not None], scenario.rate),
                 busiest_at_provider=busiest_window(
                     [call["started"] for call in stats["log"] if call["account"] == account], scenario.rate),
+                peak=counted.get(account, {}).get("max_in_flight", 0),
+                slots=scenario.slots(account) if scenario.keyed else 1,
             )
             for account in dict.fromkeys(row["kwargs"]["account_id"] for row in rows)
         ],

@@ -62,9 +62,13 @@ def close_provider() -> None:
         del _clients.client, _clients.url
 
 
-def call_provider(account_id: str, op: str) -> dict[str, object]:
-    """Make one call for ``account_id``; return the provider's record of it, or raise on a collision."""
-    response = provider().post(f"/call/{quote(account_id, safe='')}/{quote(op, safe='')}")
+def call_provider(account_id: str, op: str, slots: int = 1) -> dict[str, object]:
+    """Make one call for ``account_id``; return the provider's record of it, or raise on a collision.
+
+    ``slots``: the calls the account may have in flight at once (the provider counts the one after a collision).
+    """
+    query = f"?slots={slots}" if slots != 1 else ""
+    response = provider().post(f"/call/{quote(account_id, safe='')}/{quote(op, safe='')}{query}")
     response.raise_for_status()
     answer: dict[str, object] = response.json()
     return answer
@@ -98,3 +102,12 @@ def refresh_once(account_id: str) -> dict[str, object]:
 def call_rated(account_id: str, op: str) -> dict[str, object]:
     """Call the provider, one call per account at a time and at most 2 starts per account in any second."""
     return call_provider(account_id, op)
+def tier_slots(account_id: str) -> int:
+    """The calls in flight an account's plan allows: acme is on the enterprise plan, globex on business."""
+    return {"acme": 3, "globex": 2}.get(account_id, 1)
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=tier_slots)
+def call_tiered(account_id: str, op: str) -> dict[str, object]:
+    """Call the provider, up to the account's plan's calls at a time (``tier_slots``); more wait their turn."""
+    return call_provider(account_id, op, tier_slots(account_id))

@@ -25,13 +25,17 @@ SQL only when a bench says it must.
 
 import enum
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from . import registry
 from .concurrency import ConcurrencyControlType, Mode, make_key
+from .exceptions import ArgumentError
+
+#: The largest ``running_limit``: a slot is a small integer column.
+MAX_LIMIT = 32767
 
 #: The units a rate_limit string may count its window in, in seconds.
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -84,8 +88,9 @@ class Policy:
     registration: ConcurrencyControlType = Mode.DISABLED
     #: The arguments that form the key, for Mode.KEYS.
     key_arguments: tuple[str, ...] = ()
-    #: Runs of one running key at once.
-    limit: int = 1
+    #: Runs of one running key at once: a number, or a function of the key arguments called at
+    #: delay(), whose answer each invocation stores (``Invocation.running_limit``).
+    limit: int | Callable[..., int] = 1
     #: Blocked work is parked to wait its turn (True; status REROUTED) or dropped (False).
     #: Declared as ``reroute_on_concurrency_control``.
     park_blocked: bool = True
@@ -95,6 +100,30 @@ class Policy:
     debounce: float | None = None
     #: ... but never later than this many seconds after the first of those calls.
     debounce_max: float | None = None
+    #: A freed key's next invocation goes to the back of the queue (round-robin across keys), instead of
+    #: keeping its place in enqueue order. Declared as ``round_robin``.
+    round_robin: bool = False
+
+    def limit_for(self, arguments: Mapping[str, Any], *, where: str) -> int:
+        """Return the running limit of a call's bound arguments: the number, or the function's answer.
+
+        The function is called with the arguments its scope looks at (the key
+        arguments for KEYS, every argument for ARGUMENTS, none for TASK);
+        ArgumentError, naming ``where``, if it answers anything but a positive integer.
+        """
+        if isinstance(self.limit, int):
+            return self.limit
+        if self.running is Mode.KEYS:
+            answer = self.limit(**{name: arguments[name] for name in self.key_arguments})
+        elif self.running is Mode.ARGUMENTS:
+            answer = self.limit(**arguments)
+        else:
+            answer = self.limit()
+        if not is_limit(answer):
+            raise ArgumentError(
+                f"{where}: running_limit returned {answer!r}; it must return a whole number from 1 to {MAX_LIMIT}"
+            )
+        return answer
 
     def keys_for(self, arguments: Mapping[str, Any]) -> tuple[str | None, str | None]:
         """Return the (running, registration) keys of a call's bound arguments."""
@@ -129,24 +158,34 @@ class KeyState:
     ahead: int = 0
     #: With a rate limit: None if the key's window had room (the start took its token), else when it next has.
     window_full_until: datetime | None = None
+    #: Runs of the key at once: the limit the candidate stored when it was created.
+    limit: int = 1
 
 
-def free_slots(policy: Policy, held: Collection[int]) -> list[int]:
-    """Return the key's free slots, lowest first."""
-    return [slot for slot in range(policy.limit) if slot not in held]
+def is_limit(value: object) -> bool:
+    """Return whether ``value`` is a running limit: a whole number from 1 to ``MAX_LIMIT`` (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_LIMIT
+
+
+def free_slots(limit: int, held: Collection[int]) -> list[int]:
+    """Return the free slots of a key with ``limit`` slots, lowest first."""
+    return [slot for slot in range(limit) if slot not in held]
 
 
 def admit(policy: Policy, key: KeyState) -> Decision:
     """Decide a candidate: START in a free slot if one is left after those ahead of it take theirs; else PARK or DROP.
 
     Work ahead of the candidate in its key goes first: within a key,
-    invocations start in key order (priority, then enqueue order). A key with
-    a free slot but a full rate window (``key.window_full_until``) DEFERs the
-    candidate until the window has room, or DROPs it for a task that does not
-    let blocked work wait. The caller asks about the window only once the
-    slots allow a start: taking the window's token is part of starting.
+    invocations start in key order (priority, then enqueue order). The key
+    has ``key.limit`` slots, the limit the candidate stored; the check
+    constraint ``keyjobs_slot_within_limit`` and the unique slot index hold
+    the database to it. A key with a free slot but a full rate window
+    (``key.window_full_until``) DEFERs the candidate until the window has
+    room, or DROPs it for a task that does not let blocked work wait. The
+    caller asks about the window only once the slots allow a start: taking
+    the window's token is part of starting.
     """
-    free = free_slots(policy, key.held)
+    free = free_slots(key.limit, key.held)
     if len(free) <= key.ahead:
         return Decision(Verdict.PARK if policy.park_blocked else Verdict.DROP)
     if key.window_full_until is not None:
@@ -178,14 +217,22 @@ def debounced_start(policy: Policy, *, first: datetime, now: datetime) -> dateti
     return start
 
 
-#: The policies PostgreSQL's one-statement claim and wake-up implement: one run per key at once
-#: (any scope), parked or dropped when blocked, and no rate limit. Anything else takes the general path.
-FAST_PATH = "limit == 1 and rate is None"
+#: The policies PostgreSQL's one-statement steps implement: any limit of runs per key (any scope,
+#: a number or a function's stored answer), parked or dropped when blocked, no rate limit, a woken
+#: invocation keeping its place or going to the back as the change says. Its claim decides N slots
+#: with ``admit()``'s rule; its wake-up wakes one parked invocation, so a key of more than one slot
+#: (or of a function's limit) is woken on the general path (``wakes_in_one_statement``).
+FAST_PATH = "rate is None; the wake-up: limit == 1"
 
 
 def in_fast_path(policy: Policy) -> bool:
-    """Return whether the one-statement steps implement ``policy`` exactly (see ``FAST_PATH``)."""
-    return policy.limit == 1 and policy.rate is None
+    """Return whether the one-statement claim implements ``policy`` exactly (see ``FAST_PATH``)."""
+    return policy.rate is None
+
+
+def wakes_in_one_statement(policy: Policy) -> bool:
+    """Return whether the one-statement wake-up implements ``policy``'s: one slot, a fixed limit of 1, no rate."""
+    return isinstance(policy.limit, int) and policy.limit == 1 and policy.rate is None
 
 
 _fast: tuple[int, list[str]] = (-1, [])

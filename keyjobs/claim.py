@@ -25,7 +25,8 @@ from datetime import datetime
 from typing import Any
 
 from django.db import IntegrityError, connections, transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Count, OuterRef, Q, Subquery
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from . import admission, registry
@@ -42,6 +43,8 @@ logger = logging.getLogger("keyjobs.worker")
 SCAN = 16
 #: How many blocked invocations of one key one transaction parks at most.
 PARK_BATCH = 2000
+#: How many times a wake-up looks again at a key whose next invocations a concurrent wake-up took.
+_WAKE_ROUNDS = 3
 
 
 @dataclass
@@ -228,11 +231,12 @@ def _decide(
     """
     assert candidate.running_key is not None
     db = store(using)
+    limit = candidate.running_limit
     held = db.owned_slots(candidate.task_name, candidate.running_key, lock=True)
-    ahead = db.waiting_in_key_order(candidate.task_name, candidate.running_key, policy.limit, before=candidate)
-    key = KeyState(held=held, ahead=len(ahead))
+    ahead = db.waiting_in_key_order(candidate.task_name, candidate.running_key, limit, before=candidate)
+    key = KeyState(held=held, ahead=len(ahead), limit=limit)
     decision = admission.admit(policy, key)
-    if (decision.verdict is not Verdict.START and admission.free_slots(policy, held)
+    if (decision.verdict is not Verdict.START and admission.free_slots(limit, held)
             and any(row.status == Status.REROUTED for row in ahead)):
         wake_next(candidate.task_name, candidate.running_key, using=using, runner=claimer.runner)
     return decision, key
@@ -301,8 +305,10 @@ def wake_next(
     """Give the slots a key has free to its next invocations, in key order.
 
     A key with room for n more owners should have its first n waiting
-    invocations registered; any of them still parked is woken, and joins the
-    back of the queue. With a ``claimer`` and nothing else waiting in its
+    invocations registered; any of them still parked is woken. It keeps its
+    original place in the queue (priority, then enqueue order), or, for a
+    task declared ``round_robin``, joins the back of it. The key's limit is
+    the one its next invocation stored. With a ``claimer`` and nothing else waiting in its
     queues, the first of them, if parked, goes straight to RUNNING for the
     claimer instead (a hand-off: no wake-up, no separate claim). With ``take``,
     a claimer handed nothing may be given the queue's next invocation instead,
@@ -313,8 +319,9 @@ def wake_next(
         return Woken(None, [])
     policy = admission.policy_of(task_name)
     db = store(using)
-    woken_change = change(Status.REGISTERED, runner_id=runner.pk if runner is not None else None, note=WOKEN)
-    if db.steps is not None and admission.in_fast_path(policy):
+    woken_change = change(Status.REGISTERED, runner_id=runner.pk if runner is not None else None, note=WOKEN,
+                          keep_place=not policy.round_robin)
+    if db.steps is not None and admission.wakes_in_one_statement(policy):
         fast_tasks = admission.fast_tasks() if take and claimer is not None else []
         done = db.steps.wake_next(
             task_name, running_key, woken=woken_change,
@@ -325,41 +332,58 @@ def wake_next(
         if done.handed is not None and claimer is not None:
             done.handed.runner = claimer.runner
         return done
-    held = db.owned_slots(task_name, running_key, lock=False)
-    free = admission.free_slots(policy, held)
-    if not free:
-        return Woken(None, [])
-    next_up = db.waiting_in_key_order(task_name, running_key, len(free))
-    parked = [row for row in next_up if row.status == Status.REROUTED]
     handed: Invocation | None = None
-    if (
-        claimer is not None
-        and next_up and next_up[0].status == Status.REROUTED
-        and (not claimer.queues or parked[0].queue in claimer.queues)
-        # Only if it would be next anyway: else it takes its turn in the queue, behind what waits.
-        and not db.claimable_exists(claimer.queues)
-    ):
-        # Claimers never lock parked rows, so this waits for nobody but a concurrent waker of the same key.
-        handed = db.lock_invocation(parked[0].id, Status.REROUTED)
-        started_at = None
-        if handed is not None and policy.rate is not None:
-            # A hand-off is a start: it takes its window's token, or the invocation is woken instead,
-            # and its claim defers it.
-            window = db.take_start(task_name, running_key, policy.rate)
-            if admission.admit(policy, KeyState(held=held, window_full_until=window.full_until)).verdict \
-                    is not Verdict.START:
-                handed = None
-            started_at = window.taken_at
-        if handed is not None:
-            made = claimer.claim(slot=free[0], via=(Status.REGISTERED,), started_at=started_at)
-            apply_locked([row_of(handed)], made, using=using)
-            handed.status, handed.slot, handed.attempts = Status.RUNNING, free[0], handed.attempts + 1
-            handed.runner, handed.runner_thread = claimer.runner, claimer.thread
-            parked = parked[1:]
-    woken = apply([row.id for row in parked], woken_change, using=using, only_from={Status.REROUTED})
-    for queue in {row.queue for row in parked if row.id in woken}:
-        if claimer is None or (claimer.queues and queue not in claimer.queues):  # else the claimer claims next anyway
-            db.notify(queue)
+    woken: list[int] = []
+    handing = claimer is not None
+    # Another waker of the key (a slot freed at the same moment) may wake the same rows first: this
+    # one's wake-up then waits for its commit, finds them woken, and looks again at what is left.
+    for _ in range(_WAKE_ROUNDS):
+        held = db.owned_slots(task_name, running_key, lock=False)
+        if isinstance(policy.limit, int):
+            limit = policy.limit
+        else:  # a function's answer: the one the key's next invocation stored
+            first = db.waiting_in_key_order(task_name, running_key, 1)
+            limit = first[0].running_limit if first else 1
+        free = admission.free_slots(limit, held)
+        if not free:
+            break
+        next_up = db.waiting_in_key_order(task_name, running_key, len(free))
+        parked = [row for row in next_up if row.status == Status.REROUTED]
+        if (
+            handing and claimer is not None
+            and next_up and next_up[0].status == Status.REROUTED
+            and (not claimer.queues or parked[0].queue in claimer.queues)
+            # Only if it would be next anyway: else it takes its turn in the queue, behind what waits.
+            and not db.claimable_exists(claimer.queues)
+        ):
+            handing = False
+            # Claimers never lock parked rows, so this waits for nobody but a concurrent waker of the same key.
+            handed = db.lock_invocation(parked[0].id, Status.REROUTED)
+            started_at = None
+            if handed is not None and policy.rate is not None:
+                # A hand-off is a start: it takes its window's token, or the invocation is woken instead,
+                # and its claim defers it.
+                window = db.take_start(task_name, running_key, policy.rate)
+                if admission.admit(policy, KeyState(held=held, window_full_until=window.full_until, limit=limit)) \
+                        .verdict is not Verdict.START:
+                    handed = None
+                started_at = window.taken_at
+            if handed is not None:
+                made = claimer.claim(slot=free[0], via=(Status.REGISTERED,), started_at=started_at)
+                apply_locked([row_of(handed)], made, using=using)
+                handed.status, handed.slot, handed.attempts = Status.RUNNING, free[0], handed.attempts + 1
+                handed.runner, handed.runner_thread = claimer.runner, claimer.thread
+                parked = parked[1:]
+        handing = False
+        now = apply([row.id for row in parked], woken_change, using=using, only_from={Status.REROUTED})
+        woken += now
+        # A claimer skips a row another transaction locks: the thread that frees the key may not be the
+        # one that claims what it woke, so every runner of its queue hears of it.
+        for queue in {row.queue for row in parked if row.id in now}:
+            if claimer is None or len(now) > 1 or limit > 1 or (claimer.queues and queue not in claimer.queues):
+                db.notify(queue)
+        if len(now) == len(parked):
+            break
     return Woken(handed, woken)
 
 
@@ -403,16 +427,21 @@ def record_and_claim(
 
 
 def wake_orphans(*, using: str, runner: Runner | None = None) -> list[int]:
-    """Wake parked invocations whose key nobody holds or waits to take (their waker died)."""
-    live = Invocation.objects.using(using).filter(
-        task_name=OuterRef("task_name"),
-        running_key=OuterRef("running_key"),
-        status__in=[*OWNED, Status.REGISTERED],
+    """Wake parked invocations whose key has a slot that nobody holds or waits to take (their waker died)."""
+    live = (
+        Invocation.objects.using(using)
+        .filter(task_name=OuterRef("task_name"), running_key=OuterRef("running_key"),
+                status__in=[*OWNED, Status.REGISTERED])
+        .order_by()
+        .values("task_name")
+        .annotate(taken=Count("pk"))
+        .values("taken")
     )
     keys = (
         Invocation.objects.using(using)
         .filter(status=Status.REROUTED)
-        .exclude(Exists(live))
+        # A key of one slot (the common case) is an orphan when nobody holds it or waits to take it.
+        .filter(Q(running_limit__gt=Coalesce(Subquery(live), 0)))
         .values_list("task_name", "running_key")
         .distinct()
     )

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import registry
-from .admission import Policy, Rate
+from .admission import MAX_LIMIT, Policy, Rate, is_limit
 from .concurrency import ConcurrencyControlType, Mode
 from .exceptions import ArgumentError, TaskDeclarationError, dotted_path
 from .spec import Options, TaskSpec
@@ -44,6 +44,8 @@ class Task(Generic[P, R]):
         registration_concurrency: ConcurrencyControlType | str = Mode.DISABLED,
         key_arguments: Iterable[str] | str = (),
         reroute_on_concurrency_control: bool = True,
+        running_limit: int | Callable[..., int] | None = None,
+        round_robin: bool = False,
         max_retries: int = 0,
         retry_for: tuple[type[BaseException], ...] | type[BaseException] = (Exception,),
         retry_backoff: float = 1.0,
@@ -70,6 +72,11 @@ class Task(Generic[P, R]):
         self._check_keys(where, signature, keys, running, registration)
         if not isinstance(reroute_on_concurrency_control, bool):
             raise TaskDeclarationError(f"{where}: reroute_on_concurrency_control must be True or False")
+        limit = _check_limit(where, running_limit, running, keys, signature)
+        if not isinstance(round_robin, bool):
+            raise TaskDeclarationError(f"{where}: round_robin={round_robin!r} must be True or False")
+        if round_robin and running is Mode.DISABLED:
+            raise TaskDeclarationError(f"{where}: round_robin=True needs running_concurrency (it orders keys' turns)")
         queue = _check_queue(where, queue)
         priority = _check_priority(where, priority)
         retries = _check_retries(where, max_retries, retry_for, retry_backoff, retry_backoff_max)
@@ -93,7 +100,7 @@ class Task(Generic[P, R]):
             func=func,
             policy=Policy(running=running, registration=registration, key_arguments=keys,
                           park_blocked=reroute_on_concurrency_control, rate=rate, debounce=debounce,
-                          debounce_max=debounce_max),
+                          debounce_max=debounce_max, limit=limit, round_robin=round_robin),
             default_queue=queue,
             priority=priority,
             max_retries=retries[0], retry_for=retries[1], retry_backoff=retries[2], retry_backoff_max=retries[3],
@@ -148,6 +155,7 @@ class Task(Generic[P, R]):
     key_arguments = property(lambda self: self.spec.policy.key_arguments)
     reroute_on_concurrency_control = property(lambda self: self.spec.policy.park_blocked)
     running_limit = property(lambda self: self.spec.policy.limit)
+    round_robin = property(lambda self: self.spec.policy.round_robin)
     max_retries = property(lambda self: self.spec.max_retries)
     retry_for = property(lambda self: self.spec.retry_for)
     schedule = property(lambda self: self.spec.schedule)
@@ -182,6 +190,37 @@ class Task(Generic[P, R]):
             priority=None if priority is None else _check_priority(where, priority),
             run_after=run_after,
         )
+
+
+def _check_limit(
+    where: str, limit: object, running: ConcurrencyControlType, keys: tuple[str, ...], signature: inspect.Signature
+) -> int | Callable[..., int]:
+    """Return the running limit declared: a whole number from 1 to MAX_LIMIT, or a function of the key arguments."""
+    if limit is None:
+        return 1
+    if running is Mode.DISABLED:
+        raise TaskDeclarationError(
+            f"{where}: running_limit={limit!r} needs running_concurrency (Mode.TASK, Mode.ARGUMENTS or Mode.KEYS)"
+        )
+    if is_limit(limit):
+        return limit  # type: ignore[return-value]
+    if not callable(limit) or isinstance(limit, (bool, int, float, str, type)):
+        raise TaskDeclarationError(
+            f"{where}: running_limit={limit!r} must be a whole number from 1 to {MAX_LIMIT}, "
+            "or a function of the key arguments returning one"
+        )
+    # The function is called with the arguments the scope looks at (admission.Policy.limit_for).
+    takes = keys if running is Mode.KEYS else tuple(signature.parameters) if running is Mode.ARGUMENTS else ()
+    try:
+        inspect.signature(limit).bind(**dict.fromkeys(takes))
+    except TypeError:
+        raise TaskDeclarationError(
+            f"{where}: running_limit={dotted_path(limit) if hasattr(limit, '__qualname__') else repr(limit)} "
+            f"cannot be called with {', '.join(takes) or 'no arguments'} (what running_concurrency=Mode.{running.name} gives it)"
+        ) from None
+    except ValueError:
+        pass  # no signature to read (a builtin): it is checked when called
+    return limit
 
 
 def _check_retries(
@@ -297,6 +336,8 @@ def task(
     registration_concurrency: ConcurrencyControlType | str = Mode.DISABLED,
     key_arguments: Iterable[str] | str = (),
     reroute_on_concurrency_control: bool = True,
+    running_limit: int | Callable[..., int] | None = None,
+    round_robin: bool = False,
     max_retries: int = 0,
     retry_for: tuple[type[BaseException], ...] | type[BaseException] = (Exception,),
     retry_backoff: float = 1.0,

@@ -26,7 +26,7 @@ from .conf import conf
 from .exceptions import ArgumentError, KeyjobsError
 from .models import Event, Invocation
 from .status import Status, change
-from .store import store
+from .store import KeyAhead, store
 from .transitions import record
 from .values import check_arguments
 
@@ -58,8 +58,43 @@ def enqueue(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -
     invocation = _build(options, args, kwargs)
     if invocation.registration_key is not None:
         return _register(invocation, options.task.policy)
+    using = conf.DATABASE
+    # Outside the caller's transaction only: parking locks the key's rows until commit (see below).
+    if (invocation.running_key is not None and options.task.policy.park_blocked
+            and not connections[using].in_atomic_block):
+        _insert_or_park(invocation, options.task.policy, using)
+        return invocation
     _insert([invocation], conf.DATABASE)
     return invocation
+
+
+def _insert_or_park(invocation: Invocation, policy: admission.Policy, using: str) -> None:
+    """Insert a call of a running key: parked at once if its key is known busy, as a claim would park it.
+
+    Busy means as many of the key's runs owned, or registered and due ahead
+    of it in key order, as its limit (what ``admission.admit`` parks). Those
+    rows stay share-locked until the insert commits: whichever of them frees
+    a slot locks its own row first, so it waits for this commit and then
+    wakes this invocation (the same argument as the claim's parking, see
+    ``keyjobs.claim``). A claim then never has to step over the key's
+    backlog. Called outside a transaction, so that the locks last one
+    statement (or one short transaction), never a caller's.
+    """
+    db = store(using)
+    key = KeyAhead(invocation.task_name, invocation.running_key or "", invocation.priority, invocation.running_limit)
+    parked = change(Status.REROUTED, note="parked at enqueue: its key was busy")
+    connection = connections[using]
+    if db.steps is not None:
+        returned, invocation.status = db.steps.insert_or_park(
+            _WRITTEN, _rows([invocation], connection)[0], _RETURNED, ahead=key, parked=parked)
+        _adopt([invocation], [returned], connection)
+        return
+    with transaction.atomic(using=using):
+        if admission.admit(policy, KeyState(ahead=db.busy_ahead(key), limit=key.limit)).verdict is Verdict.PARK:
+            invocation.status = Status.REROUTED
+        _insert([invocation], using)
+        if invocation.status == Status.REROUTED:
+            db.insert_events(parked.events(invocation.pk, ""))
 
 
 def _register(invocation: Invocation, policy: admission.Policy) -> Invocation:
@@ -162,7 +197,8 @@ def _park_behind_their_key(task: "TaskSpec", invocations: list[Invocation]) -> l
     key busy would have arranged: the queue then holds each key's head only,
     and no claim has to step over the rest. Admission sees only the call
     itself (the key's owners are decided at the claim), so a key's first
-    ``limit`` calls are admitted. Not for a task that drops blocked work,
+    ``limit`` calls (the limit each stored) are admitted: ``delay_many()``
+    fills every slot of a key at once. Not for a task that drops blocked work,
     which is decided when the work comes up.
     """
     policy = task.policy
@@ -175,7 +211,7 @@ def _park_behind_their_key(task: "TaskSpec", invocations: list[Invocation]) -> l
         if key is None:
             continue
         earlier = of_key.setdefault(key, [])
-        if admission.admit(policy, KeyState(ahead=len(earlier))).verdict is Verdict.PARK:
+        if admission.admit(policy, KeyState(ahead=len(earlier), limit=invocation.running_limit)).verdict is Verdict.PARK:
             invocation.status = Status.REROUTED
             parked.append((invocation, earlier[0]))
         earlier.append(invocation)
@@ -255,6 +291,7 @@ def _build(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     check_arguments(arguments, where=where)
     running_key, registration_key = task.keys_for(arguments)
     return Invocation(
+        running_limit=task.policy.limit_for(arguments, where=where) if running_key is not None else 1,
         task_name=task.name,
         queue=options.queue,
         priority=options.priority,

@@ -58,8 +58,11 @@ class Invocation(models.Model):
     registration_key = models.CharField(
         max_length=255, null=True, blank=True, help_text=_("Waiting invocations of one registration key are merged.")
     )
-    #: Which of the key's slots an owned invocation holds (0 to the policy's limit - 1).
+    #: Which of the key's slots an owned invocation holds (0 to its running_limit - 1).
     slot = models.PositiveSmallIntegerField(default=0)
+    running_limit = models.PositiveSmallIntegerField(
+        default=1, help_text=_("Runs of its running key at once, as its task said when it was created.")
+    )
     status = models.CharField(max_length=32, choices=Status.choices, default=Status.REGISTERED)
     runner = models.ForeignKey(
         "Runner", null=True, blank=True, on_delete=models.SET_NULL, related_name="invocations",
@@ -114,6 +117,11 @@ class Invocation(models.Model):
                 fields=["task_name", "running_key", "slot"],
                 condition=Q(status__in=sorted(map(str, OWNED))) & Q(running_key__isnull=False),
                 name="keyjobs_one_owner_per_running_key",
+            ),
+            # With the unique slots above, no more owners of a key than its limit: the slots are 0 to limit - 1.
+            models.CheckConstraint(
+                condition=Q(running_limit__gte=1) & Q(slot__lt=models.F("running_limit")),
+                name="keyjobs_slot_within_limit",
             ),
             models.UniqueConstraint(
                 fields=["task_name", "registration_key"],

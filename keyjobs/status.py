@@ -169,12 +169,15 @@ def change(
     values: Mapping[str, Any] | None = None,
     runner_id: int | None = None,
     note: str = "",
+    keep_place: bool = False,
 ) -> Change:
     """Return the change to status ``to`` (through ``via``): the one definition of what entering a status writes.
 
     - each status entered stamps its field of ``STAMPS`` with the database's clock;
     - entering RUNNING counts an attempt: every start is one, a retry's and a recovered run's too;
-    - a claim or a hand-off (``slot`` given) records the owner, its thread and the slot of the key it holds.
+    - a claim or a hand-off (``slot`` given) records the owner, its thread and the slot of the key it holds;
+    - with ``keep_place``, entering REGISTERED leaves ``registered_at`` as it was: a woken invocation
+      takes its original place in the queue, not the back (``admission.Policy.round_robin`` says which).
 
     ``values`` adds what the caller writes with it (a result, an error); ``runner_id``
     (default the owner) and ``thread`` are recorded on the history rows.
@@ -186,7 +189,7 @@ def change(
     if Status.RUNNING in path:
         written["attempts"] = ONE_MORE_ATTEMPT
     for entered in path:
-        if entered in STAMPS:
+        if entered in STAMPS and not (keep_place and entered is Status.REGISTERED):
             written[STAMPS[entered]] = NOW
     written.update(values or {})
     return Change(path, written, runner_id if runner_id is not None else owner_id, thread, note)

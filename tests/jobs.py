@@ -236,3 +236,58 @@ def tick_log(log: str) -> None:
 @task(registration_concurrency=Mode.TASK)
 def slow_report(seconds: float) -> None:
     time.sleep(seconds)
+
+
+def tier_limit(account_id: str) -> int:
+    """Two slots for a gold account, one for the others: a running_limit of the key arguments."""
+    return 2 if account_id.startswith("gold") else 1
+
+
+def bad_tier_limit(account_id: str) -> object:
+    return {"zero": 0, "text": "2", "yes": True}[account_id]
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=2)
+def keyed_two_slots(account_id: str, op: str, hold: float = 0.0) -> str:
+    time.sleep(hold)
+    return f"{account_id}:{op}"
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=2, round_robin=True)
+def keyed_two_slots_round_robin(account_id: str, op: str) -> str:
+    return f"{account_id}:{op}"
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=tier_limit)
+def keyed_tiered(account_id: str, op: str) -> str:
+    return f"{account_id}:{op}"
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=bad_tier_limit)
+def keyed_bad_tier(account_id: str) -> str:
+    return account_id
+
+
+@task(running_concurrency=Mode.TASK, running_limit=3)
+def three_at_once(number: int) -> int:
+    return number
+
+
+def _log_span(log: str, account_id: str, number: int, hold: float) -> None:
+    with open(log, "a", buffering=1) as out:
+        out.write(f"S {account_id} {number} {time.time():.6f} {os.getpid()}\n")
+    time.sleep(hold)
+    with open(log, "a", buffering=1) as out:
+        out.write(f"E {account_id} {number} {time.time():.6f} {os.getpid()}\n")
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=tier_limit)
+def record_span_tiered(account_id: str, number: int, hold: float, log: str) -> None:
+    """record_span with two slots for a gold account and one for the others."""
+    _log_span(log, account_id, number, hold)
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=3)
+def record_span_three(account_id: str, number: int, hold: float, log: str) -> None:
+    """record_span with three slots per account."""
+    _log_span(log, account_id, number, hold)

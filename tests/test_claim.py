@@ -153,16 +153,8 @@ def test_a_new_invocation_behind_an_orphan_wakes_it_and_waits_its_turn(runner):
 
 @pytest.fixture
 def two_slots():
-    """A task of two slots per key, registered as a spec (no @task option declares a limit yet)."""
-    from keyjobs import registry
-    from keyjobs.admission import Policy
-    from keyjobs.concurrency import Mode
-    from keyjobs.spec import TaskSpec
-
-    spec = TaskSpec(name="tests.jobs.keyed_two_slots", func=jobs.keyed.func,
-                    policy=Policy(running=Mode.KEYS, key_arguments=("account_id",), limit=2))
-    registry.register(spec)
-    return spec
+    """A task of two slots per key (``running_limit=2``)."""
+    return jobs.keyed_two_slots.spec
 
 
 def test_a_claim_respects_a_key_limit_above_one(runner, two_slots):

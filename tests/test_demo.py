@@ -138,6 +138,23 @@ def test_limit_of_rate_limited_calls_counts_the_windows_a_key_needs() -> None:
     rows = [made('{"account_id":"acme"}', pk) for pk in range(8)]
 
     assert scenarios.limit(rows, hold=0.25, threads=8, rate=Rate(2, 1.0)) == pytest.approx(3.25)
+def test_e_tiered_slots_fill_each_accounts_limit_and_never_pass_it(workers: None, client: ProviderClient) -> None:
+    summary = run("E", client)
+
+    assert (summary.calls, summary.collisions, summary.unfinished) == (12, 0, 0)
+    assert [(account.name, account.peak, account.slots) for account in summary.accounts] == [
+        ("acme", 3, 3), ("globex", 2, 2), ("initech", 1, 1),
+    ]
+    # Four calls each: acme's take two rounds of its three slots, globex's two of two, initech's four of one.
+    assert summary.limit == pytest.approx(4 * HOLD)
+    assert summary.ok
+
+
+def test_an_account_of_e_short_of_its_limit_is_a_problem() -> None:
+    summary = summary_of("E", accounts=[scenarios.Account("acme", 4, 0, 0, 0, peak=2, slots=3)])
+
+    assert summary.problems() == ["E: acme peaked at 2 in flight, its limit is 3"]
+    assert "  OK acme     calls=4  collisions=0  in flight at most 2 of 3" in summary.report().splitlines()
 
 
 @pytest.mark.slow
@@ -162,6 +179,7 @@ def test_titles_are_read_off_the_tasks_declarations() -> None:
         "B. keyed — running_concurrency=KEYS, reroute=True",
         "C. keyed, dropping — running_concurrency=KEYS, reroute=False",
         "D. refresh once — running_concurrency=KEYS, registration_concurrency=KEYS, reroute=True",
+        "E. tiered slots — running_concurrency=KEYS, running_limit=tier_slots, reroute=True",
         "F. rate-limited — running_concurrency=KEYS, rate_limit=2/s, reroute=True",
     ]
 
@@ -334,14 +352,14 @@ def manage(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[object, str]
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
-        (["demo", "Z"], "argument A|B|C|D|F|all: unknown scenario 'Z'; choose A, B, C, D, F or all"),
+        (["demo", "Z"], "argument A|B|C|D|E|F|all: unknown scenario 'Z'; choose A, B, C, D, E, F or all"),
         (["demo", "--hold", "-1"], "argument --hold: must be a number of seconds from 0 to 60, not '-1'"),
         (["demo", "--threads", "0"], "argument --threads: must be at least 1, not 0"),
         (["demo", "--workers", "two"], "argument --workers: 'two' is not a whole number"),
         (["demo", "--port", "70000"], "argument --port: must be from 0 to 65535, not 70000"),
         (["demo", "--timeout", "nan"], "argument --timeout: must be more than 0 seconds, not nan"),
         (["enqueue", "all", "--ops", "-3"], "argument --ops: must be at least 1, not -3"),
-        (["enqueue"], "the following arguments are required: A|B|C|D|F|all"),
+        (["enqueue"], "the following arguments are required: A|B|C|D|E|F|all"),
     ],
 )
 def test_bad_input_gets_one_line_and_a_non_zero_exit(
@@ -376,9 +394,9 @@ def test_demo_runs_every_scenario_and_stops_what_it_started(monkeypatch: pytest.
     call_command("demo", "all", port=0, hold=HOLD, stdout=out)
 
     titles = [line for line in out.getvalue().splitlines() if line.startswith("===")]
-    assert [title[4] for title in titles] == ["A", "B", "C", "D", "F"]
+    assert [title[4] for title in titles] == ["A", "B", "C", "D", "E", "F"]
     figures = re.findall(r"^  (\d+) enqueued -> (\d+) calls, (\d+) collisions", out.getvalue(), re.MULTILINE)
-    assert figures[1:] == [("12", "12", "0"), ("12", "3", "0"), ("24", "3", "0"), ("24", "24", "0")]
+    assert figures[1:] == [("12", "12", "0"), ("12", "3", "0"), ("24", "3", "0"), ("12", "12", "0"), ("24", "24", "0")]
     assert not Runner.objects.active().exists()
 
 

@@ -19,6 +19,7 @@ from keyjobs.monitor.display import (
     monitor_links,
     runner_badge,
     short_task,
+    slots_in_use,
     status_badge,
     throughput_bars,
 )
@@ -124,3 +125,8 @@ def test_a_key_view_row_shows_arguments_as_json_the_duration_and_the_runner() ->
 def test_a_key_view_row_of_an_invocation_that_never_ran_has_no_duration_and_no_runner() -> None:
     row = invocation_row(InvocationFactory(), "/x/")
     assert (row["duration"], row["runner"]) == ("–", "–")
+
+
+def test_slots_in_use_read_as_a_count_of_the_limit():
+    assert slots_in_use(2, 3) == "2 of 3 slots in use"
+    assert slots_in_use(0, 1) == "0 of 1 slot in use"

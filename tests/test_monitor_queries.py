@@ -395,13 +395,36 @@ def test_the_dashboard_names_the_busiest_keys_and_the_oldest_waiting_invocation(
 
 def test_the_dashboard_takes_the_same_queries_however_many_invocations(django_assert_num_queries) -> None:
     give_dashboard_load()  # 20 finished over 4 tasks, 7 keys and 3 runners; one waiting
-    # Per task and status; throughput; what runners own; live runners; busiest keys; oldest waiting.
-    with django_assert_num_queries(6):
+    # Per task and status; throughput; what runners own; live runners; busiest keys; oldest waiting;
+    # keys at their limit.
+    with django_assert_num_queries(7):
         data = dashboard(now=timezone.now())
     assert len(data.runners) == 3 and len(data.busiest) == 10  # the ten busiest of 20 (task, key)
 
 
+def test_the_dashboard_lists_the_keys_whose_every_slot_is_taken() -> None:
+    runner = RunnerFactory()
+    owned = {"task_name": "tests.jobs.keyed_two_slots", "status": Status.RUNNING, "runner": runner, "running_limit": 2}
+    InvocationFactory(**owned, running_key=ACME, slot=0)
+    InvocationFactory(**owned, running_key=ACME, slot=1)
+    InvocationFactory(**owned, running_key=GLOBEX, slot=0)  # one slot of two: not at its limit
+    InvocationFactory(task_name="tests.jobs.keyed", running_key=GLOBEX, status=Status.RUNNING, runner=runner)
+
+    data = dashboard(now=timezone.now())
+
+    assert [(full.task, full.key, full.in_use, full.limit) for full in data.at_limit] == [
+        ("tests.jobs.keyed", "globex", 1, 1), ("tests.jobs.keyed_two_slots", "acme", 2, 2),
+    ]
+
+
 # -- the key view ----------------------------------------------------------------------
+
+
+def test_the_key_view_knows_the_keys_limit_from_its_invocations() -> None:
+    InvocationFactory(task_name="tests.jobs.keyed_two_slots", running_key=ACME, running_limit=2,
+                      status=Status.RUNNING, runner=RunnerFactory())
+    assert key_history("tests.jobs.keyed_two_slots", ACME).running_limit == 2
+    assert key_history("tests.jobs.once_per_key", ACME).running_limit is None
 
 
 def test_the_key_view_tells_what_ran_runs_waits_and_was_dropped() -> None:

@@ -100,6 +100,26 @@ def test_concurrent_calls_for_one_account_collide_and_are_counted_exactly(provid
     assert sum(entry["collision"] for entry in counted["log"]) == 4
 
 
+def test_an_account_allowing_slots_collides_only_past_them(provider: Provider) -> None:
+    barrier = threading.Barrier(4, timeout=10)
+
+    def call_with_three_slots(op: str) -> int:
+        barrier.wait()
+        return request(f"{provider.url}/call/acme/{op}?slots=3", "POST")[0]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        statuses = sorted(pool.map(call_with_three_slots, ["a", "b", "c", "d"]))
+
+    assert statuses == [200, 200, 200, 429]
+    assert stats(provider)["accounts"] == {"acme": {"calls": 4, "collisions": 1, "max_in_flight": 4}}
+
+
+@pytest.mark.parametrize("slots", ["0", "x", "1&slots=2"])
+def test_a_call_with_slots_that_are_not_a_count_gets_400(provider: Provider, slots: str) -> None:
+    status, payload = request(f"{provider.url}/call/acme/a?slots={slots}", "POST")
+    assert status == 400 and "slots must be a whole number" in payload["error"]
+
+
 def test_concurrent_calls_across_accounts_never_collide(provider: Provider) -> None:
     accounts = ["acme", "globex", "initech", "umbrella", "hooli"]
 

@@ -182,8 +182,8 @@ def test_the_dashboard_page_stays_still_when_nothing_waits(viewer: Client) -> No
 def test_the_dashboard_takes_a_bounded_number_of_queries(viewer: Client, django_assert_num_queries) -> None:
     give_dashboard_load()  # 20 finished over 4 tasks, 7 keys and 3 runners; one waiting
     # Session, user, its permissions and its groups'; per task and status; throughput; live runners; what
-    # they run; busiest keys; oldest waiting.
-    with django_assert_num_queries(10):
+    # they run; busiest keys; oldest waiting; keys at their limit.
+    with django_assert_num_queries(11):
         assert viewer.get(reverse(DASHBOARD)).status_code == 200
 
 
@@ -208,6 +208,21 @@ def test_the_key_view_shows_its_rate_window_and_the_work_deferred(viewer: Client
 
     assert "Rate limit <code>3/s</code>: <strong>0</strong> of 3 starts in the current window of 1 s." in page
     assert f"#{deferred.pk}</a>" in page.split("Rate window and deferred work")[1]
+def test_the_key_view_shows_the_slots_in_use_out_of_the_limit(viewer: Client) -> None:
+    InvocationFactory(task_name="tests.jobs.keyed_two_slots", running_key=ACME, running_limit=2,
+                      status=Status.RUNNING, runner=RunnerFactory())
+
+    page = viewer.get(key_url("tests.jobs.keyed_two_slots", ACME)).content.decode()
+
+    assert "Running now: 1 of 2 slots in use" in page
+
+
+def test_the_dashboard_lists_a_key_at_its_limit(viewer: Client) -> None:
+    InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME, status=Status.RUNNING, runner=RunnerFactory())
+
+    page = viewer.get(reverse(DASHBOARD)).content.decode()
+
+    assert "Keys at their limit now" in page and "1 of 1 slot in use" in page
 
 
 def test_the_key_view_needs_a_task_and_a_key(viewer: Client) -> None:

@@ -97,6 +97,11 @@ def format_duration(delta: timedelta) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
 
 
+def slots_in_use(in_use: int, limit: int) -> str:
+    """Return a key's slots as a person reads them: ``2 of 3 slots in use``."""
+    return f"{in_use} of {limit} slot{'s' if limit != 1 else ''} in use"
+
+
 def epoch_ms(moment: datetime | None) -> int | None:
     """Return ``moment`` in milliseconds since the epoch, as the page scripts read times."""
     return None if moment is None else round(moment.timestamp() * 1000)

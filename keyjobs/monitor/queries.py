@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypedDict, TypeVar
 
 from django.db import connections
-from django.db.models import Count, F, Q, QuerySet
+from django.db.models import Count, F, Max, Q, QuerySet
 from django.db.models.functions import Coalesce, Now, TruncMinute
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -33,6 +33,8 @@ MAX_MINUTES = 7 * 24 * 60
 THROUGHPUT_MINUTES = 15
 #: How many finished and dropped invocations the key view lists, newest first.
 KEY_HISTORY = 200
+#: Keys at their limit the dashboard lists at most.
+KEYS_AT_LIMIT = 20
 
 
 # -- the timeline ---------------------------------------------------------------
@@ -393,6 +395,20 @@ class BusyKey:
 
 
 @dataclass(frozen=True)
+class KeyAtLimit:
+    """A running key whose slots are all taken: as many owned invocations as its limit."""
+
+    task: str
+    raw_key: str
+    in_use: int
+    limit: int
+
+    @property
+    def key(self) -> str:
+        return key_label(self.raw_key)
+
+
+@dataclass(frozen=True)
 class Dashboard:
     """Counts per status and per task, recent throughput, live runners, busy keys and the oldest waiter."""
 
@@ -406,6 +422,8 @@ class Dashboard:
     #: The keys with the most invocations created in the last ``THROUGHPUT_MINUTES`` minutes, at most ten.
     busiest: list[BusyKey]
     oldest_waiting: Invocation | None
+    #: The running keys whose every slot is taken now, at most ``KEYS_AT_LIMIT``, by task and key.
+    at_limit: list[KeyAtLimit] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -464,6 +482,18 @@ def dashboard(*, now: datetime, using: str | None = None) -> Dashboard:
             .order_by("-total", "task_name", "raw_key")[:10]
         )
     ]
+    # A key's limit is the one its owners stored (``Invocation.running_limit``).
+    at_limit = [
+        KeyAtLimit(*row)
+        for row in (
+            invocations.owned().filter(running_key__isnull=False)
+            .order_by()
+            .values_list("task_name", "running_key")
+            .annotate(in_use=Count("id"), limit=Max("running_limit"))
+            .filter(in_use__gte=F("limit"))
+            .order_by("task_name", "running_key")[:KEYS_AT_LIMIT]
+        )
+    ]
     return Dashboard(
         per_status=per_status,
         per_task=dict(sorted(per_task.items())),
@@ -471,6 +501,7 @@ def dashboard(*, now: datetime, using: str | None = None) -> Dashboard:
         runners=runners,
         busiest=busiest,
         oldest_waiting=invocations.waiting().order_by("created_at", "pk").first(),
+        at_limit=at_limit,
     )
 
 
@@ -505,6 +536,14 @@ class KeyHistory:
     deferred: list[Invocation] = field(default_factory=list)
     #: The key's rate window, if its task (as this process knows it) has a rate limit.
     rate: RateWindow | None = None
+
+    @property
+    def running_limit(self) -> int | None:
+        """How many of the key may run at once, as its next (else latest) invocation stored; None for no running key."""
+        for invocation in (*self.waiting, *self.running, *self.ran, *self.dropped):
+            if invocation.running_key is not None:
+                return invocation.running_limit
+        return None
 
 
 def key_history(task_name: str, key: str, *, using: str | None = None) -> KeyHistory:

@@ -29,6 +29,7 @@ from .display import (
     runs_of_schedule_url,
     schedule_rule,
     short_task,
+    slots_in_use,
     status_badge,
     throughput_bars,
 )
@@ -159,6 +160,12 @@ class MonitorViews:
                  "waiting": busy.waiting, "owned": busy.owned, "dropped": busy.dropped}
                 for busy in data.busiest
             ],
+            at_limit=[
+                {"task": full.task, "short_task": short_task(full.task), "key": full.key,
+                 "url": key_url(full.task, full.raw_key, self.admin_site.name),
+                 "slots": slots_in_use(full.in_use, full.limit)}
+                for full in data.at_limit
+            ],
             oldest_badge=status_badge(data.oldest_waiting.status) if data.oldest_waiting else "",
             statuses=Status.choices, throughput_minutes=THROUGHPUT_MINUTES, now=now,
         )
@@ -181,6 +188,8 @@ class MonitorViews:
             deferred=[{**invocation_row(invocation, self._url("change", invocation.pk)),
                        "run_after": invocation.run_after} for invocation in history.deferred],
             rate=history.rate,
+            slots=(slots_in_use(len(history.running), history.running_limit)
+                   if history.running_limit is not None else ""),
             timeline_url=f"{self._url('timeline')}?{timeline_query}",
             active=bool(history.running or history.waiting),
         )

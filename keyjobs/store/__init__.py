@@ -11,10 +11,10 @@ only, never on the orchestration that calls it.
 
 from django.db import connections
 
-from .interface import Claimed, LockedRow, Recorded, Steps, WaitingRow, Woken
+from .interface import Claimed, KeyAhead, LockedRow, Recorded, Steps, WaitingRow, Woken
 from .portable import Store
 
-__all__ = ["Claimed", "LockedRow", "Recorded", "Steps", "Store", "WaitingRow", "Woken", "store"]
+__all__ = ["Claimed", "KeyAhead", "LockedRow", "Recorded", "Steps", "Store", "WaitingRow", "Woken", "store"]
 
 
 def store(using: str) -> Store:

@@ -2,7 +2,7 @@
 
 from collections.abc import Collection, Sequence
 from datetime import datetime
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ..models import Invocation
 from ..status import Change
@@ -22,6 +22,8 @@ class WaitingRow(NamedTuple):
     id: int
     status: str
     queue: str
+    #: The limit it stored: how many runs of its key may be in flight at once.
+    running_limit: int
 
 
 class Window(NamedTuple):
@@ -101,3 +103,23 @@ class Steps(Protocol):
         waits in ``queues``; with ``claim``, a thread handed nothing claims the
         queue's head in the same statement.
         """
+
+    def insert_or_park(
+        self, fields: Sequence[Any], row: Sequence[Any], returning: Sequence[Any], *, ahead: "KeyAhead",
+        parked: Change,
+    ) -> tuple[tuple[Any, ...], str]:
+        """Insert one invocation of a running key, parked with ``parked`` if its key is busy (see ``KeyAhead``).
+
+        ``row`` holds the prepared values of ``fields`` (its status
+        REGISTERED); the runners of its queue are woken only if it is not
+        parked. Return the ``returning`` values and the status it got.
+        """
+
+
+class KeyAhead(NamedTuple):
+    """What a new invocation of a running key finds ahead of it: busy with ``limit`` rows (``Store.busy_ahead``)."""
+
+    task_name: str
+    running_key: str
+    priority: int
+    limit: int

@@ -26,7 +26,7 @@ from django.db.models.sql.subqueries import UpdateQuery
 
 from ..models import Event, Invocation, RateToken
 from ..status import OWNED, WAITING, Change, EventRow, Status
-from .interface import LockedRow, Steps, WaitingRow, Window
+from .interface import KeyAhead, LockedRow, Steps, WaitingRow, Window
 
 if TYPE_CHECKING:
     from ..admission import Rate
@@ -91,6 +91,10 @@ class Store:
         else:
             # SQLite has no row locks: its IMMEDIATE transactions take the database's write lock instead.
             self.lock = self.lock_skip = ""
+        #: A shared row lock, skipping rows others lock (so it never waits, and never deadlocks): the
+        #: status of a row it takes cannot change meanwhile.
+        self.lock_share = (" FOR SHARE SKIP LOCKED" if features.has_select_for_update_skip_locked
+                           else " FOR SHARE" if features.has_select_for_update else "")
         self.due = f"({quote('run_after')} IS NULL OR {quote('run_after')} <= {self.now})"
         # The statuses as literals, exactly as the partial indexes' conditions spell them: a
         # database uses a partial index only where it can prove the query implies its condition,
@@ -269,9 +273,30 @@ class Store:
         if before is not None:
             where += (f" AND {q('id')} <> %s AND ({q('priority')} > %s OR ({q('priority')} = %s AND {q('id')} < %s))")
             params += [before.pk, before.priority, before.priority, before.pk]
-        sql = (f"SELECT {q('id')}, {q('status')}, {q('queue')} FROM {self.invocations} WHERE {where} "
+        sql = (f"SELECT {q('id')}, {q('status')}, {q('queue')}, {q('running_limit')} FROM {self.invocations} WHERE {where} "
                f"ORDER BY {self.key_order} LIMIT {int(limit)}")
         return [WaitingRow(*row) for row in self._rows(sql, params)]
+
+    def busy_ahead(self, key: KeyAhead) -> int:
+        """Lock (shared) and count, up to ``limit``, a key's owners and due unparked invocations of ``priority`` or above.
+
+        What a new invocation of the key would find taking the key's slots
+        ahead of it; parked ones are not counted, since an orphan (its waker
+        died) would wait for the timed duty, where a registered invocation's
+        claim wakes it at once.
+        The share lock keeps each row counted from changing status until the
+        caller's transaction ends; a row another transaction is changing is
+        skipped, not counted: the count errs towards "not busy", which is
+        always safe (a registered invocation is claimed, never lost).
+        """
+        return len(self._rows(self.busy_ahead_sql(), [key.task_name, key.running_key, key.priority, key.limit]))
+
+    def busy_ahead_sql(self) -> str:
+        """Return ``busy_ahead``'s query (its parameters: the task, the key, the priority and the limit)."""
+        q = self.quote
+        return (f"SELECT {q('id')} FROM {self.invocations} WHERE {q('task_name')} = %s AND {q('running_key')} = %s "
+                f"AND ({self.is_owned} OR ({q('status')} IN ({literal(Status.REGISTERED)}, {literal(Status.RETRY)}) "
+                f"AND {self.due} AND {q('priority')} >= %s)) LIMIT %s{self.lock_share}")
 
     def registered_behind(self, head: Invocation, limit: int) -> list[LockedRow]:
         """Lock (skipping locked ones) the due registered invocations after ``head`` in its key, in key order."""

@@ -17,7 +17,7 @@ from django.db.backends.postgresql.base import ServerBindingCursor
 from ..conf import conf
 from ..models import Invocation
 from ..status import Change, Status
-from .interface import Claimed, LockedRow, Recorded, Woken
+from .interface import Claimed, KeyAhead, LockedRow, Recorded, Woken
 from .portable import QUEUE_ORDER, Store, literal
 
 logger = logging.getLogger("keyjobs.worker")
@@ -184,6 +184,39 @@ class PostgresStore(Store):
         next_up = self._invocations([next_row], columns=names[2:])[0] if next_row[0] is not None else None
         return Woken(next_up, [woken_id] if woken_id is not None else [])
 
+    def insert_or_park(
+        self, fields: Sequence[Any], row: Sequence[Any], returning: Sequence[Any], *, ahead: KeyAhead,
+        parked: Change,
+    ) -> tuple[tuple[Any, ...], str]:
+        # admission.admit with nobody's slots known but those counted ahead: START (registered) while
+        # fewer than the limit are ahead, else PARK. The share locks last until the statement commits.
+        names = [field.attname for field in fields]
+        status_at = names.index("status")
+        casts = [field.db_type(self.connection).split("(")[0] for field in fields]
+        select = [f"%s::{cast}" if n != status_at else "verdict.status" for n, cast in enumerate(casts)]
+        values = [value for n, value in enumerate(row) if n != status_at]
+        (event,) = parked.events(0, "")
+        quote = self.quote
+        sql_text = (
+            f"WITH ahead AS ({self.busy_ahead_sql()}), "
+            f"verdict AS MATERIALIZED (SELECT CASE WHEN count(*) >= %s THEN {literal(Status.REROUTED)} "
+            f"ELSE {literal(Status.REGISTERED)} END AS status FROM ahead), "
+            f"inserted AS (INSERT INTO {self.invocations} ({', '.join(quote(field.column) for field in fields)}) "
+            f"SELECT {', '.join(select)} FROM verdict "
+            f"RETURNING {', '.join(quote(field.column) for field in returning)}, {quote('status')} AS status), "
+            f"recorded AS (INSERT INTO {self.events} ({self.event_columns}) SELECT inserted.{quote('id')}, %s, '', "
+            f"{literal(Status.REROUTED)}, %s, %s, %s FROM inserted WHERE inserted.status = {literal(Status.REROUTED)} "
+            "RETURNING 1), "
+            f"notified AS (SELECT pg_notify(%s, %s) FROM inserted WHERE inserted.status = {literal(Status.REGISTERED)}) "
+            f"SELECT inserted.*, (SELECT count(*) FROM notified), (SELECT count(*) FROM recorded) FROM inserted"
+        )
+        params = [ahead.task_name, ahead.running_key, ahead.priority, ahead.limit, ahead.limit, *values,
+                  event[1], *event[4:], CHANNEL, row[names.index("queue")]]
+        with self.cursor() as cursor:
+            cursor.execute(sql_text, params)
+            found = cursor.fetchone()
+        return tuple(found[: len(returning)]), found[len(returning)]
+
     # -- the parts those statements are made of ---------------------------------------
 
     def _recorded(self, name: str, source: str, change: Change, *, first_from: str | None = None,
@@ -251,25 +284,31 @@ class PostgresStore(Store):
         """
         q, inv = self.quote, self.invocations
         candidates, params = self.claimable_sql(
-            ", ".join(q(column) for column in ("id", "priority", "registered_at", "task_name", "running_key")),
+            ", ".join(q(column) for column in ("id", "priority", "registered_at", "task_name", "running_key",
+                                               "running_limit")),
             queues, limit)
-        same_key = f"{q('task_name')} = candidate.task_name AND {q('running_key')} = candidate.running_key"
-        assignments, set_params = self._set(claim.values)
+        same_key = f"{q('task_name')} = c.task_name AND {q('running_key')} = c.running_key"
+        # Ahead in key order (priority, then id): one row comparison.
+        ahead = f"{self.is_waiting} AND {self.due} AND ({q('priority')}, -{q('id')}) > (c.priority, -c.id)"
+        # The slot comes from the judgement: the claim's own value is the one-slot case's 0.
+        assignments, set_params = self._set({name: value for name, value in claim.values.items() if name != "slot"})
         recorded, recorded_params = self._recorded("taken_recorded", "taken", claim, first_from=Status.REGISTERED,
-                                                    after=after, order=self._queue_order("taken"))
+                                                   after=after, order=self._queue_order("taken"))
         ctes = (
-            f"candidate AS ({candidates}), "
-            # admission.FAST_PATH: a task whose policy this statement implements, and no key, or a
-            # key nobody holds with nothing due ahead of it (one slot per key).
-            f"judged AS (SELECT candidate.id, row_number() OVER (ORDER BY {self._queue_order('candidate')}) AS n, "
-            f"candidate.task_name = ANY(%s) AND (candidate.running_key IS NULL OR ("
-            f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_owned}) AND "
-            f"NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_waiting} "
-            f"AND {self.due} AND {q('id')} <> candidate.id AND ({q('priority')} > candidate.priority "
-            f"OR ({q('priority')} = candidate.priority AND {q('id')} < candidate.id))))) AS free FROM candidate), "
-            f"cut AS (SELECT min(n) AS n FROM judged WHERE NOT free), "
-            f"taken AS (UPDATE {inv} AS t {assignments} FROM judged WHERE t.{q('id')} = judged.id "
-            f"AND judged.n < COALESCE((SELECT n FROM cut), %s) AND {only_if} "
+            f"c AS ({candidates}), "
+            # admission.FAST_PATH: a task whose policy this statement implements, and no key, or a key
+            # with a slot left once the work due ahead of it takes the first free ones: admission.admit()'s
+            # rule and its slot (k.s), for the first candidate of a key only (two would pick the same
+            # slot). Kept short: psycopg caches the parsing of 4 kB at most.
+            f"j AS (SELECT c.id, row_number() OVER (ORDER BY {self._queue_order('c')}) AS n, "
+            f"c.task_name = ANY(%s) AND (c.running_key IS NULL OR k.s IS NOT NULL AND row_number() OVER "
+            f"(PARTITION BY c.task_name, c.running_key ORDER BY c.id) = 1) AS free, COALESCE(k.s, 0) AS slot "
+            f"FROM c LEFT JOIN LATERAL (SELECT s FROM generate_series(0, c.running_limit - 1) AS s WHERE s NOT IN "
+            f"(SELECT {q('slot')} FROM {inv} WHERE {same_key} AND {self.is_owned}) OFFSET (SELECT count(*) FROM "
+            f"(SELECT FROM {inv} WHERE {same_key} AND {ahead} LIMIT c.running_limit) AS a) LIMIT 1) AS k ON true), "
+            f"cut AS (SELECT min(n) AS n FROM j WHERE NOT free), "
+            f"taken AS (UPDATE {inv} AS t {assignments}, {q('slot')} = j.slot FROM j "
+            f"WHERE t.{q('id')} = j.id AND j.n < COALESCE((SELECT n FROM cut), %s) AND {only_if} "
             f"RETURNING {self._returning('t')}), "
             f"{recorded}"
         )

@@ -20,7 +20,7 @@ class Command(ScenarioCommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "scenario", nargs="?", type=scenario_choice, default="all", metavar="A|B|C|D|F|all",
+            "scenario", nargs="?", type=scenario_choice, default="all", metavar="A|B|C|D|E|F|all",
             help="The scenario to run (default: all, in order).",
         )
         super().add_arguments(parser)
