@@ -35,6 +35,8 @@ def noop_rated(account_id: str, number: int) -> None:
 def refresh_debounced(account_id: str, request: int) -> int:
     """Return the request it ran for: requests of an account within 0.5 s of each other merge, the last one wins."""
     return request
+
+
 def plan_slots(account_id: str) -> int:
     """The tier bench's plans: four calls at once for the two enterprise accounts, one for the others."""
     return 4 if account_id.startswith("enterprise") else 1

@@ -113,6 +113,8 @@ class Scenario:
         """The task's ``rate_limit``: at most ``count`` calls per account in any ``window`` seconds."""
         rate: Rate | None = self.task.rate_limit
         return rate
+
+    @property
     def limited(self) -> bool:
         """Whether the task lets more than one call per account run at once (``running_limit``)."""
         return self.keyed and self.task.running_limit != 1

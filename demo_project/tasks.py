@@ -102,6 +102,8 @@ def refresh_once(account_id: str) -> dict[str, object]:
 def call_rated(account_id: str, op: str) -> dict[str, object]:
     """Call the provider, one call per account at a time and at most 2 starts per account in any second."""
     return call_provider(account_id, op)
+
+
 def tier_slots(account_id: str) -> int:
     """The calls in flight an account's plan allows: acme is on the enterprise plan, globex on business."""
     return {"acme": 3, "globex": 2}.get(account_id, 1)

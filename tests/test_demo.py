@@ -138,6 +138,10 @@ def test_limit_of_rate_limited_calls_counts_the_windows_a_key_needs() -> None:
     rows = [made('{"account_id":"acme"}', pk) for pk in range(8)]
 
     assert scenarios.limit(rows, hold=0.25, threads=8, rate=Rate(2, 1.0)) == pytest.approx(3.25)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
 def test_e_tiered_slots_fill_each_accounts_limit_and_never_pass_it(workers: None, client: ProviderClient) -> None:
     summary = run("E", client)
 

@@ -208,6 +208,8 @@ def test_the_key_view_shows_its_rate_window_and_the_work_deferred(viewer: Client
 
     assert "Rate limit <code>3/s</code>: <strong>0</strong> of 3 starts in the current window of 1 s." in page
     assert f"#{deferred.pk}</a>" in page.split("Rate window and deferred work")[1]
+
+
 def test_the_key_view_shows_the_slots_in_use_out_of_the_limit(viewer: Client) -> None:
     InvocationFactory(task_name="tests.jobs.keyed_two_slots", running_key=ACME, running_limit=2,
                       status=Status.RUNNING, runner=RunnerFactory())
