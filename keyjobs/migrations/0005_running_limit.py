@@ -3,6 +3,13 @@
 from django.db import migrations, models
 
 
+def limits_of_existing_slots(apps, schema_editor):
+    """Give each existing invocation a limit above its slot (all of them 0 where no task declared a limit)."""
+    Invocation = apps.get_model("keyjobs", "Invocation")
+    Invocation.objects.using(schema_editor.connection.alias).filter(slot__gte=1).update(
+        running_limit=models.F("slot") + 1)
+
+
 class Migration(migrations.Migration):
 
     dependencies = [
@@ -15,6 +22,7 @@ class Migration(migrations.Migration):
             name='running_limit',
             field=models.PositiveSmallIntegerField(default=1, help_text='Runs of its running key at once, as its task said when it was created.'),
         ),
+        migrations.RunPython(limits_of_existing_slots, migrations.RunPython.noop, elidable=True),
         migrations.AddConstraint(
             model_name='invocation',
             constraint=models.CheckConstraint(condition=models.Q(('running_limit__gte', 1), ('slot__lt', models.F('running_limit'))), name='keyjobs_slot_within_limit'),
