@@ -50,6 +50,30 @@ def sqlite_warnings(alias: str, options: dict[str, Any]) -> list[CheckMessage]:
     return messages
 
 
+@register(Tags.database, Tags.compatibility)
+def check_pool(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Warn when Django's pool of KEYJOBS_DATABASE is too small for a runner's heartbeat to get a connection."""
+    alias = conf.DATABASE
+    return pool_warnings(alias, settings.DATABASES.get(alias, {}).get("OPTIONS", {}).get("pool"))
+
+
+def pool_warnings(alias: str, pool: Any) -> list[CheckMessage]:
+    """Return the warnings for a database whose OPTIONS['pool'] is ``pool``."""
+    if not pool:
+        return []
+    options = pool if isinstance(pool, dict) else {}
+    # psycopg_pool's defaults: min_size 4, max_size min_size.
+    largest = options.get("max_size") or options.get("min_size", 4)
+    if largest >= 2:
+        return []
+    return [Warning(
+        f"DATABASES[{alias!r}]['OPTIONS']['pool'] holds at most {largest} connection.",
+        hint="A runner's heartbeat then queues for it behind its working threads, and a long task that queries "
+             "can hold it past the lease. Set max_size to 2 or more.",
+        id="keyjobs.W004",
+    )]
+
+
 @register(Tags.compatibility)
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """Refuse keyjobs settings that cannot work."""

@@ -100,3 +100,23 @@ def test_e004_a_listen_database_that_is_not_a_postgresql_alias(settings):
 def test_a_listen_database_naming_a_postgresql_alias_passes(settings):
     settings.KEYJOBS_LISTEN_DATABASE = "default"
     assert error_ids() == []
+
+
+@pytest.mark.parametrize("pool, warned", [
+    (True, False),
+    ({"min_size": 1, "max_size": 4}, False),
+    ({"min_size": 2}, False),
+    ({"min_size": 1}, True),
+    ({"min_size": 1, "max_size": 1}, True),
+])
+def test_w004_a_pool_too_small_for_the_heartbeat(pool, warned):
+    from keyjobs.checks import pool_warnings
+
+    assert [message.id for message in pool_warnings("default", pool)] == (["keyjobs.W004"] if warned else [])
+
+
+def test_the_pool_check_is_registered_and_passes_without_a_pool():
+    from keyjobs.checks import check_pool
+
+    assert check_pool in checks.registry.registry.get_checks(include_deployment_checks=False)
+    assert check_pool() == []
