@@ -7,7 +7,8 @@ Real ``manage.py runworker --threads 8`` processes on a scratch database
 application_name and counted in pg_stat_activity every 20 ms: for 3 s while
 idle, then while they run a keyed workload (each call an HTTP call to the
 demo's provider, no query of its own). One process, then two side by side,
-then one on Django's pool (``DATABASE_POOL``, the demo's knob for
+then ``runworker --processes 2`` where this checkout has it (a supervisor
+holds one connection more), then one on Django's pool (``DATABASE_POOL``, the demo's knob for
 ``OPTIONS["pool"]``). The bound (README, "Many hosts"): per process, an idle
 runner holds 3 (its scout, its duty thread, its LISTEN) once idle for 5 s;
 a busy one at most threads + 2; with a pool, at most its ``max_size`` + 1,
@@ -20,13 +21,27 @@ measures that commit's runner the same way: that is how "before" was measured.
 
 import argparse
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from .harness import POSTGRES_URL, ProviderProcess, Recorder, Result, exit_on_sigterm, say, table
+from .harness import (
+    POSTGRES_URL,
+    ROOT,
+    ProviderProcess,
+    Recorder,
+    Result,
+    exit_on_sigterm,
+    say,
+    spawn,
+    stop,
+    table,
+    wait_until,
+)
 from .workloads import Workload
 
 THREADS = 8
@@ -60,7 +75,46 @@ def sampling() -> Iterator[list[int]]:
         thread.join(10)
 
 
-def measure(processes: int, provider: ProviderProcess, *, pool: tuple[int, int] | None, idle: float) -> list[Result]:
+def supervised() -> bool:
+    """Whether this checkout's runworker has --processes (a supervisor of worker processes)."""
+    help_text = subprocess.run([sys.executable, "manage.py", "runworker", "--help"], cwd=ROOT, capture_output=True,
+                               text=True).stdout
+    return "--processes" in help_text
+
+
+class Supervisor:
+    """One ``runworker --processes N --threads T``: a supervisor and its N worker processes."""
+
+    def __init__(self, processes: int, threads: int, env: dict[str, str]) -> None:
+        self.argv = [sys.executable, "manage.py", "runworker", "--processes", str(processes), "--threads", str(threads)]
+        self.count = processes
+        self.env = env
+        self.processes: list[Any] = []
+
+    def __enter__(self) -> "Supervisor":
+        import psycopg
+
+        self.processes.append(spawn(self.argv, name="connections-supervisor", env=self.env))
+
+        def listening() -> bool:
+            with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as connection:
+                row = connection.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                                         "AND query ILIKE 'LISTEN%%'", [NAME]).fetchone()
+            return bool(row and row[0] >= self.count)
+
+        try:
+            wait_until(listening, timeout=60, what="the worker processes listening", processes=self.processes)
+        except BaseException:
+            stop(self.processes)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop(self.processes)
+
+
+def measure(processes: int, provider: ProviderProcess, *, pool: tuple[int, int] | None, idle: float,
+            supervisor: bool = False) -> list[Result]:
     from bench import runs, tasks
 
     url = runs._url
@@ -68,12 +122,16 @@ def measure(processes: int, provider: ProviderProcess, *, pool: tuple[int, int] 
     if pool is not None:
         env["DATABASE_POOL"] = ",".join(map(str, pool))
     # A pool keeps what it opened for max_idle (psycopg_pool: 10 minutes) before it shrinks to min_size.
-    bound_idle = processes * ((pool[1] + 1) if pool is not None else 3)
-    bound_busy = processes * ((pool[1] + 1) if pool is not None else THREADS + 2)
-    label = f"t{THREADS} w{processes}" + (f" pool {pool[0]},{pool[1]}" if pool is not None else "")
+    # A supervisor holds one connection of its own (its heartbeat).
+    bound_idle = processes * ((pool[1] + 1) if pool is not None else 3) + supervisor
+    bound_busy = processes * ((pool[1] + 1) if pool is not None else THREADS + 2) + supervisor
+    label = (f"--processes {processes} --threads {THREADS}" if supervisor else f"t{THREADS} w{processes}") + (
+        f" pool {pool[0]},{pool[1]}" if pool is not None else "")
     results = []
     runs.clear()
-    with runs.Workers(processes, THREADS * processes, name="connections", env=env) as workers:
+    pool_of_runners = (Supervisor(processes, THREADS, env) if supervisor else
+                       runs.Workers(processes, THREADS * processes, name="connections", env=env))
+    with pool_of_runners as workers:
         # Every thread takes its first look; waiting threads let go of their connections at once with a
         # pool, else once idle for keyjobs.worker.IDLE_CONNECTION_GRACE (5 s).
         time.sleep(1.0 if pool is not None else 7.0)
@@ -121,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     idle = 2.0 if args.quick else 3.0
     with ProviderProcess() as provider:
         results.add(*measure(1, provider, pool=None, idle=idle))
-        # Until runworker --processes lands: two runworker processes side by side.
+        # Two runworker processes side by side, and the same under one supervisor where runworker has one.
         results.add(*measure(2, provider, pool=None, idle=idle))
+        if supervised():
+            results.add(*measure(2, provider, pool=None, idle=idle, supervisor=True))
         if not args.no_pool:
             results.add(*measure(1, provider, pool=POOL, idle=idle))
     if not args.json:
