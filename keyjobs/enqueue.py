@@ -47,8 +47,8 @@ _written_values = operator.attrgetter(*(field.attname for field in _WRITTEN))
 #: Rows per INSERT: past a few thousand, a longer statement no longer pays.
 _BATCH_SIZE = 2000
 
-#: Values a field prepares alike every time: immutable scalars (not bool: True == 1 would share
-#: 1's entry), and empty containers, keyed by their type.
+#: Values a field prepares alike every time: immutable scalars (bools keyed apart: True == 1 would
+#: share 1's entry), and empty containers, keyed by their type.
 _SCALARS = frozenset({str, int, type(None)})
 _CONTAINERS = frozenset({list, dict})
 
@@ -259,6 +259,8 @@ def _rows(invocations: list[Invocation], connection: "BaseDatabaseWrapper") -> l
                 key = value
             elif kind in _CONTAINERS and not value:
                 key = kind
+            elif kind is bool:
+                key = (bool, value)  # apart from 1 and 0, which equal True and False
             else:
                 row.append(field.get_db_prep_save(value, connection))
                 continue
