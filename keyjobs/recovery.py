@@ -57,6 +57,14 @@ def _recover(runner_id: int, *, using: str, lease: float, by: Runner | None) -> 
                 f"recovered: {lost} stopped heartbeating for over {lease:g}s "
                 + ("before starting it" if invocation.status == Status.PENDING else "while running it; it runs again")
             )
+            if invocation.cancel_requested:
+                # Its cancel was asked for: it is not run again.
+                reason = f"cancelled: its runner {lost} died after its cancel was requested"
+                move([invocation.pk], Status.CANCELLED, using=using, runner=by, note=f"recovered: {reason}",
+                     values={"error": reason.capitalize()})
+                wake_next(invocation.task_name, invocation.running_key, using=using, runner=by)
+                recovered.append(invocation.pk)
+                continue
             try:
                 with transaction.atomic(using=using):  # a savepoint: the registration guard may refuse
                     move([invocation.pk], Status.REGISTERED, using=using, runner=by, note=note,

@@ -69,6 +69,7 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
             Status.RUNNING,  # a runner thread started it
             Status.REGISTERED,  # given back: its runner stopped or died before starting it
             Status.FAILED,  # its task cannot be found
+            Status.CANCELLED,  # its runner died after its cancel was requested
         }
     ),
     Status.RUNNING: frozenset(
@@ -77,7 +78,7 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
             Status.FAILED,
             Status.RETRY,
             Status.REGISTERED,  # recovered from a runner that died while running it
-            Status.CANCELLED,  # cancelled while it ran, and it stopped
+            Status.CANCELLED,  # cancelled while it ran, and it stopped (or its runner died)
         }
     ),
     Status.RETRY: frozenset({Status.REGISTERED, Status.FAILED, Status.CANCELLED}),

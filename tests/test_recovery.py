@@ -84,3 +84,18 @@ def test_recovery_gives_way_to_a_waiting_duplicate():
     first.refresh_from_db()
     assert first.status == Status.FAILED and "a waiting duplicate runs instead" in first.error
     assert Invocation.objects.get(pk=duplicate.pk).status in (Status.REGISTERED, Status.REROUTED)
+
+
+def test_a_run_whose_cancel_was_requested_is_cancelled_not_run_again_and_its_key_goes_on():
+    dead, alive = RunnerFactory(), RunnerFactory()
+    running = jobs.keyed.delay("acme", "a")
+    following = jobs.keyed.delay("acme", "b")
+    [claimed] = claim(dead, using="default", start=True)
+    assert claim(alive, using="default") == []  # the key is busy: b is parked
+    claimed.cancel(by="tests")
+    silence(dead)
+    assert recover_lost_runners(using="default", lease=30, by=alive) == [running.pk]
+    running.refresh_from_db()
+    assert running.status == Status.CANCELLED
+    assert running.error == f"Cancelled: its runner {dead} died after its cancel was requested"
+    assert [inv.pk for inv in claim(alive, using="default")] == [following.pk]
