@@ -258,6 +258,23 @@ def test_racing_runners_enqueue_each_due_tick_once():
     assert Invocation.objects.values("cause_schedule").distinct().count() == 120
 
 
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_runner_that_dies_mid_tick_holds_nothing():
+    """A runner's tick holds its schedules' rows only in its transaction: its death frees them."""
+    import psycopg
+
+    schedule = make_schedule()
+    params = connection.get_connection_params()
+    dying = psycopg.connect(**params)
+    dying.execute("SELECT id FROM keyjobs_schedule WHERE id = %s FOR UPDATE", [schedule.pk])  # mid-tick
+    ticked = tick(using="default")
+    assert ticked.enqueued == 0 and ticked.wait <= 0  # due, but another runner's for now: skipped, not waited on
+    dying.close()  # the runner dies: its transaction with it
+    assert tick(using="default").enqueued == 1
+    assert Invocation.objects.get().cause_schedule_id == schedule.pk
+
+
 # -- schedules declared in code ---------------------------------------------------------------------------
 
 
