@@ -12,7 +12,7 @@ one statement, atomic by itself.
 """
 
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -95,6 +95,30 @@ def _insert_or_park(invocation: Invocation, policy: admission.Policy, using: str
         _insert([invocation], using)
         if invocation.status == Status.REROUTED:
             db.insert_events(parked.events(invocation.pk, ""))
+
+def build(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
+    """Validate and bind one call as ``delay()`` does, without inserting it: for ``enqueue_built()``."""
+    return _build(options, args, kwargs)
+
+
+def enqueue_built(calls: Sequence[tuple[Invocation, "TaskSpec"]]) -> list[Invocation]:
+    """Register built calls of any tasks at once; return, in order, each one's invocation or the one it joined.
+
+    Those without a registration key go in one statement a queue; the others
+    through their registration guard, one by one. A producer with many
+    calls of different tasks (a schedules' tick) uses it, in its transaction:
+    there, as ``enqueue()`` does, a call of a busy key is inserted registered
+    and parked by the claim.
+    """
+    using = conf.DATABASE
+    by_queue: dict[str, list[Invocation]] = {}
+    for invocation, _ in calls:
+        if invocation.registration_key is None:
+            by_queue.setdefault(invocation.queue, []).append(invocation)
+    for batch in by_queue.values():
+        _insert(batch, using)
+    return [invocation if invocation.registration_key is None else _register(invocation, spec.policy)
+            for invocation, spec in calls]
 
 
 def _register(invocation: Invocation, policy: admission.Policy) -> Invocation:

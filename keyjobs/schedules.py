@@ -32,10 +32,10 @@ from django.db.models.functions import Now
 
 from . import registry
 from .conf import conf
-from .enqueue import enqueue
+from .enqueue import build, enqueue, enqueue_built
 from .exceptions import KeyjobsError
-from .models import Schedule
-from .spec import Cause, Options
+from .models import Invocation, Schedule
+from .spec import Cause, Options, TaskSpec
 from .store import store
 from .timers import Timer, TimerError
 
@@ -103,7 +103,6 @@ def seconds_to_next(using: str) -> float | None:
 def _run_due(using: str, lead: float, ahead: list[tuple[float, str]]) -> tuple[int, int]:
     """Take up to ``BATCH`` due schedules no other runner holds and run their ticks; return (taken, enqueued)."""
     skip_locked = connections[using].features.has_select_for_update_skip_locked
-    enqueued = 0
     with store(using).writing(), transaction.atomic(using=using):
         # The database reads its clock (the transaction's start) after this: ``now`` is no earlier than it.
         looked = time.monotonic()
@@ -114,15 +113,61 @@ def _run_due(using: str, lead: float, ahead: list[tuple[float, str]]) -> tuple[i
             .order_by("next_run")
             .select_for_update(skip_locked=skip_locked, of=("self",))[:BATCH]
         )
-        for schedule in due:
-            enqueued += _run_one(schedule, schedule.now, looked, ahead)  # type: ignore[attr-defined]
-        # Every schedule taken moves on in one statement.
-        Schedule.objects.using(using).bulk_update(due, ["next_run", "last_run", "last_invocation", "problem"])
-    return len(due), enqueued
+        ticks = [tick for schedule in due if (tick := _prepare(schedule, schedule.now)) is not None]  # type: ignore[attr-defined]
+        try:
+            with transaction.atomic(using=using):  # a savepoint: one tick refused, the others go one by one
+                made: list[Invocation | None] = list(enqueue_built([(tick.built, tick.spec) for tick in ticks]))
+        except (IntegrityError, KeyjobsError):
+            made = [_enqueue_alone(tick) for tick in ticks]
+        for tick, invocation in zip(ticks, made, strict=True):
+            if invocation is None:
+                continue
+            tick.schedule.last_run, tick.schedule.last_invocation = tick.at, invocation
+            if tick.early:
+                ahead.append((looked + (tick.at - tick.now).total_seconds(), invocation.queue))
+        _move_on(due, using)
+    return len(due), sum(invocation is not None for invocation in made)
 
 
-def _run_one(schedule: Schedule, now: datetime, looked: float, ahead: list[tuple[float, str]]) -> int:
-    """Run the tick of a locked schedule and set its next run (saved by the caller); return 1 if it enqueued."""
+#: What a tick writes on its schedule.
+_MOVED = ("next_run", "last_run", "last_invocation", "problem")
+
+
+def _move_on(schedules: list[Schedule], using: str) -> None:
+    """Write each taken schedule's next run, last run and invocation, and problem: one statement for the batch.
+
+    One UPDATE executed for every row (a pipeline on PostgreSQL), each value
+    prepared by its field as ``save()`` prepares it: ``bulk_update()``'s
+    CASE per row costs far more to compile than the statement to run.
+    """
+    if not schedules:
+        return
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    fields = [field for field in Schedule._meta.concrete_fields if field.name in _MOVED]
+    sql = (f"UPDATE {quote(Schedule._meta.db_table)} SET "
+           f"{', '.join(f'{quote(field.column or field.name)} = %s' for field in fields)} WHERE {quote('id')} = %s")
+    rows = [[field.get_db_prep_save(getattr(schedule, field.attname), connection) for field in fields] + [schedule.pk]
+            for schedule in schedules]
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, rows)
+
+
+@dataclass
+class _Tick:
+    """A tick about to be enqueued: its schedule, its time, and its call, built and checked."""
+
+    schedule: Schedule
+    at: datetime
+    now: datetime
+    early: bool
+    spec: "TaskSpec"
+    options: Options
+    built: Invocation
+
+
+def _prepare(schedule: Schedule, now: datetime) -> _Tick | None:
+    """Set a locked schedule's next run (saved by the caller) and return its tick's call, if the tick runs."""
     assert schedule.next_run is not None
     early = schedule.next_run > now
     try:
@@ -134,27 +179,32 @@ def _run_one(schedule: Schedule, now: datetime, looked: float, ahead: list[tuple
         following = timer.next_after(max(now, tick_at), anchor=tick_at)
     except (TimerError, KeyjobsError, ValueError, OverflowError) as exc:
         _set_aside(schedule, str(exc))
-        return 0
+        return None
     schedule.next_run = following
     if schedule.last_run is not None and tick_at <= schedule.last_run:
-        return 0  # already ran (its next run was set back by hand)
+        return None  # already ran (its next run was set back by hand)
     if not schedule.catch_up and now - tick_at > timedelta(seconds=conf.SCHEDULE_GRACE):
         logger.info("keyjobs: schedule %r skipped the tick of %s, missed while no runner ran", schedule.name,
                     tick_at.isoformat())
-        return 0
+        return None
     options = Options(spec, run_after=tick_at if early else None, cause=Cause(schedule_id=schedule.pk, tick=tick_at))
     try:
-        # enqueue inserts in a savepoint of its own: a refused tick leaves the others alone.
-        invocation = enqueue(options, (), dict(schedule.kwargs))
-    except IntegrityError:
-        return 0  # the tick has its invocation already (the constraint said so): only move on
+        built = build(options, (), dict(schedule.kwargs))
     except KeyjobsError as exc:  # the arguments do not fit the function, or cannot be stored
         _set_aside(schedule, str(exc))
-        return 0
-    schedule.last_run, schedule.last_invocation = tick_at, invocation
-    if early:
-        ahead.append((looked + (tick_at - now).total_seconds(), invocation.queue))
-    return 1
+        return None
+    return _Tick(schedule, tick_at, now, early, spec, options, built)
+
+
+def _enqueue_alone(tick: _Tick) -> "Invocation | None":
+    """Enqueue one tick by itself (``enqueue`` takes a savepoint of its own); None if it is refused."""
+    try:
+        return enqueue(tick.options, (), dict(tick.schedule.kwargs))
+    except IntegrityError:
+        return None  # the tick has its invocation already (the constraint said so): only move on
+    except KeyjobsError as exc:
+        _set_aside(tick.schedule, str(exc))
+        return None
 
 
 def _set_aside(schedule: Schedule, reason: str) -> None:

@@ -154,6 +154,26 @@ def test_the_database_refuses_a_second_invocation_of_a_tick():
         InvocationFactory(cause_schedule=schedule, cause_tick=first.cause_tick)
 
 
+def test_a_tick_that_has_its_invocation_already_only_moves_on_and_the_others_still_run():
+    ran = make_schedule("ran already", late=timedelta(seconds=2))
+    InvocationFactory(cause_schedule=ran, cause_tick=ran.next_run)  # its tick ran, though the row does not say so
+    other = make_schedule("other")
+    assert tick(using="default").enqueued == 1
+    assert Invocation.objects.filter(cause_schedule=other).count() == 1
+    assert Invocation.objects.filter(cause_schedule=ran).count() == 1
+    ran.refresh_from_db()
+    assert ran.next_run > timezone.now() and not ran.problem
+
+
+def test_due_ticks_are_enqueued_in_one_statement():
+    for number in range(20):
+        make_schedule(f"schedule {number}")
+    with CaptureQueriesContext(connection) as queries:
+        assert tick(using="default").enqueued == 20
+    inserts = [query for query in queries if 'INSERT INTO "keyjobs_invocation"' in query["sql"]]
+    assert len(inserts) == 1
+
+
 def test_a_tick_with_nothing_due_is_one_query():
     make_schedule(late=timedelta(seconds=-30))
     with CaptureQueriesContext(connection) as queries:
