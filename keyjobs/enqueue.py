@@ -96,6 +96,7 @@ def _insert_or_park(invocation: Invocation, policy: admission.Policy, using: str
         if invocation.status == Status.REROUTED:
             db.insert_events(parked.events(invocation.pk, ""))
 
+
 def build(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
     """Validate and bind one call as ``delay()`` does, without inserting it: for ``enqueue_built()``."""
     return _build(options, args, kwargs)
