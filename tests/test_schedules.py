@@ -23,6 +23,7 @@ from keyjobs.timers import Timer
 from keyjobs.worker import Worker
 from tests import jobs
 from tests.factories import InvocationFactory
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -291,8 +292,8 @@ def test_a_runner_that_dies_mid_tick_holds_nothing():
     dying.execute("SELECT id FROM keyjobs_schedule WHERE id = %s FOR UPDATE", [schedule.pk])  # mid-tick
     ticked = tick(using="default")
     assert ticked.enqueued == 0 and ticked.wait <= 0  # due, but another runner's for now: skipped, not waited on
-    dying.close()  # the runner dies: its transaction with it
-    assert tick(using="default").enqueued == 1
+    dying.close()  # the runner dies: its transaction with it, once the server sees the connection gone
+    wait_for(lambda: tick(using="default").enqueued == 1, timeout=30, what="the dead runner's lock gone")
     assert Invocation.objects.get().cause_schedule_id == schedule.pk
 
 
