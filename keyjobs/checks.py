@@ -131,3 +131,27 @@ def check_numeric_settings(app_configs: Any = None, **kwargs: Any) -> list[Check
             id="keyjobs.E002",
         ))
     return messages
+
+
+#: What a project names in TASKS to run django.tasks on keyjobs.
+BACKEND_PATH = "keyjobs.backend.KeyjobsBackend"
+
+
+@register(Tags.compatibility)
+def check_tasks_backend_version(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Say plainly that the django.tasks backend needs Django 6.1, where an older Django would ignore TASKS."""
+    import django
+
+    if django.VERSION >= (6, 1):
+        return []
+    tasks = getattr(settings, "TASKS", {})
+    aliases = [alias for alias, params in tasks.items() if isinstance(params, dict) and params.get("BACKEND") == BACKEND_PATH]
+    return [
+        Error(
+            f"TASKS[{alias!r}] is {BACKEND_PATH}, which needs Django 6.1 or later; this is Django "
+            f"{django.get_version()}, which has no django.tasks and ignores TASKS.",
+            hint="Upgrade to Django 6.1, or declare the tasks with @keyjobs.task, which works on this Django too.",
+            id="keyjobs.E132",
+        )
+        for alias in aliases
+    ]

@@ -321,7 +321,18 @@ def _check_priority(where: str, priority: object) -> int:
     return priority
 
 
+#: Every option of ``@task``, read off ``Task``: an option added there is accepted by every producer.
 _OPTIONS = frozenset(inspect.signature(Task.__init__).parameters) - {"self", "func"}
+
+
+def check_option_names(where: str, options: Iterable[str], *, known: Iterable[str] = _OPTIONS) -> None:
+    """Raise TaskDeclarationError naming any of ``options`` that ``@task`` does not know (or not among ``known``)."""
+    known = frozenset(known)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TaskDeclarationError(
+            f"{where} got unknown option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}"
+        )
 
 
 @overload
@@ -353,11 +364,7 @@ def task(
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 def task(func: Any = None, /, **options: Any) -> Any:
     """Declare a task: ``@task`` or ``@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))``."""
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        raise TaskDeclarationError(
-            f"@task got unknown option(s) {', '.join(unknown)}; the options are {', '.join(sorted(_OPTIONS))}"
-        )
+    check_option_names("@task", options)
     if func is not None:
         return Task(func, **options)
     return lambda f: Task(f, **options)

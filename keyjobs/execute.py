@@ -25,11 +25,11 @@ from . import faults, registry, signals, triggers, values
 from .claim import Claimer, record_and_claim, wake_next
 from .current import running
 from .exceptions import ArgumentError, Cancelled, KeyjobsError, NotOwner, TimeLimitExceeded, dotted_path
-from .models import Invocation, Runner
+from .models import Event, Invocation, Runner
 from .spec import TaskSpec
 from .status import Status
 from .store import store
-from .transitions import move
+from .transitions import move, record
 
 logger = logging.getLogger("keyjobs.worker")
 
@@ -217,6 +217,10 @@ def _record(
                 with transaction.atomic(using=using):  # a savepoint: the registration guard may refuse
                     moved = move([invocation.pk], Status.RETRY, using=using, only_from={Status.RUNNING},
                                  owner=runner, runner_thread=thread, values=outcome.values, note=outcome.note)
+                    if moved:
+                        # The row keeps only the last failure: the history keeps each attempt's.
+                        record(invocation, Event.Kind.ERROR, using=using, runner=runner,
+                               note=f"{outcome.values['error_type']}\n{outcome.values['traceback'] or outcome.values['error']}")
             except IntegrityError:
                 # A duplicate registered while this one ran is waiting: it will make the same call.
                 outcome = Outcome(Status.FAILED, {k: v for k, v in outcome.values.items() if k != "run_after"},

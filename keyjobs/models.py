@@ -233,6 +233,9 @@ class Event(models.Model):
         DEBOUNCED = "DEBOUNCED", _("Merged by debounce")
         # cancel() was asked while it was owned: the running task is asked to stop.
         CANCEL_REQUESTED = "CANCEL_REQUESTED", _("Cancel requested")
+        # An attempt failed and will be retried: the note is the exception's class path, a newline, its
+        # traceback (the invocation's row keeps only the last failure's).
+        ERROR = "ERROR", _("A failed attempt's error")
 
     invocation = models.ForeignKey(Invocation, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.TRANSITION)

@@ -7,6 +7,8 @@ the test database the test run created, so that they open that one.
 import os
 import tempfile
 
+import django
+
 from demo_project.settings import *  # noqa: F403
 from demo_project.settings import env, sqlite_for_workers
 
@@ -50,3 +52,10 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # Short, so that crash tests recover in seconds; worker processes may be given their own.
 KEYJOBS_HEARTBEAT_INTERVAL = float(os.environ.get("KEYJOBS_HEARTBEAT_INTERVAL", 1.0))
 KEYJOBS_LEASE = float(os.environ.get("KEYJOBS_LEASE", 6 * KEYJOBS_HEARTBEAT_INTERVAL))
+
+if django.VERSION >= (6, 1):
+    TASKS = {
+        "default": {"BACKEND": "keyjobs.backend.KeyjobsBackend", "QUEUES": ["default", "reports"]},
+        # Another backend, for tests that keyjobs' options are refused there.
+        "immediate": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend", "QUEUES": []},
+    }

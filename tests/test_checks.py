@@ -1,4 +1,5 @@
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.core import checks
 
 from keyjobs.checks import check_sqlite_for_workers, sqlite_warnings
@@ -120,3 +121,21 @@ def test_the_pool_check_is_registered_and_passes_without_a_pool():
 
     assert check_pool in checks.registry.registry.get_checks(include_deployment_checks=False)
     assert check_pool() == []
+
+
+def test_the_django_tasks_backend_on_an_older_django_is_refused_plainly():
+    import django
+    from django.test import override_settings
+
+    from keyjobs.checks import check_tasks_backend_version
+
+    assert check_tasks_backend_version in checks.registry.registry.get_checks(include_deployment_checks=False)
+    with override_settings(TASKS={"default": {"BACKEND": "keyjobs.backend.KeyjobsBackend"}}):
+        messages = check_tasks_backend_version()
+    if django.VERSION >= (6, 1):
+        assert messages == []
+    else:
+        (message,) = messages
+        assert message.id == "keyjobs.E132" and "needs Django 6.1" in message.msg
+        with pytest.raises(ImproperlyConfigured, match=r"needs Django 6\.1 or later"):
+            import keyjobs.backend  # noqa: F401
