@@ -1,6 +1,6 @@
 import pytest
-from django.core.exceptions import ImproperlyConfigured
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 
 from keyjobs.checks import check_sqlite_for_workers, sqlite_warnings
 
