@@ -20,19 +20,20 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import django
 import httpx
 from django.db import transaction
 from django.db.models import Max, Sum
 from django.db.models.functions import Now
 
 from keyjobs import Mode, Status, Task
-from keyjobs.admission import Rate
+from keyjobs.admission import Policy, Rate
 from keyjobs.conf import conf
 from keyjobs.models import Event, Invocation, Runner
 from keyjobs.status import FINAL
@@ -86,27 +87,55 @@ def refreshes(load: Load) -> list[dict[str, str]]:
     return [{"account_id": account} for _ in range(REFRESHES_PER_OP * len(load.ops)) for account in load.accounts]
 
 
+#: The APIs a scenario can enqueue through: keyjobs' delay(), or Django's tasks framework (Django 6.1).
+APIS = ("keyjobs", "django")
+
+
 @dataclass(frozen=True)
 class Scenario:
     letter: str
     name: str
     task: Task[..., Any]
     calls: Callable[[Load], list[dict[str, str]]]
+    #: "django": enqueue the task's twin in ``demo_project.django_tasks`` through ``django.tasks``.
+    api: str = "keyjobs"
+
+    def through(self, api: str) -> "Scenario":
+        """Return this scenario enqueued through ``api``; DemoError if it has no task declared for it."""
+        if api == "django":
+            if django.VERSION < (6, 1):
+                raise DemoError(f"--api django needs Django 6.1 (django.tasks); this is Django {django.get_version()}")
+            from . import django_tasks
+
+            if self.letter not in django_tasks.TWINS:
+                raise DemoError(
+                    f"scenario {self.letter} has no django.tasks task; --api django runs {', '.join(django_tasks.TWINS)}"
+                )
+        return replace(self, api=api)
+
+    @property
+    def policy(self) -> Policy:
+        """The concurrency policy of the task that runs: the keyjobs task's, or its django.tasks twin's."""
+        if self.api == "django":
+            from . import django_tasks
+
+            return django_tasks.TWINS[self.letter].keyjobs_spec.policy
+        return self.task.spec.policy
 
     @property
     def keyed(self) -> bool:
         """Whether the task promises that the calls for one account never overlap."""
-        return self.task.running_concurrency is Mode.KEYS
+        return self.policy.running is Mode.KEYS
 
     @property
     def drops(self) -> bool:
         """Whether the task drops the work concurrency control blocks."""
-        return self.keyed and not self.task.reroute_on_concurrency_control
+        return self.keyed and not self.policy.park_blocked
 
     @property
     def merges(self) -> bool:
         """Whether the task merges a duplicate delay() into the invocation already waiting."""
-        return self.task.registration_concurrency is not Mode.DISABLED
+        return self.policy.registration is not Mode.DISABLED
 
     @property
     def rate(self) -> Rate | None:
@@ -127,11 +156,12 @@ class Scenario:
     @property
     def title(self) -> str:
         # Read off the task's declaration, so that the title cannot drift from what runs.
+        policy = self.policy
         declared = [
             f"{option}={mode.name}"
             for option, mode in (
-                ("running_concurrency", self.task.running_concurrency),
-                ("registration_concurrency", self.task.registration_concurrency),
+                ("running_concurrency", policy.running),
+                ("registration_concurrency", policy.registration),
             )
             if mode is not Mode.DISABLED
         ]
@@ -141,8 +171,20 @@ class Scenario:
             limit = self.task.running_limit
             declared.append(f"running_limit={getattr(limit, '__name__', limit)}")
         if declared:
-            declared.append(f"reroute={self.task.reroute_on_concurrency_control}")
-        return f"{self.letter}. {self.name} — {', '.join(declared) or 'no concurrency control'}"
+            declared.append(f"reroute={policy.park_blocked}")
+        through = " (through django.tasks)" if self.api == "django" else ""
+        return f"{self.letter}. {self.name}{through} — {', '.join(declared) or 'no concurrency control'}"
+
+    def enqueue(self, calls: list[dict[str, str]]) -> tuple[set[int], set[int]]:
+        """Enqueue ``calls`` in one transaction; return the ids of their invocations, and of those created."""
+        if self.api == "django":
+            from . import django_tasks
+
+            twin = django_tasks.TWINS[self.letter]
+            results = [twin.enqueue(**call) for call in calls]
+            return {int(result.id) for result in results}, {int(result.id) for result in results if not result.merged}
+        invocations = self.task.delay_many(calls)
+        return {invocation.pk for invocation in invocations}, {inv.pk for inv in invocations if not inv.reused}
 
 
 SCENARIOS = {
@@ -352,9 +394,7 @@ def run(
     # One transaction: no worker sees any call before all of them are in, so
     # that no refresh can start before its duplicates arrive to merge into it.
     with transaction.atomic(using=using):
-        invocations = scenario.task.delay_many(calls)
-    ids = {invocation.pk for invocation in invocations}
-    created = {invocation.pk for invocation in invocations if not invocation.reused}
+        ids, created = scenario.enqueue(calls)
     unfinished = wait_until_final(ids, timeout=timeout, using=using)
     return collect(
         scenario, ids, created=created, enqueued=len(calls), last_event=last_event, stats=provider.stats(),

@@ -6,6 +6,7 @@ or e.g. postgres://postgres@127.0.0.1:5432/keyjobs.
 
 from pathlib import Path
 
+import django
 import environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -99,6 +100,10 @@ LOGOUT_REDIRECT_URL = "login"
 KEYJOBS_HEARTBEAT_INTERVAL = env.float("KEYJOBS_HEARTBEAT_INTERVAL", default=5.0)
 KEYJOBS_LEASE = env.float("KEYJOBS_LEASE", default=6 * KEYJOBS_HEARTBEAT_INTERVAL)
 
+# Django's tasks framework (Django 6.1) runs on keyjobs too: `manage.py demo B --api django`.
+if django.VERSION >= (6, 1):
+    TASKS = {"default": {"BACKEND": "keyjobs.backend.KeyjobsBackend", "QUEUES": ["default"]}}
+
 # Where the demo's tasks reach the provider.
 PROVIDER_URL = env("PROVIDER_URL", default="http://127.0.0.1:8765")
 
@@ -111,5 +116,9 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "loggers": {"keyjobs": {"handlers": ["console"], "level": env("KEYJOBS_LOG_LEVEL", default="INFO")}},
+    "loggers": {
+        "keyjobs": {"handlers": ["console"], "level": env("KEYJOBS_LOG_LEVEL", default="INFO")},
+        # django.tasks logs every start and end at INFO: the demo's summaries say it better.
+        "django.tasks": {"level": "WARNING"},
+    },
 }

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import django
 import httpx
 import pytest
 from django.core.management import call_command, execute_from_command_line
@@ -94,6 +95,34 @@ def test_b_keyed_calls_never_collide_and_all_run(workers: None, client: Provider
     assert [(account.name, account.calls) for account in summary.accounts] == [("acme", 4), ("globex", 4), ("initech", 4)]
     assert summary.seconds is not None and summary.seconds >= summary.limit == pytest.approx(4 * HOLD)
     assert summary.ok
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(django.VERSION < (6, 1), reason="django.tasks with task options is Django 6.1's")
+def test_b_through_django_tasks_never_collides_and_all_run(workers: None, client: ProviderClient) -> None:
+    summary = scenarios.run(SCENARIOS["B"].through("django"), client, hold=HOLD, threads=THREADS, timeout=30)
+
+    assert summary.scenario.title == "B. keyed (through django.tasks) — running_concurrency=KEYS, reroute=True"
+    assert (summary.calls, summary.collisions, summary.unfinished) == (12, 0, 0)
+    assert summary.statuses == {Status.SUCCESS: 12}
+    assert [(account.name, account.calls) for account in summary.accounts] == [("acme", 4), ("globex", 4), ("initech", 4)]
+    assert summary.ok
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(django.VERSION < (6, 1), reason="django.tasks with task options is Django 6.1's")
+def test_d_through_django_tasks_tells_merged_enqueues_apart(workers: None, client: ProviderClient) -> None:
+    summary = scenarios.run(SCENARIOS["D"].through("django"), client, hold=HOLD, threads=THREADS, timeout=30)
+
+    assert (summary.enqueued, summary.calls, summary.collisions, summary.deduplicated) == (24, 3, 0, 21)
+
+
+def test_api_django_refuses_a_scenario_without_a_django_tasks_task() -> None:
+    message = "scenario A has no django.tasks task" if django.VERSION >= (6, 1) else "--api django needs Django 6.1"
+    with pytest.raises(CommandError, match=message):
+        call_command("enqueue", "A", "--api", "django")
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from demo_project.provider import MAX_HOLD, check_hold
-from demo_project.scenarios import ACCOUNTS, OPS, SCENARIOS, Scenario, Summary
+from demo_project.scenarios import ACCOUNTS, APIS, OPS, SCENARIOS, DemoError, Scenario, Summary
 from keyjobs.management.arguments import positive_int
 
 
@@ -69,6 +69,21 @@ class ScenarioCommand(BaseCommand):
         parser.add_argument("--timeout", type=positive_seconds, default=None,
                             help="Seconds to wait for a scenario's invocations to end (default: well over what it needs).")
         parser.add_argument("--no-log", action="store_true", help="Leave out the provider's call logs.")
+        parser.add_argument("--api", choices=APIS, default="keyjobs",
+                            help="Enqueue with keyjobs' delay() or through Django's tasks framework, "
+                            "django.tasks (default %(default)s).")
+
+    def through(self, chosen: list[Scenario], api: str) -> list[Scenario]:
+        """Return the scenarios chosen, enqueued through ``api``: all of them that can be, for a choice of all."""
+        if api == "keyjobs":
+            return chosen
+        if len(chosen) > 1:
+            # "all": the scenarios that have a task declared for that API.
+            chosen = [scenario for scenario in chosen if _can(scenario, api)] or chosen
+        try:
+            return [scenario.through(api) for scenario in chosen]
+        except DemoError as exc:
+            raise CommandError(str(exc)) from None
 
     def reporter(self, *, log: bool) -> Callable[[Summary], None]:
         """Return a function that prints a summary as soon as it is in."""
@@ -85,3 +100,11 @@ class ScenarioCommand(BaseCommand):
         problems = [problem for summary in summaries for problem in summary.problems()]
         if problems:
             raise CommandError("; ".join(problems))
+
+
+def _can(scenario: Scenario, api: str) -> bool:
+    try:
+        scenario.through(api)
+    except DemoError:
+        return False
+    return True

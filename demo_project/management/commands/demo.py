@@ -32,7 +32,9 @@ class Command(ScenarioCommand):
                             help="The provider's port, 0 for any free one (default %(default)s).")
 
     def handle(self, *args: Any, scenario: list[scenarios.Scenario], accounts: int, ops: int, hold: float,
-               threads: int, workers: int, port: int, timeout: float | None, no_log: bool, **options: Any) -> None:
+               threads: int, workers: int, port: int, timeout: float | None, no_log: bool, api: str,
+               **options: Any) -> None:
+        scenario = self.through(scenario, api)
         call_command("migrate", verbosity=0)
         database = connections[conf.DATABASE].settings_dict
         # A kill of the demo stops what it started, as a Ctrl-C does.

@@ -21,7 +21,8 @@ class Command(ScenarioCommand):
                             help="Change the provider's hold to this many seconds (default: keep it).")
 
     def handle(self, *args: Any, scenario: list[scenarios.Scenario], accounts: int, ops: int, hold: float | None,
-               timeout: float | None, no_log: bool, **options: Any) -> None:
+               timeout: float | None, no_log: bool, api: str, **options: Any) -> None:
+        scenario = self.through(scenario, api)
         if not scenarios.live_threads():
             self.stderr.write("no worker is running: the invocations wait for one (python manage.py runworker --threads 8)")
         try:
