@@ -1,6 +1,6 @@
 """Every bench of issue 6 in one run: keyjobs on SQLite and PostgreSQL, and its peers beside it.
 
-    .venv-bench/bin/python -m bench [--quick] [--only keyed,slots,rates,hotkey,drain,latency,enqueue,history,schedules] [--db both]
+    .venv-bench/bin/python -m bench [--quick] [--only keyed,slots,rates,hotkey,drain,latency,enqueue,history,schedules,django] [--db both]
 
 Each part runs in a process of its own, one after the other (the machine has
 two cores): keyjobs' keyed workloads and queue costs per database, then
@@ -20,7 +20,7 @@ from pathlib import Path
 from .harness import ROOT, Result, postgres_reachable, run_children, say, table
 from .throughput import METRICS as COST_METRICS
 
-METRICS = ("keyed", "slots", "rates", *COST_METRICS, "connections", "schedules")
+METRICS = ("keyed", "slots", "rates", *COST_METRICS, "connections", "schedules", "django")
 PEER_METRICS = {"keyed", "drain", "latency", "enqueue"}
 PEERS = ("bench.peers.procrastinate_bench", "bench.peers.celery_bench")
 #: Where each run's results are kept, as JSON (ignored by git).
@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         part("keyjobs: slots and fairness (issue 12)", "bench.slots", databases, quick)
     if "rates" in only:
         part("keyjobs: rate windows and debounce (issue 12)", "bench.rates", databases, [])
+    if "django" in only:
+        # Issue 13: enqueue() through Django's tasks framework beside delay(), and keyed work enqueued through it.
+        part("keyjobs: through django.tasks", "bench.backend", databases, quick)
     costs = [metric for metric in COST_METRICS if metric in only]
     if costs:
         part("keyjobs: queue costs", "bench.throughput", databases, [*quick, "--only", ",".join(costs)])
