@@ -10,13 +10,16 @@ its history; keyjobs' statuses fold onto Django's four by the sets of
 ``keyjobs.status`` (``task_status()``).
 """
 
+from __future__ import annotations
+
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import django
 from django.conf import settings
@@ -57,11 +60,20 @@ _DJANGO_SAYS = {"queue": "queue_name", "priority": "priority"}
 P = ParamSpec("P")
 R = TypeVar("R")
 
+if TYPE_CHECKING:
+    # Generic only in django-stubs: at run time Django's classes take no type arguments.
+    _Task = Task[..., Any]
+    _TaskResult = TaskResult[..., Any]
+else:
+    _Task, _TaskResult = Task, TaskResult
+
 #: The keyjobs options a django.tasks task may take: every option of ``@keyjobs.task`` but those.
 OPTIONS = declare._OPTIONS - set(_DJANGO_SAYS)
 
+logger = logging.getLogger("keyjobs.worker")
+
 #: The django.tasks task of each keyjobs task name declared through this backend, as declared.
-_declared: dict[str, "KeyjobsTask"] = {}
+_declared: dict[str, KeyjobsTask] = {}
 #: The invocation the current runner thread is running, for a task that takes its context.
 _running: ContextVar[Invocation | None] = ContextVar("keyjobs_running", default=None)
 
@@ -79,7 +91,7 @@ def task_status(status: str) -> TaskResultStatus:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, init=False)
-class KeyjobsTask(Task[..., Any]):
+class KeyjobsTask(_Task):
     """A ``django.tasks`` task run by keyjobs: Django's fields, and the keyjobs task spec they declare."""
 
     #: The keyjobs options it was declared with, as given.
@@ -216,11 +228,11 @@ class KeyjobsBackend(BaseTaskBackend):
         if invocation.reused:
             result = result_of(task, invocation, backend=self.alias, merged=True)
         else:
-            result = KeyjobsTaskResult(
+            result = cast("TaskResult[P, R]", KeyjobsTaskResult(
                 task=task, id=str(invocation.pk), status=task_status(invocation.status),
                 enqueued_at=invocation.created_at, started_at=None, finished_at=None, last_attempted_at=None,
                 args=invocation.args, kwargs=invocation.kwargs, backend=self.alias, errors=[], worker_ids=[],
-            )
+            ))
         task_enqueued.send(type(self), task_result=result)
         return result
 
@@ -262,7 +274,7 @@ class KeyjobsBackend(BaseTaskBackend):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class KeyjobsTaskResult(TaskResult[P, R]):  # type: ignore[misc]  # the stubs say TaskResult is not frozen; it is
+class KeyjobsTaskResult(_TaskResult):  # type: ignore[misc]  # the stubs say TaskResult is not frozen; it is
     """A ``TaskResult`` that also says whether ``enqueue()`` merged the call into an invocation already waiting."""
 
     #: True when registration concurrency returned the waiting invocation's result instead of a new one.
@@ -278,7 +290,7 @@ def _spec_of(task: Task[..., Any], backend: KeyjobsBackend) -> TaskSpec:
     )
 
 
-def _declared_by_import(name: str) -> "KeyjobsTask | None":
+def _declared_by_import(name: str) -> KeyjobsTask | None:
     from django.utils.module_loading import import_string
 
     found = import_string(name)
@@ -326,7 +338,7 @@ def result_of(task: Task[P, R], invocation: Invocation, *, backend: str | None =
     )
     if invocation.status == Status.SUCCESS:
         object.__setattr__(result, "_return_value", invocation.return_value)
-    return result
+    return cast("TaskResult[P, R]", result)
 
 
 def _final_error(invocation: Invocation) -> TaskError:
@@ -366,10 +378,19 @@ def _finished(sender: Any, invocation: Invocation, status: str, **kwargs: Any) -
     declared = _declared.get(invocation.task_name)
     if declared is None or status not in FINAL:
         return
-    invocation.refresh_from_db(
-        using=conf.DATABASE, fields=["status", "return_value", "error", "error_type", "traceback", "finished_at"]
-    )
-    task_finished.send(KeyjobsBackend, task_result=result_of(declared, invocation))
+    # The outcome is recorded: whatever goes wrong from here on is told, never recorded over it.
+    try:
+        invocation.refresh_from_db(
+            using=conf.DATABASE, fields=["status", "return_value", "error", "error_type", "traceback", "finished_at"]
+        )
+        result = result_of(declared, invocation)
+    except Exception:
+        logger.exception("keyjobs: could not read the result of invocation #%s for task_finished", invocation.pk)
+        return
+    for receiver, answer in task_finished.send_robust(KeyjobsBackend, task_result=result):
+        if isinstance(answer, Exception):
+            logger.error("keyjobs: a task_finished receiver (%r) raised for invocation #%s", receiver, invocation.pk,
+                         exc_info=answer)
 
 
 signals.invocation_started.connect(_started, dispatch_uid="keyjobs.backend.started")

@@ -14,11 +14,8 @@ import pytest
 from keyjobs import declare
 from keyjobs.status import Status
 
-pytestmark = pytest.mark.skipif(
-    django.VERSION < (6, 1),
-    reason="keyjobs.backend needs django.tasks with task options (Django 6.1); on older Django a system check "
-    "(keyjobs.E132, tests/test_checks.py) says so instead",
-)
+# Deselected before Django 6.1 (tests/conftest.py), where a check refuses the backend (tests/test_checks.py).
+pytestmark = pytest.mark.django_tasks
 
 if django.VERSION >= (6, 1):
     from asgiref.sync import sync_to_async
@@ -526,3 +523,25 @@ def test_task_errors_name_a_class_path_django_can_resolve():
         InvocationDropped
     )
 
+
+
+def test_the_backend_needs_keyjobs_installed():
+    backend = KeyjobsBackend("other", {})
+    with override_settings(INSTALLED_APPS=["django.contrib.contenttypes"]):
+        (message,) = backend.check()
+    assert message.id == "keyjobs.E131" and "INSTALLED_APPS" in message.msg
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_finished_receiver_that_raises_leaves_the_outcome_as_recorded(caplog):
+    def broken(sender: Any, task_result: Any, **kwargs: Any) -> None:
+        raise RuntimeError("receiver broke")
+
+    task_finished.connect(broken)
+    try:
+        result = django_jobs.add.enqueue(4)
+        run_burst(threads=1)
+    finally:
+        task_finished.disconnect(broken)
+    assert django_jobs.add.get_result(result.id).return_value == 4
+    assert "a task_finished receiver" in caplog.text

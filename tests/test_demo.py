@@ -99,7 +99,7 @@ def test_b_keyed_calls_never_collide_and_all_run(workers: None, client: Provider
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.skipif(django.VERSION < (6, 1), reason="django.tasks with task options is Django 6.1's")
+@pytest.mark.django_tasks
 def test_b_through_django_tasks_never_collides_and_all_run(workers: None, client: ProviderClient) -> None:
     summary = scenarios.run(SCENARIOS["B"].through("django"), client, hold=HOLD, threads=THREADS, timeout=30)
 
@@ -112,7 +112,7 @@ def test_b_through_django_tasks_never_collides_and_all_run(workers: None, client
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.skipif(django.VERSION < (6, 1), reason="django.tasks with task options is Django 6.1's")
+@pytest.mark.django_tasks
 def test_d_through_django_tasks_tells_merged_enqueues_apart(workers: None, client: ProviderClient) -> None:
     summary = scenarios.run(SCENARIOS["D"].through("django"), client, hold=HOLD, threads=THREADS, timeout=30)
 
