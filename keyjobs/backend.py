@@ -343,13 +343,13 @@ def result_of(task: Task[P, R], invocation: Invocation, *, backend: str | None =
 
 def _final_error(invocation: Invocation) -> TaskError:
     """Return why a final invocation did not succeed: its run's exception, or keyjobs' own for how it ended."""
-    if invocation.error_type:
+    if invocation.status == Status.FAILED and invocation.error_type:
         return TaskError(exception_class_path=invocation.error_type,
                          traceback=invocation.traceback or f"{invocation.error_type}: {invocation.error}\n")
     try:
         _ = invocation.result
     except ResultUnavailable as exc:
-        # Dropped, cancelled, or failed by keyjobs before it ran: the exception result() raises for it.
+        # Dropped, cancelled (even while it ran), or failed by keyjobs before it ran: what result() raises for it.
         return TaskError(exception_class_path=dotted_path(type(exc)), traceback=f"{dotted_path(type(exc))}: {exc}\n")
     raise AssertionError(f"invocation #{invocation.pk} is {invocation.status}, which result() does not refuse")
 
