@@ -92,6 +92,8 @@ class Worker:
         #: Wake-ups received so far: a thread that was claiming when one came looks again instead of waiting.
         self._wakes = 0
         self._scout: int | None = None
+        #: Wake-ups passed to idle threads so far: one that landed as a thread's wait ran out is not lost.
+        self._calls = 0
         self._signals = 0
         self.lease = conf.LEASE
         #: Set when another runner declared this one lost and recovered its work.
@@ -187,6 +189,7 @@ class Worker:
 
     def _wake_one(self) -> None:
         """Wake one idle thread: the scout if it waits, as it holds a connection; call with the lock held."""
+        self._calls += 1
         if self._scout is not None:
             self._scout = None  # woken: a second wake-up goes to another thread
             self._scouting.notify()
@@ -194,6 +197,7 @@ class Worker:
             self._work.notify()
 
     def _wake_all(self) -> None:
+        self._calls += 1
         self._scouting.notify_all()
         self._work.notify_all()
 
@@ -331,11 +335,13 @@ class Worker:
                     if self._scout == number:
                         self._scout = None
             else:
-                if not store(self.using).pooled and self._work.wait(IDLE_CONNECTION_GRACE):
+                calls = self._calls
+                if not store(self.using).pooled and (self._work.wait(IDLE_CONNECTION_GRACE) or self._calls != calls):
                     return False
                 self.close_connection()
                 # Until woken; past the long wait, it looks only if nobody scouts (a look would reconnect).
-                while not self._work.wait(max(self.poll_interval * 20, 1.0)) and self._scout is not None:
+                while (not self._work.wait(max(self.poll_interval * 20, 1.0)) and self._calls == calls
+                       and self._scout is not None):
                     pass
         return False
 
