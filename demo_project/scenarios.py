@@ -567,8 +567,10 @@ class Stack:
         for _ in range(self.workers):
             self.runners.append(
                 subprocess.Popen(
-                    # Verbosity 0 logs warnings only, which would otherwise drown the summaries.
-                    [sys.executable, "manage.py", "runworker", "--threads", str(self.threads), "--verbosity", "0"],
+                    # Verbosity 0 logs warnings only, which would otherwise drown the summaries. No reloader
+                    # (DEBUG's default): stop() sends SIGTERM, which the reloader's outer process turns into a kill.
+                    [sys.executable, "manage.py", "runworker", "--noreload", "--threads", str(self.threads),
+                     "--verbosity", "0"],
                     cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
                 )
             )

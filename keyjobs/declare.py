@@ -58,6 +58,7 @@ class Task(Generic[P, R]):
         schedule_kwargs: Mapping[str, Any] | None = None,
         schedule_catch_up: bool = True,
         trigger: Trigger | Iterable[Trigger] | None = None,
+        kill_on_timeout: bool = False,
     ) -> None:
         where = f"@task on {getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)!s}"
         if not inspect.isfunction(func):
@@ -84,6 +85,10 @@ class Task(Generic[P, R]):
             raise TaskDeclarationError(f"{where}: timeout={timeout!r} must be a number of seconds above 0, or None")
         rate = _check_rate(where, rate_limit, running)
         debounce, debounce_max = _check_debounce(where, debounce, debounce_max, registration)
+        if not isinstance(kill_on_timeout, bool):
+            raise TaskDeclarationError(f"{where}: kill_on_timeout must be True or False")
+        if kill_on_timeout and timeout is None:
+            raise TaskDeclarationError(f"{where}: kill_on_timeout=True needs timeout=<seconds>: the limit to stop it at")
         if name is None:
             if "<" in func.__qualname__:
                 raise TaskDeclarationError(
@@ -107,6 +112,7 @@ class Task(Generic[P, R]):
             timeout=float(timeout) if timeout is not None else None,
             schedule=timer, schedule_kwargs=kwargs, schedule_catch_up=schedule_catch_up,
             triggers=triggers,
+            kill_on_timeout=kill_on_timeout,
         )
         self.func: Callable[P, R] = func
         functools.update_wrapper(self, func)
@@ -146,6 +152,7 @@ class Task(Generic[P, R]):
     queue = property(lambda self: self.spec.queue)
     priority = property(lambda self: self.spec.priority)
     timeout = property(lambda self: self.spec.timeout)
+    kill_on_timeout = property(lambda self: self.spec.kill_on_timeout)
     is_async = property(lambda self: self.spec.is_async)
     running_concurrency = property(lambda self: self.spec.policy.running)
     rate_limit = property(lambda self: self.spec.policy.rate)
@@ -361,6 +368,7 @@ def task(
     schedule_kwargs: Mapping[str, Any] | None = None,
     schedule_catch_up: bool = True,
     trigger: Trigger | Iterable[Trigger] | None = None,
+    kill_on_timeout: bool = False,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 def task(func: Any = None, /, **options: Any) -> Any:
     """Declare a task: ``@task`` or ``@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))``."""

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 from django.db import close_old_connections
 from django.db.models.functions import Now
 
-from . import faults, schedules
+from . import faults, registry, schedules
 from .claim import promote_due_retries, releases, wake_orphans
 from .conf import conf
+from .exceptions import TaskNotFound
 from .models import Event, Runner
 from .recovery import recover_lost_runners
 from .store import store
@@ -89,9 +90,21 @@ def flag_overdue(worker: "Worker") -> int:
         run.flagged = True
         note = (f"past its time limit of {run.limit:g}s; a thread cannot be stopped from outside, "
                 "so its key stays held until the run returns, and it then ends FAILED")
+        if _kills_on_timeout(run.invocation.task_name):
+            note = (f"past its time limit of {run.limit:g}s; its supervisor kills this process" if worker.supervisor
+                    else f"past its time limit of {run.limit:g}s and kill_on_timeout, but NOT killed: only a runner "
+                    "started with runworker --processes has a supervisor to kill it; its key stays held until the "
+                    "run returns, and it then ends FAILED")
         logger.warning("keyjobs: invocation #%s on thread %d is %s", run.invocation.pk, number, note)
         record(run.invocation, Event.Kind.OVERDUE, using=worker.using, runner=worker.runner, note=note)
     return 0
+
+
+def _kills_on_timeout(task_name: str) -> bool:
+    try:
+        return registry.get(task_name).kill_on_timeout
+    except TaskNotFound:
+        return False
 
 
 def release_deferred(worker: "Worker") -> int:

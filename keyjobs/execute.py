@@ -82,16 +82,21 @@ def call(invocation: Invocation) -> Outcome:
             raise TimeLimitExceeded(f"ran {elapsed:.1f}s, over its time limit of {task.timeout:g}s")
         values.check_result(value, where=invocation.task_name)
     except Exception as exc:
-        failure = _failure(exc, traceback.format_exc())
         if isinstance(exc, Cancelled):
-            return Outcome(Status.CANCELLED, failure, "stopped for a cancel request")
-        if task is not None and isinstance(exc, task.retry_for) and invocation.attempts <= task.max_retries:
-            delay = task.retry_delay(invocation.attempts)
-            failure["run_after"] = timezone.now() + timedelta(seconds=delay)
-            return Outcome(Status.RETRY, failure, f"attempt {invocation.attempts} of {task.max_retries + 1} "
-                                                  f"failed; next in {delay:.1f}s")
-        return Outcome(Status.FAILED, failure)
+            return Outcome(Status.CANCELLED, _failure(exc, traceback.format_exc()), "stopped for a cancel request")
+        return failed(invocation, task, exc, traceback.format_exc())
     return Outcome(Status.SUCCESS, {"return_value": value})
+
+
+def failed(invocation: Invocation, task: TaskSpec | None, exc: Exception, formatted: str, note: str = "") -> Outcome:
+    """Return the outcome of a run that raised ``exc``: RETRY while the task's retries allow, else FAILED."""
+    failure = _failure(exc, formatted)
+    if task is not None and isinstance(exc, task.retry_for) and invocation.attempts <= task.max_retries:
+        delay = task.retry_delay(invocation.attempts)
+        failure["run_after"] = timezone.now() + timedelta(seconds=delay)
+        return Outcome(Status.RETRY, failure, f"{note}{'; ' if note else ''}attempt {invocation.attempts} of "
+                                              f"{task.max_retries + 1} failed; next in {delay:.1f}s")
+    return Outcome(Status.FAILED, failure, note)
 
 
 def _check_stored_call(invocation: Invocation) -> None:

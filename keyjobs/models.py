@@ -320,7 +320,11 @@ class RunnerQuerySet(models.QuerySet["Runner"]):
 
 
 class Runner(models.Model):
-    """One ``runworker`` process: a pool of threads claiming and running invocations."""
+    """One ``runworker`` process: a pool of threads claiming and running invocations.
+
+    With ``runworker --processes N``, the supervisor process has a row too (no
+    threads of its own), and each of its N worker processes links to it.
+    """
 
     host = models.CharField(max_length=255)
     pid = models.PositiveIntegerField()
@@ -334,6 +338,10 @@ class Runner(models.Model):
     )
     lost = models.BooleanField(
         default=False, help_text=_("Declared dead by another runner after its heartbeat lapsed; its work was recovered.")
+    )
+    supervisor = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children",
+        help_text=_("The runner of the supervisor process (runworker --processes) that started this one."),
     )
 
     objects = RunnerQuerySet.as_manager()

@@ -38,13 +38,26 @@ def recover_lost_runners(*, using: str, lease: float, by: Runner | None = None) 
     return recovered
 
 
-def _recover(runner_id: int, *, using: str, lease: float, by: Runner | None) -> list[int]:
+def recover_dead_runner(runner_id: int, *, using: str, by: Runner | None, why: str) -> list[int]:
+    """Declare lost at once a runner whose process is known to be dead, and requeue what it owned; return the ids.
+
+    Its supervisor calls this once it has reaped the process (``keyjobs.supervisor``):
+    nothing can write for the dead runner any more, so its lease need not lapse first.
+    ``why`` completes "runner N (host:pid) ...", e.g. "was killed".
+    """
+    return _recover(runner_id, using=using, lease=None, by=by, why=why)
+
+
+def _recover(runner_id: int, *, using: str, lease: float | None, by: Runner | None, why: str = "") -> list[int]:
     recovered: list[int] = []
     with transaction.atomic(using=using):
         # Locked and checked again: two runners may look at once, and the silent one may have come back.
-        lost = Runner.objects.using(using).select_for_update(skip_locked=True).silent(lease).filter(pk=runner_id).first()
+        # A runner known dead (no lease) is taken unless it marked itself stopped or was recovered already.
+        runners = Runner.objects.using(using).select_for_update(skip_locked=lease is not None)
+        lost = (runners.silent(lease) if lease is not None else runners.active()).filter(pk=runner_id).first()
         if lost is None:
             return []
+        why = why or f"stopped heartbeating for over {lease:g}s"
         Runner.objects.using(using).filter(pk=lost.pk).update(stopped_at=Now(), lost=True)
         owned = list(
             Invocation.objects.using(using)
@@ -54,7 +67,7 @@ def _recover(runner_id: int, *, using: str, lease: float, by: Runner | None) -> 
         )
         for invocation in owned:
             note = (
-                f"recovered: {lost} stopped heartbeating for over {lease:g}s "
+                f"recovered: {lost} {why} "
                 + ("before starting it" if invocation.status == Status.PENDING else "while running it; it runs again")
             )
             if invocation.cancel_requested:
@@ -76,5 +89,5 @@ def _recover(runner_id: int, *, using: str, lease: float, by: Runner | None) -> 
                      values={"error": f"its runner {lost} died while it ran; a waiting duplicate runs instead"})
             wake_next(invocation.task_name, invocation.running_key, using=using, runner=by)
             recovered.append(invocation.pk)
-    logger.warning("keyjobs: %s lost its lease; recovered %d invocation(s)", lost, len(recovered))
+    logger.warning("keyjobs: %s %s; recovered %d invocation(s)", lost, why, len(recovered))
     return recovered

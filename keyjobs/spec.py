@@ -46,6 +46,8 @@ class TaskSpec:
     schedule_catch_up: bool = True
     #: Declared with ``trigger=``: the outcomes and events that enqueue it (``keyjobs.triggers``).
     triggers: tuple["Trigger", ...] = ()
+    #: Stop a run at its ``timeout`` by killing the process that runs it (``runworker --processes``).
+    kill_on_timeout: bool = False
 
     @property
     def func_path(self) -> str:

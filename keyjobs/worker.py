@@ -62,12 +62,19 @@ class Worker:
         using: str | None = None,
         poll_interval: float | None = None,
         prefetch: int = 1,
+        max_runs: int | None = None,
+        supervisor: int | None = None,
     ) -> None:
         if threads < 1:
             raise ValueError("threads must be at least 1")
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         self.threads = threads
+        #: Stop gracefully after this many runs (``--max-tasks-per-child``); None for never.
+        self.max_runs = max_runs
+        self.runs = 0
+        #: The runner id of the supervisor that started this process (``keyjobs.supervisor``), if any.
+        self.supervisor = supervisor
         #: How many invocations a thread claims at once. One starts its claim at once; more are
         #: claimed PENDING and started one after another (cheaper per invocation for short work).
         self.prefetch = prefetch
@@ -109,7 +116,8 @@ class Worker:
     def run(self) -> None:
         """Register the runner, run until stopped (or, with burst, until nothing is left), then mark it stopped."""
         self.runner = Runner.objects.using(self.using).create(
-            host=socket.gethostname(), pid=os.getpid(), threads=self.threads, queues=",".join(self.queues)
+            host=socket.gethostname(), pid=os.getpid(), threads=self.threads, queues=",".join(self.queues),
+            supervisor_id=self.supervisor,
         )
         self.runner.refresh_from_db(fields=["started_at", "heartbeat_at"])
         self._renewed = time.monotonic()
@@ -286,6 +294,7 @@ class Worker:
             claimer = Claimer(self.runner, number, self.queues,
                               goes_on=lambda: not self.stopping.is_set() and self._holds_lease())
             handed: list[Invocation] = []
+            self._count_run()
             try:
                 self.running[number] = Run(invocation, time.monotonic(), _timeout_of(invocation))
                 execute(invocation, self.runner, using=self.using, thread=number,
@@ -301,6 +310,16 @@ class Worker:
             finally:
                 self.running.pop(number, None)
             queue[:0] = handed
+
+    def _count_run(self) -> None:
+        """Count a run as it starts; the last of ``max_runs`` stops the runner, so that it is handed nothing more."""
+        with self._work:
+            self.runs += 1
+            if self.max_runs is not None and self.runs >= self.max_runs and not self.stopping.is_set():
+                logger.info("keyjobs: %s starts its run %d of --max-tasks-per-child: stopping after it", self.runner,
+                            self.runs)
+                self.stopping.set()
+                self._work.notify_all()
 
     def _idle(self, number: int, wakes: int) -> bool:
         """Wait for work; return True when this thread should end.

@@ -56,7 +56,7 @@ def restart_postgres() -> None:
 
 
 def start_worker(threads: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "manage.py", "runworker", "--threads", str(threads), "-v0"],
+    return subprocess.Popen([sys.executable, "manage.py", "runworker", "--noreload", "--threads", str(threads), "-v0"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -78,7 +78,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 class WorkerProcess:
-    """A real ``manage.py runworker`` process on the test database."""
+    """A real ``manage.py runworker`` process on the test database.
+
+    ``--noreload``: the demo's settings, which the tests extend, turn DEBUG and so the reloader on.
+    """
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         environment = {
@@ -89,7 +92,7 @@ class WorkerProcess:
             **(env or {}),
         }
         self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "runworker", *args],
+            [sys.executable, "manage.py", "runworker", "--noreload", *args],
             cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
 

@@ -105,7 +105,7 @@ def claim(*args, **kwargs):
 
 
 keyjobs.worker.claim = claim
-call_command("runworker", "--threads", "1", *sys.argv[2:])
+call_command("runworker", "--noreload", "--threads", "1", *sys.argv[2:])
 """
 
 

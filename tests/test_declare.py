@@ -78,6 +78,8 @@ def test_an_unknown_option_is_refused():
         ({"priority": True}, "must be an integer"),
         ({"queue": ""}, "queue='' must be a non-empty string"),
         ({"queue": "a,b"}, "without commas"),
+        ({"kill_on_timeout": True}, "kill_on_timeout=True needs timeout=<seconds>"),
+        ({"kill_on_timeout": "yes", "timeout": 1}, "kill_on_timeout must be True or False"),
     ],
 )
 def test_bad_options_are_refused(options, message):

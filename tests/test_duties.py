@@ -130,3 +130,10 @@ def test_deferred_work_brings_the_release_duty_forward_and_wakes_the_pool_when_d
     releases.note(timezone.now() + timedelta(seconds=0.3))
     assert until_release(worker) <= 0.31
     wait_for(lambda: release_deferred(worker) >= 1, timeout=5, what="the deferred work due")
+def test_a_hard_limited_run_of_an_unsupervised_runner_is_flagged_as_not_killed(worker):
+    # Without runworker --processes nothing can kill it: the flag says so, rather than nothing happening.
+    running = InvocationFactory(status=Status.RUNNING, runner=worker.runner, task_name=jobs.hard_limited.name)
+    worker.running[0] = Run(running, began=time.monotonic() - 10, limit=1.0)
+    Duties(worker).run_due()
+    overdue = Event.objects.get(invocation=running, kind=Event.Kind.OVERDUE)
+    assert "NOT killed: only a runner started with runworker --processes" in overdue.note

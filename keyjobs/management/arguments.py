@@ -22,6 +22,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def whole_number(text: str) -> int:
+    """Parse a whole number of 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def duration(text: str) -> timedelta:
     """Parse a duration of zero or more: 30d, 12h, 45m, 90s, or what Django's parse_duration reads (1:30:00, P1DT2H)."""
     short = SHORT_DURATION.fullmatch(text.strip())
