@@ -341,17 +341,19 @@ def serve(runner: Runnable, *, reload: bool) -> None:
         autoreload.run_with_reloader(runner.run)
         return
     runner.install_signal_handlers()  # the reloader then takes SIGTERM (sys.exit), which the atexit hook below follows
-    done = threading.Event()
+    done, exiting = threading.Event(), threading.Event()
 
     def main() -> None:
         try:
             runner.run()
         finally:
             done.set()
-            # The reloader's loop in the main thread ends with the runner: its SIGTERM handler exits 0.
-            os.kill(os.getpid(), signal.SIGTERM)
+            if not exiting.is_set():
+                # The reloader's loop in the main thread ends with the runner: its SIGTERM handler exits 0.
+                os.kill(os.getpid(), signal.SIGTERM)
 
     def stop_for_restart() -> None:
+        exiting.set()
         if not done.is_set():
             logger.info("keyjobs: stopping for a restart (up to %gs for what is running)", RELOAD_GRACE)
             runner.stop()
