@@ -70,3 +70,20 @@ def call_eight(account_id: str, op: str) -> None:
 def call_eight_round_robin(account_id: str, op: str) -> None:
     """``call_eight``, taking turns across keys: a freed key's next call goes to the back of the queue."""
     call_provider(account_id, op, 8)
+
+
+@task
+def spin(iterations: int) -> int:
+    """Burn the CPU in pure Python, holding the GIL: what threads of one process cannot share."""
+    total = 0
+    for number in range(iterations):
+        total += number * number % 7
+    return total
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), timeout=1, kill_on_timeout=True)
+def hang(account_id: str, seconds: float) -> None:
+    """Sleep ``seconds`` under a hard limit of 1 s, holding ``account_id``'s key."""
+    import time
+
+    time.sleep(seconds)
