@@ -358,13 +358,14 @@ class RunnerStateFilter(admin.SimpleListFilter):
 
 @admin.register(Runner)
 class RunnerAdmin(RunnerModelAdmin):
-    list_display = ("id", "host", "pid", "threads", "queues_display", "started_at", "heartbeat_at", "state_display",
-                    "running_now")
+    list_display = ("id", "host", "pid", "threads", "queues_display", "supervisor_display", "started_at",
+                    "heartbeat_at", "state_display", "running_now")
     list_filter = (RunnerStateFilter, "host")
+    list_select_related = ("supervisor",)
     ordering = ("-pk",)
     show_full_result_count = False
-    fields = ("host", "pid", "threads", "queues_display", "started_at", "heartbeat_at", "stopped_at", "stop_reason",
-              "lost", "state_display", "running_now")
+    fields = ("host", "pid", "threads", "queues_display", "supervisor_display", "worker_processes", "started_at",
+              "heartbeat_at", "stopped_at", "stop_reason", "lost", "state_display", "running_now")
     readonly_fields = fields
 
     class Media:
@@ -378,8 +379,12 @@ class RunnerAdmin(RunnerModelAdmin):
         return runners.with_state().prefetch_related(Prefetch("invocations", owned, to_attr="owned_now"))
 
     def get_fields(self, request: HttpRequest, obj: Runner | None = None) -> tuple[str, ...]:
-        # Most runners stop because they were asked to: a reason is shown only when there is one.
-        return tuple(name for name in self.fields if name != "stop_reason" or (obj is not None and obj.stop_reason))
+        # Most runners stop because they were asked to: a reason is shown only when there is one; the
+        # pool's links only for runworker --processes.
+        shown = {"stop_reason": obj is not None and bool(obj.stop_reason),
+                 "supervisor_display": obj is not None and obj.supervisor_id is not None,
+                 "worker_processes": obj is not None and obj.threads == 0}
+        return tuple(name for name in self.fields if shown.get(name, True))
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -393,6 +398,24 @@ class RunnerAdmin(RunnerModelAdmin):
     @admin.display(description="queues")
     def queues_display(self, obj: Runner) -> str:
         return obj.queues or "every queue"
+
+    @admin.display(description="supervisor", ordering="supervisor")
+    def supervisor_display(self, obj: Runner) -> SafeString | str:
+        if obj.supervisor is None:
+            return "–"
+        return format_html('<a href="{}">{}</a>', reverse(f"{self.admin_site.name}:keyjobs_runner_change",
+                                                          args=[obj.supervisor.pk]), obj.supervisor)
+
+    @admin.display(description="worker processes")
+    def worker_processes(self, obj: Runner) -> SafeString | str:
+        children = obj.children.order_by("pk")
+        if not children:
+            return "–"
+        return format_html_join(
+            mark_safe("<br>"), '<a href="{}">{}</a> {}',
+            ((reverse(f"{self.admin_site.name}:keyjobs_runner_change", args=[child.pk]), child,
+              "stopped" if child.stopped_at else "running") for child in children),
+        )
 
     @admin.display(description="state", ordering="state")
     def state_display(self, obj: Runner) -> SafeString:

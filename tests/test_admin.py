@@ -460,6 +460,19 @@ def test_a_runner_with_no_stop_reason_shows_none(viewer: Client) -> None:
     assert ">stopped</span>" in page and "Stop reason" not in page
 
 
+def test_a_supervisor_and_its_worker_processes_link_to_each_other(viewer: Client) -> None:
+    supervisor = RunnerFactory(threads=0)
+    child = RunnerFactory(supervisor=supervisor)
+
+    on_supervisor = viewer.get(reverse("admin:keyjobs_runner_change", args=[supervisor.pk])).content.decode()
+    on_child = viewer.get(reverse("admin:keyjobs_runner_change", args=[child.pk])).content.decode()
+
+    assert reverse("admin:keyjobs_runner_change", args=[child.pk]) in on_supervisor
+    assert "Worker processes" in on_supervisor and "Supervisor" not in on_supervisor
+    assert reverse("admin:keyjobs_runner_change", args=[supervisor.pk]) in on_child
+    assert "Worker processes" not in on_child
+
+
 def test_runners_show_what_they_are_running_now(viewer: Client) -> None:
     runner = RunnerFactory()
     running = give_run(InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME), runner=runner, thread=2,

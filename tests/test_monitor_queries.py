@@ -466,3 +466,13 @@ def test_the_key_view_reads_each_part_in_one_query_with_its_runners(django_asser
     with django_assert_num_queries(5):
         history = key_history("tests.jobs.keyed", ACME)
         assert {invocation.runner.host for invocation in history.ran + history.running} == {runner.host}
+
+
+def test_the_dashboard_lists_a_supervisors_worker_processes_right_after_it() -> None:
+    lone = RunnerFactory()
+    supervisor = RunnerFactory(threads=0)
+    other = RunnerFactory()
+    child = RunnerFactory(supervisor=supervisor)
+    runners = dashboard(now=timezone.now()).runners
+    assert [runner.pk for runner in runners] == [lone.pk, supervisor.pk, child.pk, other.pk]
+    assert runners[1].is_supervisor and runners[2].supervisor == supervisor.pk

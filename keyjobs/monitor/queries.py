@@ -376,6 +376,13 @@ class LiveRunner:
     threads: int
     heartbeat_at: datetime
     running: int
+    #: The supervisor's runner id, for a worker process of ``runworker --processes``.
+    supervisor: int | None = None
+
+    @property
+    def is_supervisor(self) -> bool:
+        """Whether this is the supervisor of ``runworker --processes``: it runs no thread of its own."""
+        return self.threads == 0
 
 
 @dataclass(frozen=True)
@@ -459,11 +466,13 @@ def dashboard(*, now: datetime, using: str | None = None) -> Dashboard:
         invocations.owned().order_by().values_list("runner_id").annotate(count=Count("id")).values_list(
             "runner_id", "count")
     )
-    runners = [
-        LiveRunner(pk, host, pid, threads, heartbeat_at, owned.get(pk, 0))
-        for pk, host, pid, threads, heartbeat_at in Runner.objects.using(using).alive().order_by("pk").values_list(
-            "pk", "host", "pid", "threads", "heartbeat_at")
-    ]
+    runners = sorted(
+        (LiveRunner(pk, host, pid, threads, heartbeat_at, owned.get(pk, 0), supervisor)
+         for pk, host, pid, threads, heartbeat_at, supervisor in Runner.objects.using(using).alive().values_list(
+            "pk", "host", "pid", "threads", "heartbeat_at", "supervisor_id")),
+        # A supervisor's worker processes right after it.
+        key=lambda runner: (runner.supervisor or runner.pk, runner.supervisor is not None, runner.pk),
+    )
 
     busiest = [
         BusyKey(*row)
