@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -81,6 +82,20 @@ def test_sigterm_stops_the_pool_gracefully(worker_process, tmp_path):
     assert Invocation.objects.get(pk=running.pk).status == Status.SUCCESS
     assert not Runner.objects.filter(stopped_at__isnull=True).exists()
     assert not Runner.objects.filter(lost=True).exists()
+
+
+def test_a_second_signal_makes_the_workers_exit_at_once_and_their_work_goes_back_to_the_queue(worker_process, tmp_path):
+    marker = str(tmp_path / "slow")
+    running = jobs.sleep_then_return.delay(600, marker)
+    pool = worker_process("--processes", "1", "--threads", "1", env={"KEYJOBS_LEASE": "600"})
+    wait_for(lambda: os.path.exists(marker + ".started"), timeout=60, what="the run to start")
+    pool.signal(signal.SIGTERM)
+    time.sleep(0.5)  # two signals at once would be handled as one
+    pool.signal(signal.SIGTERM)
+    pool.wait(timeout=30)
+    # Not left to a lease of ten minutes: the supervisor reaped the process and took its work back.
+    assert Invocation.objects.get(pk=running.pk).status == Status.REGISTERED
+    assert not Runner.objects.filter(stopped_at__isnull=True).exists()
 
 
 def test_a_worker_process_is_replaced_after_max_tasks_per_child(worker_process):
