@@ -291,6 +291,8 @@ def record_span_tiered(account_id: str, number: int, hold: float, log: str) -> N
 def record_span_three(account_id: str, number: int, hold: float, log: str) -> None:
     """record_span with three slots per account."""
     _log_span(log, account_id, number, hold)
+
+
 @task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), timeout=1, kill_on_timeout=True)
 def hard_limited(account_id: str, seconds: float, marker: str) -> str:
     """Sleep ``seconds`` under a hard limit of 1 s: a run past it is stopped by killing its process."""
