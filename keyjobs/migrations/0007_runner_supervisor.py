@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('keyjobs', '0005_running_limit'),
+        ('keyjobs', '0006_attempt_errors'),
     ]
 
     operations = [
