@@ -319,7 +319,7 @@ class Worker:
                 logger.info("keyjobs: %s starts its run %d of --max-tasks-per-child: stopping after it", self.runner,
                             self.runs)
                 self.stopping.set()
-                self._work.notify_all()
+                self._wake_all()  # the scout too: it waits apart
 
     def _idle(self, number: int, wakes: int) -> bool:
         """Wait for work; return True when this thread should end.
