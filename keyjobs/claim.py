@@ -308,9 +308,13 @@ def wake_next(
     invocations registered; any of them still parked is woken. It keeps its
     original place in the queue (priority, then enqueue order), or, for a
     task declared ``round_robin``, joins the back of it. The key's limit is
-    the one its next invocation stored. With a ``claimer`` and nothing else waiting in its
-    queues, the first of them, if parked, goes straight to RUNNING for the
-    claimer instead (a hand-off: no wake-up, no separate claim). With ``take``,
+    the one its next invocation stored. With a ``claimer``, the first of them,
+    if parked and next in its queues anyway, goes straight to RUNNING for the
+    claimer instead (a hand-off: no wake-up, no separate claim). Next anyway:
+    nothing claimable is ahead of its place, which is its own (nothing at all
+    for ``round_robin``, whose woken work joins the back). A key's chain is the
+    critical path of a busy queue; handing it on keeps it moving through a busy
+    start instead of waiting for the next thread to come free. With ``take``,
     a claimer handed nothing may be given the queue's next invocation instead,
     where the store claims it in the same statement.
     Call it in the transaction that frees a slot of the key.
@@ -354,7 +358,8 @@ def wake_next(
             and next_up and next_up[0].status == Status.REROUTED
             and (not claimer.queues or parked[0].queue in claimer.queues)
             # Only if it would be next anyway: else it takes its turn in the queue, behind what waits.
-            and not db.claimable_exists(claimer.queues)
+            and not db.claimable_exists(claimer.queues,
+                                        ahead_of=None if policy.round_robin else next_up[0].id)
         ):
             handing = False
             # Claimers never lock parked rows, so this waits for nobody but a concurrent waker of the same key.

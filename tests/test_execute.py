@@ -134,6 +134,44 @@ def test_a_freed_keys_successor_goes_behind_the_work_already_waiting(runner):
     assert [inv.pk for inv in next_runs] == [other.pk, second.pk]
 
 
+def test_a_freed_keys_successor_ahead_of_the_waiting_work_is_handed_over_all_the_same(runner):
+    from keyjobs.claim import Claimer
+
+    jobs.keyed.delay("hot", "a")
+    second = jobs.keyed.delay("hot", "b")
+    [first] = claim(runner, using="default", start=True)
+    assert claim(runner, using="default") == []  # b is parked
+    later = jobs.add.delay(1)  # waiting, but behind b's place: b keeps its place, so it is next anyway
+    handed: list[Invocation] = []
+    execute(first, runner, using="default", claimer=Claimer(runner, 0, None), handed=handed)
+    assert [inv.pk for inv in handed] == [second.pk]
+    assert statuses(second, later) == [Status.RUNNING, Status.REGISTERED]
+
+
+def test_a_freed_slot_hands_over_its_keys_successor_ahead_of_the_waiting_work(runner):
+    from keyjobs.claim import Claimer
+
+    calls = [jobs.keyed_two_slots.delay("hot", op) for op in "abc"]
+    first, _ = claim(runner, using="default", start=True, limit=3)  # two slots: c is parked
+    later = jobs.add.delay(1)
+    handed: list[Invocation] = []
+    execute(first, runner, using="default", claimer=Claimer(runner, 0, None), handed=handed)
+    assert [inv.pk for inv in handed] == [calls[2].pk]
+    assert statuses(calls[2], later) == [Status.RUNNING, Status.REGISTERED]
+
+
+def test_a_round_robin_keys_successor_is_not_handed_over_while_other_work_waits(runner):
+    from keyjobs.claim import Claimer
+
+    calls = [jobs.keyed_two_slots_round_robin.delay("hot", op) for op in "abc"]
+    first, _ = claim(runner, using="default", start=True, limit=3)
+    jobs.add.delay(1)  # enqueued after c, but c goes to the back of the queue when woken
+    handed: list[Invocation] = []
+    execute(first, runner, using="default", claimer=Claimer(runner, 0, None), handed=handed)
+    assert calls[2].pk not in [inv.pk for inv in handed]
+    assert Invocation.objects.get(pk=calls[2].pk).status == Status.REGISTERED
+
+
 def test_a_successor_in_a_queue_the_thread_does_not_serve_is_woken_not_handed(runner):
     from keyjobs.claim import Claimer
 

@@ -204,15 +204,38 @@ class Store:
         """
         return self._invocations(self._rows(*self.claimable_sql(self.columns, queues, limit)))
 
-    def claimable_exists(self, queues: Sequence[str] | None) -> bool:
-        """Return whether anything is waiting to be claimed from ``queues`` (all when empty)."""
-        return bool(self._rows(*self.claimable_sql("1", queues, 1, lock=False, ordered=False)))
+    def claimable_exists(self, queues: Sequence[str] | None, *, ahead_of: int | None = None) -> bool:
+        """Return whether anything is waiting to be claimed from ``queues`` (all when empty).
+
+        With ``ahead_of``, only what is ahead of that invocation's place in the queue counts.
+        """
+        ahead = None
+        if ahead_of is not None:
+            q = self.quote
+            place = [f"(SELECT {q(column)} FROM {self.invocations} WHERE {q('id')} = %s)"
+                     for column in ("priority", "registered_at")]
+            condition = self.ahead_in_queue(*place, "%s")
+            ahead = (condition, [ahead_of] * condition.count("%s"))  # each expression may be read more than once
+        return bool(self._rows(*self.claimable_sql("1", queues, 1, lock=False, ordered=False, ahead=ahead)))
+
+    def ahead_in_queue(self, priority: str, registered_at: str, pk: str) -> str:
+        """Return the condition that a row is ahead, in ``QUEUE_ORDER``, of the place these expressions give.
+
+        A store may read each expression any number of times.
+        """
+        q = self.quote
+        return (f"({q('priority')} > {priority} OR {q('priority')} = {priority} AND ({q('registered_at')} < "
+                f"{registered_at} OR {q('registered_at')} = {registered_at} AND {q('id')} < {pk}))")
 
     def claimable_sql(
-        self, columns: str, queues: Sequence[str] | None, limit: int, *, lock: bool = True, ordered: bool = True
+        self, columns: str, queues: Sequence[str] | None, limit: int, *, lock: bool = True, ordered: bool = True,
+        ahead: tuple[str, list[Any]] | None = None,
     ) -> tuple[str, list[Any]]:
-        """Return the claim's query (see ``claimable``), the one the tests EXPLAIN."""
+        """Return the claim's query (see ``claimable``), the one the tests EXPLAIN; ``ahead``: a further condition."""
         where, params = f"{self.is_registered} AND {self.due}", []
+        if ahead is not None:
+            where += f" AND {ahead[0]}"
+            params += ahead[1]
         if queues:
             # A list, not an array: PostgreSQL reads keyjobs_claim_by_queue in order only for `queue IN (...)`.
             where += f" AND {self.quote('queue')} IN ({', '.join(['%s'] * len(queues))})"

@@ -16,7 +16,7 @@ from django.db.backends.postgresql.base import ServerBindingCursor
 
 from ..conf import conf
 from ..models import Invocation
-from ..status import Change, Status
+from ..status import STAMPS, Change, Status
 from .interface import Claimed, KeyAhead, LockedRow, Recorded, Woken
 from .portable import QUEUE_ORDER, Store, literal
 
@@ -46,6 +46,11 @@ class PostgresStore(Store):
         self._recorded_sql: dict[tuple[Any, ...], str] = {}
         self._queue_orders: dict[str, str] = {}
         self.steps = self
+
+    def ahead_in_queue(self, priority: str, registered_at: str, pk: str) -> str:
+        # One row comparison (the priority negated: it runs the other way), the columns unquoted (all
+        # lower case): it is part of the wake-up, which must stay within psycopg's 4 kB.
+        return f"(-priority, registered_at, id) < (-{priority}, {registered_at}, {pk})"
 
     def one_of(self, column: str, values: Sequence[Any], *, negate: bool = False) -> tuple[str, list[Any]]:
         # One array parameter, however many values: the statement's text stays the same, and short.
@@ -125,10 +130,15 @@ class PostgresStore(Store):
         same_key = f"{q('task_name')} = %s AND {q('running_key')} = %s"
         queues = list(queues or [])
         if handed is not None:
-            # Handed over only if it would be next anyway (see claim.wake_next).
-            nothing_waits, nothing_waits_params = self.claimable_sql("1", queues, 1, lock=False, ordered=False)
-            served, served_params = self.one_of("first.queue", queues) if queues else ("TRUE", [])
-            hand, hand_params = f"(NOT EXISTS ({nothing_waits}) AND {served})", [*nothing_waits_params, *served_params]
+            # Handed over only if it would be next anyway (see claim.wake_next): nothing claimable ahead of
+            # its own place, if the wake-up keeps it (else of the back of the queue: nothing at all).
+            ahead = None
+            if STAMPS[Status.REGISTERED] not in woken.values:
+                ahead = (self.ahead_in_queue("f.priority", "f.registered_at", "f.id"), [])
+            nothing_waits, nothing_waits_params = self.claimable_sql("1", queues, 1, lock=False, ordered=False,
+                                                                     ahead=ahead)
+            served, served_params = self.one_of("f.queue", queues) if queues else ("", [])
+            hand, hand_params = f"(NOT EXISTS ({nothing_waits}){served and ' AND ' + served})", [*nothing_waits_params, *served_params]
             notify, notify_params = self.one_of("woken.queue", queues, negate=True) if queues else ("FALSE", [])
         else:
             hand, hand_params, notify, notify_params = "FALSE", [], "TRUE", []
@@ -140,16 +150,16 @@ class PostgresStore(Store):
         woken_events, woken_event_params = self._recorded("woken_recorded", "woken", woken,
                                                           first_from=Status.REROUTED, read=True)
         sql_text = (
-            f"WITH first AS (SELECT {q('id')}, {q('status')}, {q('queue')} FROM {inv} "
+            f"WITH first AS (SELECT * FROM {inv} "
             f"WHERE {same_key} AND {self.is_waiting} AND {self.due} "
             f"ORDER BY {self.key_order} LIMIT 1), "
             # The first in line goes on if it is parked and the key has nobody holding it.
-            f"go AS (SELECT first.id, first.queue, {hand} AS hand FROM first WHERE first.status = %s "
+            f"go AS (SELECT f.id, f.queue, {hand} AS hand FROM first AS f WHERE f.status = %s "
             f"AND NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_owned})), "
             f"handed AS (UPDATE {inv} AS h {handed_set} FROM go WHERE h.{q('id')} = go.id AND go.hand "
             f"AND h.{q('status')} = %s RETURNING {self._returning('h')}), "
             f"woken AS (UPDATE {inv} AS w {woken_set} FROM go WHERE w.{q('id')} = go.id AND NOT go.hand "
-            f"AND w.{q('status')} = %s RETURNING w.{q('id')} AS id, w.{q('queue')} AS queue), "
+            f"AND w.{q('status')} = %s RETURNING w.*), "
             f"{handed_events}, {woken_events}"
             # The thread that freed the key claims next: only a runner of another queue needs waking.
             + (f", notified AS (SELECT pg_notify(%s, woken.queue) FROM woken WHERE {notify}) " if notify != "FALSE"
