@@ -212,9 +212,9 @@ class Store:
         ahead = None
         if ahead_of is not None:
             q = self.quote
-            place = [f"(SELECT {q(column)} FROM {self.invocations} WHERE {q('id')} = %s)"
-                     for column in ("priority", "registered_at")]
-            condition = self.ahead_in_queue(*place, "%s")
+            priority, registered_at = (f"(SELECT {q(column)} FROM {self.invocations} WHERE {q('id')} = %s)"
+                                       for column in ("priority", "registered_at"))
+            condition = self.ahead_in_queue(priority, registered_at, "%s")
             ahead = (condition, [ahead_of] * condition.count("%s"))  # each expression may be read more than once
         return bool(self._rows(*self.claimable_sql("1", queues, 1, lock=False, ordered=False, ahead=ahead)))
 

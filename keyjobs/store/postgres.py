@@ -132,7 +132,7 @@ class PostgresStore(Store):
         if handed is not None:
             # Handed over only if it would be next anyway (see claim.wake_next): nothing claimable ahead of
             # its own place, if the wake-up keeps it (else of the back of the queue: nothing at all).
-            ahead = None
+            ahead: tuple[str, list[Any]] | None = None
             if STAMPS[Status.REGISTERED] not in woken.values:
                 ahead = (self.ahead_in_queue("f.priority", "f.registered_at", "f.id"), [])
             nothing_waits, nothing_waits_params = self.claimable_sql("1", queues, 1, lock=False, ordered=False,
