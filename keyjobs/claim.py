@@ -362,22 +362,14 @@ def wake_next(
                                         ahead_of=None if policy.round_robin else next_up[0].id)
         ):
             handing = False
-            # Claimers never lock parked rows, so this waits for nobody but a concurrent waker of the same key.
-            handed = db.lock_invocation(parked[0].id, Status.REROUTED)
-            started_at = None
-            if handed is not None and policy.rate is not None:
-                # A hand-off is a start: it takes its window's token, or the invocation is woken instead,
-                # and its claim defers it.
-                window = db.take_start(task_name, running_key, policy.rate)
-                if admission.admit(policy, KeyState(held=held, window_full_until=window.full_until, limit=limit)) \
-                        .verdict is not Verdict.START:
-                    handed = None
-                started_at = window.taken_at
+            try:
+                # A savepoint: a claim of another of the key's invocations may take the slot first
+                # (it read the key before this transaction's changes); then this one is woken instead.
+                with transaction.atomic(using=using):
+                    handed = _hand_over(parked[0].id, policy, claimer, held, limit, free[0], using)
+            except IntegrityError:
+                handed = None
             if handed is not None:
-                made = claimer.claim(slot=free[0], via=(Status.REGISTERED,), started_at=started_at)
-                apply_locked([row_of(handed)], made, using=using)
-                handed.status, handed.slot, handed.attempts = Status.RUNNING, free[0], handed.attempts + 1
-                handed.runner, handed.runner_thread = claimer.runner, claimer.thread
                 parked = parked[1:]
         handing = False
         now = apply([row.id for row in parked], woken_change, using=using, only_from={Status.REROUTED})
@@ -390,6 +382,32 @@ def wake_next(
         if len(now) == len(parked):
             break
     return Woken(handed, woken)
+
+
+def _hand_over(
+    pk: int, policy: admission.Policy, claimer: Claimer, held: set[int], limit: int, slot: int, using: str
+) -> Invocation | None:
+    """Make parked invocation ``pk`` RUNNING in ``slot`` for ``claimer``; None if it is not parked any more, or its
+    rate window is full."""
+    db = store(using)
+    # Claimers never lock parked rows, so this waits for nobody but a concurrent waker of the same key.
+    handed = db.lock_invocation(pk, Status.REROUTED)
+    if handed is None:
+        return None
+    started_at = None
+    if policy.rate is not None:
+        # A hand-off is a start: it takes its window's token, or the invocation is woken instead,
+        # and its claim defers it.
+        window = db.take_start(handed.task_name, handed.running_key or "", policy.rate)
+        if admission.admit(policy, KeyState(held=held, window_full_until=window.full_until, limit=limit)) \
+                .verdict is not Verdict.START:
+            return None
+        started_at = window.taken_at
+    made = claimer.claim(slot=slot, via=(Status.REGISTERED,), started_at=started_at)
+    apply_locked([row_of(handed)], made, using=using)
+    handed.status, handed.slot, handed.attempts = Status.RUNNING, slot, handed.attempts + 1
+    handed.runner, handed.runner_thread = claimer.runner, claimer.thread
+    return handed
 
 
 def record_and_claim(
