@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
-from . import admission
+from . import admission, waits
 from .admission import KeyState, Verdict
 from .conf import conf
 from .exceptions import ArgumentError, KeyjobsError
@@ -328,6 +328,7 @@ def _build(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         registration_key=registration_key,
         run_after=_when(options.run_after),
         **_cause_fields(options.cause),
+        parent_id=waits.parent_id(),
     )
 
 

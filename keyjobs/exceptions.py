@@ -67,3 +67,7 @@ class InvocationCancelled(ResultUnavailable):
 
 class Cancelled(KeyjobsError):
     """Raise it in a running task whose cancel was requested (``keyjobs.current().cancel_requested``): it ends CANCELLED."""
+
+
+class WaitRefused(KeyjobsError):
+    """A wait that could never end: on the invocation itself, in a cycle of waits, or inside a transaction."""

@@ -21,13 +21,13 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
-from . import faults, registry, signals, triggers, values
+from . import faults, registry, signals, triggers, values, waits
 from .claim import Claimer, record_and_claim, wake_next
 from .current import running
 from .exceptions import ArgumentError, Cancelled, KeyjobsError, NotOwner, TimeLimitExceeded, dotted_path
 from .models import Event, Invocation, Runner
 from .spec import TaskSpec
-from .status import Status
+from .status import FINAL, Status
 from .store import store
 from .transitions import move, record
 
@@ -201,6 +201,8 @@ def _finish(
     if not moved:
         return None
     invocation.status = outcome.status
+    if outcome.status in FINAL:
+        waits.finished(invocation, using=using)
     signals.invocation_finished.send(sender=Invocation, invocation=invocation, status=outcome.status)
     return outcome.status
 
@@ -272,6 +274,7 @@ def execute(
     keep_trying: Callable[[], bool] = lambda: True,
     claimer: Claimer | None = None,
     handed: list[Invocation] | None = None,
+    lender: waits.Lender | None = None,
 ) -> Status | None:
     """Start (unless the claim did), call and finish one claimed invocation.
 
@@ -279,7 +282,8 @@ def execute(
     With a ``claimer``, an invocation handed over when the key freed is appended
     to ``handed``, RUNNING: the caller runs it next. A step the database
     refuses for good ends the invocation FAILED with the reason, never the
-    thread.
+    thread. While the run waits on another invocation it is PAUSED, and
+    ``lender`` (the runner) may lend its thread slot (``keyjobs.waits``).
     """
     try:
         started = invocation.status == Status.RUNNING or durably(
@@ -305,7 +309,8 @@ def execute(
         return None
     # The task's own code holds no connection of keyjobs': busy threads share a pool's connections.
     store(using).let_go()
-    outcome = call(invocation)
+    with waits.running(invocation, runner, using=using, thread=thread, lender=lender):
+        outcome = call(invocation)
 
     def record() -> Status | None:
         return durably(f"record the outcome of #{invocation.pk}",

@@ -6,7 +6,6 @@ second owned invocation of a running key, and a second waiting invocation of a
 registration key.
 """
 
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -104,6 +103,15 @@ class Invocation(models.Model):
         _("triggering status"), max_length=32, choices=Status.choices, blank=True,
         help_text=_("The outcome of the triggering invocation that triggered it."),
     )
+    # Not indexed as foreign keys are: most invocations have neither (see the partial indexes in Meta).
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children", db_index=False,
+        help_text=_("The invocation whose run called delay() to create this one."),
+    )
+    waiting_on = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="waited_on_by", db_index=False,
+        help_text=_("While PAUSED: the invocation its run waits for."),
+    )
 
     objects = InvocationQuerySet.as_manager()
 
@@ -158,6 +166,10 @@ class Invocation(models.Model):
             models.Index(fields=["created_at"], name="keyjobs_created"),
             # The timeline's tick marks: the scheduled invocations of a window.
             models.Index(fields=["cause_tick"], condition=Q(cause_tick__isnull=False), name="keyjobs_by_tick"),
+            # A run's children, and who waits on an invocation: only invocations that have one are indexed,
+            # so that work delayed outside a run (most of it) costs no index entry.
+            models.Index(fields=["parent"], condition=Q(parent__isnull=False), name="keyjobs_children"),
+            models.Index(fields=["waiting_on"], condition=Q(waiting_on__isnull=False), name="keyjobs_waited_on"),
         ]
 
     def __str__(self) -> str:
@@ -174,7 +186,25 @@ class Invocation(models.Model):
 
     @property
     def result(self) -> Any:
-        """Return what the function returned; raise if it failed, was dropped or has not finished."""
+        """Return what the function returned; raise if it failed, was dropped or has not finished.
+
+        Read inside a running task, an invocation not final yet is waited for first, pausing the
+        task (see ``wait()``).
+        """
+        if not self.is_final:
+            from .waits import in_a_run
+
+            if in_a_run():
+                self.wait()
+        return self.finished_result()
+
+    def get_result(self, timeout: float | None = None) -> Any:
+        """Wait until the invocation is final (at most ``timeout`` seconds), then return its result (see ``result``)."""
+        self.wait(timeout)
+        return self.finished_result()
+
+    def finished_result(self) -> Any:
+        """Return the result of a final invocation; raise if it failed, was dropped or has not finished."""
         if self.status == Status.SUCCESS:
             return self.return_value
         if self.status == Status.FAILED:
@@ -203,18 +233,15 @@ class Invocation(models.Model):
         self.refresh_from_db(fields=["status", "cancel_requested", "error", "finished_at"])
         return done
 
-    def wait(self, timeout: float | None = None, *, interval: float = 0.02) -> str:
-        """Block until the invocation is final and return its status; TimeoutError past ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = interval
-        while True:
-            self.refresh_from_db(fields=["status", "return_value", "error", "traceback", "started_at", "finished_at"])
-            if self.is_final:
-                return self.status
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"invocation #{self.pk} of {self.task_name} is still {self.status} after {timeout}s")
-            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
-            pause = min(pause * 1.5, 0.5)
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the invocation is final and return its status; TimeoutError past ``timeout`` seconds.
+
+        Inside a running task the task is PAUSED meanwhile and its runner thread lent to other work
+        (``keyjobs.waits``); elsewhere (a shell, a test, a view) this polls.
+        """
+        from .waits import wait
+
+        return wait(self, timeout)
 
 
 class Event(models.Model):

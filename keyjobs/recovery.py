@@ -7,6 +7,10 @@ waits on them. A slot is tied to its owning invocation and that owner's
 liveness, never to a timer alone: a runner that is merely slow keeps
 heartbeating and keeps its work.
 
+A PAUSED invocation is owned like a running one (its run, waiting on another
+invocation, lived in the lost runner's thread): it goes back to REGISTERED
+too and runs again from the start; what it was waiting for goes on by itself.
+
 A lost runner that was only cut off (a network partition, a stalled host)
 cannot write over the recovery: every later change it tries is checked
 against the owner recorded on the invocation (``transitions.move(owner=...)``),
@@ -66,28 +70,36 @@ def _recover(runner_id: int, *, using: str, lease: float | None, by: Runner | No
             .order_by("pk")
         )
         for invocation in owned:
-            note = (
-                f"recovered: {lost} {why} "
-                + ("before starting it" if invocation.status == Status.PENDING else "while running it; it runs again")
-            )
+            note = f"recovered: {lost} {why} " + _doing(invocation)
             if invocation.cancel_requested:
                 # Its cancel was asked for: it is not run again.
                 reason = f"cancelled: its runner {lost} died after its cancel was requested"
                 move([invocation.pk], Status.CANCELLED, using=using, runner=by, note=f"recovered: {reason}",
-                     values={"error": reason.capitalize()})
+                     values={"error": reason.capitalize(), "waiting_on": None})
                 wake_next(invocation.task_name, invocation.running_key, using=using, runner=by)
                 recovered.append(invocation.pk)
                 continue
             try:
                 with transaction.atomic(using=using):  # a savepoint: the registration guard may refuse
                     move([invocation.pk], Status.REGISTERED, using=using, runner=by, note=note,
-                         values={"slot": 0, "run_after": None})
+                         values={"slot": 0, "run_after": None, "waiting_on": None})
             except IntegrityError:
                 # A duplicate is already waiting to make the same call: it takes this one's place.
                 move([invocation.pk], Status.FAILED, using=using, runner=by,
                      note=note.replace("it runs again", "a waiting duplicate runs instead"),
-                     values={"error": f"its runner {lost} died while it ran; a waiting duplicate runs instead"})
+                     values={"error": f"its runner {lost} died while it ran; a waiting duplicate runs instead",
+                             "waiting_on": None})
             wake_next(invocation.task_name, invocation.running_key, using=using, runner=by)
             recovered.append(invocation.pk)
     logger.warning("keyjobs: %s %s; recovered %d invocation(s)", lost, why, len(recovered))
     return recovered
+
+
+def _doing(invocation: Invocation) -> str:
+    """Say what the lost runner was doing with ``invocation``, for the recovery's history row."""
+    if invocation.status == Status.PENDING:
+        return "before starting it"
+    if invocation.status == Status.PAUSED:
+        # Its run is gone with its runner: it starts again from the beginning, and delays its children anew.
+        return f"while it was paused, waiting for #{invocation.waiting_on_id}; it runs again"
+    return "while running it; it runs again"

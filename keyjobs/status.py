@@ -27,6 +27,9 @@ class Status(models.TextChoices):
     PENDING = "PENDING", _("Pending")
     # Executing in a runner thread; the key stays held until it ends.
     RUNNING = "RUNNING", _("Running")
+    # Inside its run, waiting for another invocation to end (``child.wait()``, ``child.result``): its runner
+    # thread is lent to other work meanwhile, and it keeps its key; RUNNING again once that one is final.
+    PAUSED = "PAUSED", _("Paused")
     # Ended: the function returned; the result is stored.
     SUCCESS = "SUCCESS", _("Success")
     # Ended: the function raised, its task could not be found, or its result was not JSON.
@@ -42,8 +45,8 @@ class Status(models.TextChoices):
 
 #: Waiting to be picked up: the states the registration guard counts.
 WAITING = frozenset({Status.REGISTERED, Status.REROUTED, Status.RETRY})
-#: Owned by a runner: the states the running guard counts.
-OWNED = frozenset({Status.PENDING, Status.RUNNING})
+#: Owned by a runner: the states the running guard counts. A paused run is still its runner's, and holds its key.
+OWNED = frozenset({Status.PENDING, Status.RUNNING, Status.PAUSED})
 #: Nothing will change these any more.
 FINAL = frozenset({Status.SUCCESS, Status.FAILED, Status.CONCURRENCY_CONTROLLED_FINAL, Status.CANCELLED})
 
@@ -79,6 +82,15 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
             Status.RETRY,
             Status.REGISTERED,  # recovered from a runner that died while running it
             Status.CANCELLED,  # cancelled while it ran, and it stopped (or its runner died)
+            Status.PAUSED,  # it waits for another invocation to end
+        }
+    ),
+    Status.PAUSED: frozenset(
+        {
+            Status.RUNNING,  # what it waited for is final (or the wait timed out, or was refused): it goes on
+            Status.REGISTERED,  # recovered from a runner that died while it was paused
+            Status.FAILED,  # recovered, and a waiting duplicate runs instead
+            Status.CANCELLED,  # recovered after its cancel was requested: not run again
         }
     ),
     Status.RETRY: frozenset({Status.REGISTERED, Status.FAILED, Status.CANCELLED}),
@@ -109,6 +121,9 @@ STAMPS: dict[Status, str] = {
 ONE_MORE_ATTEMPT = F("attempts") + 1
 NOW = Now()
 
+#: Where a run is taken up again: entering RUNNING from here goes on with the same run, not a new attempt.
+RESUMABLE = frozenset({Status.PAUSED})
+
 #: The history's notes for the two ways a freed key's next invocation goes on.
 WOKEN = "its key freed: its turn"
 HANDED = "handed over by the invocation that freed its key"
@@ -131,6 +146,8 @@ class Change:
     note: str = ""
     #: The kind of the history rows (``Event.Kind``).
     kind: str = field(default="TRANSITION")
+    #: A paused run taken up again: legal only from a status of ``RESUMABLE``.
+    resumed: bool = False
 
     @property
     def to(self) -> Status:
@@ -157,6 +174,8 @@ class Change:
         for here, there in pairwise([status, *self.path]):
             if not is_legal(here, there):
                 return here, there
+        if self.resumed and status not in RESUMABLE:
+            return status, self.to
         return None
 
 
@@ -171,11 +190,14 @@ def change(
     runner_id: int | None = None,
     note: str = "",
     keep_place: bool = False,
+    resumed: bool = False,
 ) -> Change:
     """Return the change to status ``to`` (through ``via``): the one definition of what entering a status writes.
 
     - each status entered stamps its field of ``STAMPS`` with the database's clock;
     - entering RUNNING counts an attempt: every start is one, a retry's and a recovered run's too;
+    - except ``resumed``, a run taken up again where it paused (from ``RESUMABLE``): the same attempt goes
+      on, so neither the attempts nor ``started_at`` change;
     - a claim or a hand-off (``slot`` given) records the owner, its thread and the slot of the key it holds;
     - with ``keep_place``, entering REGISTERED leaves ``registered_at`` as it was: a woken invocation
       takes its original place in the queue, not the back (``admission.Policy.round_robin`` says which).
@@ -184,13 +206,16 @@ def change(
     (default the owner) and ``thread`` are recorded on the history rows.
     """
     path = (*via, to)
+    if resumed and path != (Status.RUNNING,):
+        raise ValueError("only RUNNING is resumed, straight from where it paused")
     written: dict[str, Any] = {"status": to}
     if slot is not None:
         written.update(runner_id=owner_id, runner_thread=thread, slot=slot)
-    if Status.RUNNING in path:
+    if Status.RUNNING in path and not resumed:
         written["attempts"] = ONE_MORE_ATTEMPT
     for entered in path:
-        if entered in STAMPS and not (keep_place and entered is Status.REGISTERED):
+        if entered in STAMPS and not (keep_place and entered is Status.REGISTERED) and not (
+                resumed and entered is Status.RUNNING):
             written[STAMPS[entered]] = NOW
     written.update(values or {})
-    return Change(path, written, runner_id if runner_id is not None else owner_id, thread, note)
+    return Change(path, written, runner_id if runner_id is not None else owner_id, thread, note, resumed=resumed)

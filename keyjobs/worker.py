@@ -16,7 +16,7 @@ from types import FrameType
 from django.db import DatabaseError, close_old_connections, connections
 from django.db.models.functions import Now
 
-from . import faults, registry
+from . import faults, registry, waits
 from .claim import Claimer, claim, releases
 from .conf import conf
 from .duties import Duties
@@ -110,6 +110,12 @@ class Worker:
         self._renewed = time.monotonic()
         #: What each runner thread is running now, by thread number.
         self.running: dict[int, Run] = {}
+        #: The runner threads alive, by number: ``threads`` of them, plus one lent for each paused run.
+        self._pool: dict[int, threading.Thread] = {}
+        #: Runs paused in a wait (``keyjobs.waits``), each lending its thread's slot.
+        self._paused = 0
+        #: What each runner thread claimed and has not started yet (its current batch's rest).
+        self._claimed: dict[int, list[Invocation]] = {}
 
     # -- life cycle -------------------------------------------------------
 
@@ -126,18 +132,19 @@ class Worker:
                     ", ".join(self.queues) or "every queue")
         # The main thread only waits from here on: it holds no connection meanwhile.
         connections[self.using].close()
-        pool = [
-            threading.Thread(target=self._thread_main, args=(number,), name=f"keyjobs-runner-{number}", daemon=True)
-            for number in range(self.threads)
-        ]
         housekeeping = threading.Thread(target=self._run_duties, name="keyjobs-duties", daemon=True)
         listener = store(self.using).listen(self._on_wake, self._stopped)
-        for thread in [*pool, housekeeping]:
-            thread.start()
+        with self._work:
+            for number in range(self.threads):
+                self._start_thread(number)
+        housekeeping.start()
         try:
-            for thread in pool:
-                while thread.is_alive():
-                    thread.join(0.2)
+            while True:
+                with self._work:
+                    pool = list(self._pool.values())
+                if not pool:
+                    break
+                pool[0].join(0.2)
         finally:
             self._stopped.set()
             while housekeeping.is_alive():  # it may sleep on this process's deferrals: wake it until it sees the stop
@@ -189,7 +196,45 @@ class Worker:
 
     # -- threads ----------------------------------------------------------
 
+    def _start_thread(self, number: int) -> None:
+        # Called with self._work held.
+        thread = threading.Thread(target=self._thread_main, args=(number,), name=f"keyjobs-runner-{number}",
+                                  daemon=True)
+        self._pool[number] = thread
+        thread.start()
+
+    def _claiming(self) -> bool:
+        # A stopping runner still runs what its paused runs wait for, or they could never end.
+        return not self.stopping.is_set() or self._paused > 0
+
+    def lend(self, thread: int | None) -> None:
+        """The run on ``thread`` pauses: start a thread in its place, and give back what it claimed and not started."""
+        with self._work:
+            self._paused += 1
+            if len(self._pool) - self._paused < self.threads:
+                self._start_thread(min(set(range(len(self._pool) + 1)) - set(self._pool)))
+        claimed = self._claimed.get(thread) if thread is not None else None
+        if claimed and self.runner is not None:
+            give_back(list(claimed), self.runner, using=self.using)
+            claimed.clear()
+
+    def take_back(self, thread: int | None) -> None:
+        """The run on ``thread`` goes on: the thread lent in its place retires once its run ends."""
+        with self._work:
+            self._paused -= 1
+            self._work.notify_all()
+
+    def _retires(self, number: int) -> bool:
+        """Return True, and leave the pool, if this thread is one more than the runner's size needs."""
+        with self._work:
+            if len(self._pool) - self._paused <= self.threads:
+                return False
+            self._pool.pop(number, None)
+            return True
+
     def _on_wake(self, queue: str) -> None:
+        if waits.woke(queue):
+            return
         if not self.queues or queue in self.queues:
             with self._work:
                 self._wakes += 1
@@ -216,7 +261,7 @@ class Worker:
         #: Unexpected errors of this thread's own loop in a row, and the pause after the last.
         failures, backoff = 0, 0.1
         try:
-            while not self.stopping.is_set():
+            while self._claiming() and not self._retires(number):
                 try:
                     if not self._holds_lease():
                         # Cut off for longer than the lease: others may be recovering our work. Claim nothing.
@@ -280,11 +325,14 @@ class Worker:
                     backoff = min(backoff * 2, 5.0)
         finally:
             connections.close_all()
+            with self._work:
+                if self._pool.get(number) is threading.current_thread():
+                    del self._pool[number]
 
     def _run_batch(self, batch: list[Invocation], number: int) -> None:
         """Run claimed invocations in order, and what each hands over when it frees its key."""
         assert self.runner is not None
-        queue = list(batch)
+        queue = self._claimed[number] = list(batch)
         while queue:
             invocation = queue.pop(0)
             if self.stopping.is_set() and invocation.status == Status.PENDING:
@@ -298,7 +346,7 @@ class Worker:
             try:
                 self.running[number] = Run(invocation, time.monotonic(), _timeout_of(invocation))
                 execute(invocation, self.runner, using=self.using, thread=number,
-                        keep_trying=lambda: not self.lost, claimer=claimer, handed=handed)
+                        keep_trying=lambda: not self.lost, claimer=claimer, handed=handed, lender=self)
             except Exception:
                 # The thread's loop logs it; what was claimed and not started must not stay owned meanwhile.
                 if any(claimed.status == Status.PENDING for claimed in queue):
@@ -338,7 +386,7 @@ class Worker:
         holds no connection per thread.
         """
         with self._work:
-            if self.stopping.is_set():  # stop() may have notified before this thread began to wait
+            if not self._claiming():  # stop() may have notified before this thread began to wait
                 return True
             if self._wakes != wakes:
                 return False  # woken while claiming: the work may have come after the look

@@ -299,3 +299,49 @@ def hard_limited(account_id: str, seconds: float, marker: str) -> str:
     open(marker + ".started", "w").close()
     time.sleep(seconds)
     return account_id
+
+
+@task
+def fan_out(levels: int, width: int = 4) -> int:
+    """Delay ``width`` children one level down and wait for each: return how many runs the tree made."""
+    if levels == 0:
+        return 1
+    children = [fan_out.delay(levels - 1, width) for _ in range(width)]
+    return 1 + sum(child.result for child in children)
+
+
+@task
+def wait_for_child(seconds: float, marker: str, timeout: float | None = None) -> str:
+    """Delay sleep_then_return(seconds, marker) and return its result, waiting at most ``timeout`` seconds."""
+    return str(sleep_then_return.delay(seconds, marker).get_result(timeout=timeout))
+
+
+@task
+def wait_on_itself() -> None:
+    from keyjobs.models import Invocation
+
+    Invocation.objects.get(task_name=wait_on_itself.name, status="RUNNING").wait()
+
+
+@task
+def wait_cycle_parent() -> None:
+    """Delay wait_cycle_child, which waits on this invocation while this one waits on it."""
+    wait_cycle_child.delay().wait()
+    raise AssertionError("a wait cycle ended")
+
+
+@task
+def wait_cycle_child() -> None:
+    from keyjobs.models import Invocation
+
+    me = Invocation.objects.get(task_name=wait_cycle_child.name, status="RUNNING")
+    assert me.parent is not None
+    me.parent.wait()
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
+def wait_on_own_key(account_id: str, nested: bool = False) -> str:
+    """Wait on an invocation of its own key: it could only start once this one, holding the key, ended."""
+    if nested:
+        return "nested"
+    return str(wait_on_own_key.delay(account_id, nested=True).result)

@@ -22,9 +22,9 @@ from django.utils import timezone
 from keyjobs.claim import Claimer, claim, record_and_claim, wake_next
 from keyjobs.models import Event, Invocation, RateToken
 from keyjobs.spec import Options
-from keyjobs.status import TRANSITIONS, Status
+from keyjobs.status import OWNED, RESUMABLE, TRANSITIONS, Status, change
 from keyjobs.store import store
-from keyjobs.transitions import move
+from keyjobs.transitions import apply
 from tests import jobs
 from tests.factories import InvocationFactory, RunnerFactory
 
@@ -80,7 +80,7 @@ def record_file():
 
 def a_row(status: Status, owner: Any) -> Invocation:
     past = timezone.now() - timedelta(minutes=5)
-    owned = status in (Status.PENDING, Status.RUNNING)
+    owned = status in OWNED
     return InvocationFactory(
         status=status, runner=owner if owned else None, runner_thread=2 if owned else None, slot=0, attempts=1,
         registered_at=past, started_at=past if status != Status.REGISTERED else None,
@@ -100,8 +100,11 @@ def test_every_legal_change_writes_the_same_on_every_database(here: str, there: 
     invocation = a_row(Status(here), owner)
     before = Invocation.objects.get(pk=invocation.pk)
     # only_from makes the move one statement where the store has it; without it, the general path.
-    move([invocation.pk], Status(there), using="default", only_from=None if general else {here},
-         runner=owner, runner_thread=5, note="parity", values={"error": "x"} if there == Status.FAILED else None)
+    # Back to RUNNING from where a run paused is that run going on, as keyjobs.waits writes it.
+    made = change(Status(there), runner_id=owner.pk, thread=5, note="parity",
+                  values={"error": "x"} if there == Status.FAILED else None,
+                  resumed=here in RESUMABLE and there == Status.RUNNING)
+    apply([invocation.pk], made, using="default", only_from=None if general else {here})
     check(f"{here}->{there}", snapshot(invocation, before, {owner.pk: "owner"}))
 
 
