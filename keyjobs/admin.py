@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Prefetch, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import URLPattern, path, reverse
@@ -60,6 +60,8 @@ else:
 RECENT_NAMES = 1000
 #: How many runners the runner filter offers, newest first.
 RECENT_RUNNERS = 20
+#: How many of an invocation's children (or of those waiting for it) its page links to.
+CHILDREN_SHOWN = 20
 
 
 def pretty_json(value: Any) -> SafeString:
@@ -174,6 +176,7 @@ class InvocationAdmin(InvocationModelAdmin):
         ("Outcome", {"fields": ("result_display", "error_display", "traceback_display")}),
         ("Keys", {"fields": ("running_key", "registration_key", "slot"), "classes": ("collapse",)}),
         ("Cause", {"fields": ("cause_display", "triggered_display")}),
+        ("Waits", {"fields": ("parent_link", "waiting_on_link", "children_links", "waited_on_by_links")}),
     )
 
     class Media:
@@ -192,7 +195,7 @@ class InvocationAdmin(InvocationModelAdmin):
         return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Invocation]:
-        return super().get_queryset(request).select_related("runner", "cause_schedule")
+        return super().get_queryset(request).select_related("runner", "cause_schedule", "parent", "waiting_on")
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Invocation], search_term: str
@@ -228,8 +231,50 @@ class InvocationAdmin(InvocationModelAdmin):
         if obj.started_at is None:
             return "–"
         if obj.finished_at is None:
-            return f"{format_duration(timezone.now() - obj.started_at)} so far" if obj.status == Status.RUNNING else "–"
+            running = obj.status in (Status.RUNNING, Status.PAUSED)
+            return f"{format_duration(timezone.now() - obj.started_at)} so far" if running else "–"
         return format_duration(obj.finished_at - obj.started_at)
+
+    def _link(self, invocation: Invocation) -> SafeString:
+        url = reverse(f"{self.admin_site.name}:keyjobs_invocation_change", args=[invocation.pk])
+        return format_html('<a href="{}">#{} {}</a> {}', url, invocation.pk, short_task(invocation.task_name),
+                           status_badge(invocation.status))
+
+    def _links(self, invocations: list[Invocation]) -> SafeString | str:
+        if not invocations:
+            return "–"
+        links = format_html_join(mark_safe("<br>"), "{}", ((self._link(one),) for one in invocations[:CHILDREN_SHOWN]))
+        if len(invocations) > CHILDREN_SHOWN:
+            return format_html("{}<br>(the first {})", links, CHILDREN_SHOWN)
+        return links
+
+    @staticmethod
+    def _related(obj: Invocation) -> list[Invocation]:
+        """Return the invocations ``obj``'s run delayed and those waiting for it, in one query, once a page."""
+        related: list[Invocation] | None = getattr(obj, "_kj_related", None)
+        if related is None:
+            related = list(
+                Invocation.objects.using(obj._state.db).filter(Q(parent=obj) | Q(waiting_on=obj))
+                .only("pk", "task_name", "status", "parent_id", "waiting_on_id").order_by("pk")[:2 * CHILDREN_SHOWN + 2]
+            )
+            obj._kj_related = related  # type: ignore[attr-defined]
+        return related
+
+    @admin.display(description="delayed by")
+    def parent_link(self, obj: Invocation) -> SafeString | str:
+        return self._link(obj.parent) if obj.parent is not None else "–"
+
+    @admin.display(description="paused, waiting for")
+    def waiting_on_link(self, obj: Invocation) -> SafeString | str:
+        return self._link(obj.waiting_on) if obj.waiting_on is not None else "–"
+
+    @admin.display(description="delayed by its run")
+    def children_links(self, obj: Invocation) -> SafeString | str:
+        return self._links([one for one in self._related(obj) if one.parent_id == obj.pk])
+
+    @admin.display(description="waited for by")
+    def waited_on_by_links(self, obj: Invocation) -> SafeString | str:
+        return self._links([one for one in self._related(obj) if one.waiting_on_id == obj.pk])
 
     @admin.display(description="args")
     def args_display(self, obj: Invocation) -> SafeString:

@@ -257,8 +257,8 @@ def test_the_detail_page_takes_the_same_queries_however_long_the_history(viewer:
         EventFactory(invocation=invocation, from_status=Status.RETRY, to_status=Status.REGISTERED, runner=runner)
         invocation.status = Status.REGISTERED
     # Session, user, its permissions and its groups'; the invocation with its runner; its history with runners;
-    # what it triggered.
-    with django_assert_num_queries(7):
+    # what it triggered; what its run delayed and who waits for it.
+    with django_assert_num_queries(8):
         assert viewer.get(change_url(invocation)).status_code == 200
 
 
@@ -502,3 +502,16 @@ def test_runners_cannot_be_added_changed_or_deleted(django_user_model: type) -> 
     assert client.get(reverse("admin:keyjobs_runner_add")).status_code == 403
     assert client.post(reverse("admin:keyjobs_runner_change", args=[runner.pk]), {"pid": 1}).status_code == 403
     assert client.post(reverse("admin:keyjobs_runner_delete", args=[runner.pk])).status_code == 403
+
+
+def test_the_detail_page_links_parent_and_child_both_ways(viewer: Client) -> None:
+    parent = InvocationFactory(status=Status.PAUSED)
+    child = InvocationFactory(parent=parent)
+    Invocation.objects.filter(pk=parent.pk).update(waiting_on=child)
+
+    parent_page = viewer.get(change_url(parent)).content.decode()
+    child_page = viewer.get(change_url(child)).content.decode()
+
+    # The parent names the child it delayed and waits for; the child names its parent and who waits for it.
+    assert parent_page.count(f'href="{change_url(child)}"') == 2
+    assert child_page.count(f'href="{change_url(parent)}"') == 2

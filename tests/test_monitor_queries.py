@@ -476,3 +476,45 @@ def test_the_dashboard_lists_a_supervisors_worker_processes_right_after_it() -> 
     runners = dashboard(now=timezone.now()).runners
     assert [runner.pk for runner in runners] == [lone.pk, supervisor.pk, child.pk, other.pk]
     assert runners[1].is_supervisor and runners[2].supervisor == supervisor.pk
+
+
+def test_a_paused_stretch_stays_on_its_runs_bar_and_the_run_names_its_parent() -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    start, end = now - timedelta(seconds=30), now - timedelta(seconds=20)
+    paused, resumed = now - timedelta(seconds=28), now - timedelta(seconds=24)
+    parent = InvocationFactory()
+    invocation = give_run(InvocationFactory(parent=parent), runner=runner, thread=0, start=start)
+    EventFactory(invocation=invocation, from_status=Status.RUNNING, to_status=Status.PAUSED, at=paused, runner=runner)
+    EventFactory(invocation=invocation, from_status=Status.PAUSED, to_status=Status.RUNNING, at=resumed, runner=runner)
+    EventFactory(invocation=invocation, from_status=Status.RUNNING, to_status=Status.SUCCESS, at=end, runner=runner)
+
+    [run] = timeline(window(now=now), now=now)["runs"]
+
+    assert (run["start"], run["end"], run["status"]) == (ms(start), ms(end), "SUCCESS")
+    assert run["pauses"] == [[ms(paused), ms(resumed)]]
+    assert run["parent"] == parent.pk
+
+
+def test_a_run_paused_now_is_still_going_with_an_open_pause() -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    start, paused = now - timedelta(seconds=30), now - timedelta(seconds=28)
+    invocation = give_run(InvocationFactory(), runner=runner, thread=0, start=start)
+    EventFactory(invocation=invocation, from_status=Status.RUNNING, to_status=Status.PAUSED, at=paused, runner=runner)
+    Invocation.objects.filter(pk=invocation.pk).update(status=Status.PAUSED)
+
+    data = timeline(window(now=now), now=now)
+
+    [run] = data["runs"]
+    assert (run["start"], run["end"], run["pauses"]) == (ms(start), None, [[ms(paused), None]])
+    assert data["active"]
+
+
+def test_a_run_paused_since_before_the_window_is_shown_paused_from_its_start() -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    invocation = give_run(InvocationFactory(), runner=runner, thread=0, start=now - timedelta(hours=1))
+    Invocation.objects.filter(pk=invocation.pk).update(status=Status.PAUSED)
+
+    data = timeline(window(now=now), now=now)
+
+    [run] = data["runs"]
+    assert run["end"] is None and run["pauses"] == [[data["start"], None]]

@@ -24,6 +24,7 @@ STATUS_COLOURS: dict[str, str] = {
     Status.REROUTED: "#d39e00",
     Status.PENDING: "#5bc0de",
     Status.RUNNING: "#1f6feb",
+    Status.PAUSED: "#9ec5fe",
     Status.SUCCESS: "#2e8540",
     Status.FAILED: "#c9302c",
     Status.RETRY: "#e8710a",

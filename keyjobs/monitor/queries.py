@@ -108,6 +108,10 @@ class Run(TypedDict):
     status: str
     thread_lane: int
     key_lane: int
+    #: The stretches the run was PAUSED, waiting on another invocation: [start, end or None while paused].
+    pauses: list[list[int | None]]
+    #: The invocation whose run delayed this one, if any.
+    parent: int | None
 
 
 class Marker(TypedDict):
@@ -160,7 +164,7 @@ def timeline_events(window: Window, *, task: str = "", key: str = "", using: str
         Q(kind=Event.Kind.TRANSITION)
         & (
             Q(to_status=Status.RUNNING)
-            | Q(from_status=Status.RUNNING)
+            | Q(from_status__in=[Status.RUNNING, Status.PAUSED])
             | Q(to_status__in=[Status.REROUTED, Status.CONCURRENCY_CONTROLLED_FINAL, Status.CANCELLED])
         )
         | Q(kind__in=[Event.Kind.REUSED, Event.Kind.DEBOUNCED])
@@ -172,7 +176,7 @@ def timeline_events(window: Window, *, task: str = "", key: str = "", using: str
     # Newest first, so that a cut keeps the end of the window, where the eye is.
     return events.order_by("-at").values_list(
         "id", "invocation_id", "kind", "from_status", "to_status", "at", "runner_id", "runner_thread",
-        "invocation__task_name", "invocation__running_key", "invocation__registration_key",
+        "invocation__task_name", "invocation__running_key", "invocation__registration_key", "invocation__parent_id",
     )
 
 
@@ -189,7 +193,8 @@ def timeline(
 
     A run is a RUNNING event paired with the next status change of its
     invocation, whose ``to_status`` colours the bar; a run with no end yet is
-    running. Markers are the parked (REROUTED), dropped
+    running. A run's PAUSED stretches (RUNNING to PAUSED and back) stay on
+    its bar, as ``pauses``. Markers are the parked (REROUTED), dropped
     (CONCURRENCY_CONTROLLED_FINAL), deduplicated (REUSED), debounced
     (DEBOUNCED) and cancelled-before-running (CANCELLED) moments, and the
     schedules' ticks. Runs
@@ -225,11 +230,11 @@ def timeline(
     def thread_lane(runner_id: int | None, thread: int | None) -> int:
         return thread_index.setdefault((runner_id, thread), len(thread_index))
 
-    running, rerouted, cancelled = Status.RUNNING, Status.REROUTED, Status.CANCELLED
+    running, rerouted, cancelled, paused = Status.RUNNING, Status.REROUTED, Status.CANCELLED, Status.PAUSED
     merges = {Event.Kind.REUSED: "reused", Event.Kind.DEBOUNCED: "debounced"}
     database_zone = connections[using].timezone
     for (_, pk, kind, from_status, to_status, at, runner_id, thread,
-         task_name, running_key, registration_key) in rows:
+         task_name, running_key, registration_key, parent) in rows:
         if at.tzinfo is None:
             # What Django's converter would do: the database stores its own time zone's wall clock.
             at = at.replace(tzinfo=database_zone)
@@ -238,23 +243,35 @@ def timeline(
         lane = key_index.get(lane_key)
         if lane is None:
             lane = key_lane(task_name, lane_key[1], moment)
-        if kind in merges or (to_status != running and from_status != running):
+        if kind in merges or (to_status != running and from_status not in (running, paused)):
             markers.append({
                 "id": pk, "at": moment, "key_lane": lane,
                 "kind": merges.get(kind) or ("rerouted" if to_status == rerouted else
                                              "cancelled" if to_status == cancelled else "dropped"),
             })
             continue
-        if to_status == running:
+        if to_status == running and from_status != paused:
             open_runs[pk] = {"id": pk, "start": moment, "end": None, "status": running,
-                             "thread_lane": thread_lane(runner_id, thread), "key_lane": lane}
+                             "thread_lane": thread_lane(runner_id, thread), "key_lane": lane, "pauses": [],
+                             "parent": parent}
             continue
-        run = open_runs.pop(pk, None)
+        run = open_runs.get(pk)
         if run is None:
             # Started before the window: its start is read below.
-            run = {"id": pk, "start": None, "end": moment, "status": to_status,
-                   "thread_lane": thread_lane(runner_id, thread), "key_lane": lane}
+            run = open_runs[pk] = {"id": pk, "start": None, "end": None, "status": running,
+                                   "thread_lane": thread_lane(runner_id, thread), "key_lane": lane, "pauses": [],
+                                   "parent": parent}
             clipped.append(run)
+        if from_status == paused:
+            if not run["pauses"]:
+                run["pauses"].append([None, None])  # paused before the window
+            run["pauses"][-1][1] = moment
+        if to_status == paused:
+            run["pauses"].append([moment, None])
+            continue
+        if to_status == running:
+            continue  # back from a pause: the same run goes on
+        del open_runs[pk]
         run["end"], run["status"] = moment, to_status
         runs.append(run)
 
@@ -270,13 +287,17 @@ def timeline(
         started = dict(invocations.filter(pk__in=[run["id"] for run in clipped]).values_list("pk", "started_at"))
         for run in clipped:
             began = epoch_ms(started.get(run["id"]))
-            run["start"] = began if began is not None and run["end"] is not None and began <= run["end"] else None
+            ends = run["end"] if run["end"] is not None else epoch_ms(now)
+            run["start"] = began if began is not None and ends is not None and began <= ends else None
+            if run["pauses"] and run["pauses"][0][0] is None:
+                run["pauses"][0][0] = run["start"] if run["start"] is not None else epoch_ms(window.start)
     if open_runs and not window.follows_now:
         # Runs that started in a past window and ended after it.
         for pk, at, to_status in (
             Event.objects.using(using)
-            .filter(invocation_id__in=list(open_runs), kind=Event.Kind.TRANSITION, from_status=Status.RUNNING,
-                    at__gt=window.end)
+            .filter(invocation_id__in=list(open_runs), kind=Event.Kind.TRANSITION,
+                    from_status__in=[Status.RUNNING, Status.PAUSED], at__gt=window.end)
+            .exclude(to_status__in=[Status.RUNNING, Status.PAUSED])
             .order_by("at")
             .values_list("invocation_id", "at", "to_status")
         ):
@@ -288,16 +309,19 @@ def timeline(
     if window.end >= now - timedelta(seconds=1):
         # Runs still going that began before the window: no event of theirs falls in it.
         seen = {run["id"] for run in runs}
-        for pk, task_name, running_key, registration_key, started_at, runner_id, thread in (
-            invocations.filter(status=Status.RUNNING, started_at__lt=window.start)
+        for pk, task_name, running_key, registration_key, started_at, runner_id, thread, parent, status in (
+            invocations.filter(status__in=[Status.RUNNING, Status.PAUSED], started_at__lt=window.start)
             .values_list("pk", "task_name", "running_key", "registration_key", "started_at", "runner_id",
-                         "runner_thread")
+                         "runner_thread", "parent_id", "status")
         ):
             if pk not in seen:
                 runs.append({
                     "id": pk, "start": epoch_ms(started_at), "end": None, "status": Status.RUNNING.value,
                     "thread_lane": thread_lane(runner_id, thread),
                     "key_lane": key_lane(task_name, running_key or registration_key, epoch_ms(started_at) or 0),
+                    # Paused since before the window: shown paused from the window's start.
+                    "pauses": [[epoch_ms(window.start), None]] if status == Status.PAUSED else [],
+                    "parent": parent,
                 })
 
     runner_ids = {runner_id for runner_id, _ in thread_index if runner_id is not None}

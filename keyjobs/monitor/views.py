@@ -116,7 +116,7 @@ class MonitorViews:
             to_value=("" if window.follows_now else timezone.localtime(window.end).strftime("%Y-%m-%dT%H:%M")),
             status_legend=[(label, STATUS_COLOURS[status]) for status, label in Status.choices
                            if status in (Status.SUCCESS, Status.FAILED, Status.RETRY, Status.RUNNING,
-                                         Status.REGISTERED, Status.CANCELLED)],
+                                         Status.PAUSED, Status.REGISTERED, Status.CANCELLED)],
             marker_legend=[("parked (rerouted)", MARKER_COLOURS["rerouted"], "▼"),
                            ("dropped", MARKER_COLOURS["dropped"], "✕"),
                            ("deduplicated (reused)", MARKER_COLOURS["reused"], "◆"),

@@ -273,6 +273,18 @@
         });
         items.push({ type: "run", value: run });
         link.appendChild(bar);
+        // Its paused stretches, on the bar itself: the run waited there on another invocation.
+        (run.pauses || []).forEach(function (pause) {
+          var p0 = Math.max(x(pause[0] === null ? began : pause[0]), x0);
+          var p1 = Math.min(x(pause[1] === null ? stop : pause[1]), x1);
+          if (p1 <= p0) {
+            return;
+          }
+          link.appendChild(el("rect", {
+            "class": "kj-paused", x: p0.toFixed(1), y: bar.getAttribute("y"), width: (p1 - p0).toFixed(1),
+            height: ROW_HEIGHT, fill: config.statusColours.PAUSED || "#ccc", "data-id": run.id
+          }));
+        });
         bars.appendChild(link);
       });
     });
@@ -435,6 +447,15 @@
         (run.end === null ? ", still running" : ", ended " + clock(run.end)));
       if (run.start !== null) {
         lines.push((run.end === null ? "running for " : "took ") + duration(runEnd(run) - run.start));
+      }
+      if (run.pauses && run.pauses.length) {
+        var pausedFor = run.pauses.reduce(function (sum, pause) {
+          return sum + ((pause[1] === null ? runEnd(run) : pause[1]) - (pause[0] === null ? runStart(run) : pause[0]));
+        }, 0);
+        lines.push("paused " + run.pauses.length + " time(s), " + duration(pausedFor) + " in all, waiting on other work");
+      }
+      if (run.parent !== null && run.parent !== undefined) {
+        lines.push("delayed by #" + run.parent);
       }
       lines.push(data.lanes.thread[run.thread_lane].label);
       lines.push(keyLane.task);
