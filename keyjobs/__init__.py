@@ -16,6 +16,7 @@ from .exceptions import (
     TaskDeclarationError,
     TaskNotFound,
     TimeLimitExceeded,
+    WaitRefused,
 )
 from .status import Status
 from .triggers import emit, on_event, on_status
@@ -37,6 +38,7 @@ __all__ = [
     "TaskDeclarationError",
     "TaskNotFound",
     "TimeLimitExceeded",
+    "WaitRefused",
     "current",
     "emit",
     "on_event",

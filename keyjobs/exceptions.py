@@ -70,4 +70,4 @@ class Cancelled(KeyjobsError):
 
 
 class WaitRefused(KeyjobsError):
-    """A wait that could never end: on the invocation itself, in a cycle of waits, or inside a transaction."""
+    """A wait inside a task that could never end: on its own invocation, in a cycle of waits, or in a transaction."""

@@ -19,6 +19,7 @@ run would hold it open while paused. Outside a task (a shell, a test, a view)
 a wait just polls until the invocation is final or the timeout passes.
 """
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -29,13 +30,15 @@ from typing import Protocol
 
 from django.db import connections
 
-from . import admission
+from . import admission, faults
 from .conf import conf
 from .exceptions import NotOwner, WaitRefused
 from .models import Invocation, Runner
 from .status import OWNED, WAITING, Change, Status, change
 from .store import store
 from .transitions import apply
+
+logger = logging.getLogger("keyjobs.worker")
 
 #: How far a cycle is looked for along the chain of waits.
 _CHAIN_LIMIT = 1000
@@ -179,8 +182,24 @@ def wait(invocation: Invocation, timeout: float | None = None) -> str:
 
 
 def _move(run: Run, made: Change, expected: Status) -> None:
-    """Apply ``made`` to the run's invocation, which its runner must own in status ``expected``."""
-    moved = apply([run.invocation.pk], made, using=run.using, only_from={expected}, owner=run.runner)
+    """Apply ``made`` to the run's invocation, which its runner must own in status ``expected``.
+
+    Retried across what a retry can fix (``faults.is_transient``), as an
+    outcome is: a run left PAUSED by an outage would have its outcome refused.
+    """
+    pause = 0.1
+    while True:
+        try:
+            moved = apply([run.invocation.pk], made, using=run.using, only_from={expected}, owner=run.runner)
+            break
+        except Exception as exc:
+            if not faults.is_transient(exc):
+                raise
+            connections[run.using].close()
+            logger.warning("keyjobs: could not record that #%s goes %s (%s); retrying in %.1fs", run.invocation.pk,
+                           made.to, exc, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
     if not moved:
         raise NotOwner(f"invocation #{run.invocation.pk} was taken from {run.runner} while it ran")
     run.invocation.status = made.to
