@@ -279,8 +279,10 @@ class Worker:
                         wakes = self._wakes
                     try:
                         try:
+                            # Stopping (still claiming for paused runs): one at a time, started, never given back.
+                            prefetch = 1 if self.stopping.is_set() else self.prefetch
                             batch = claim(self.runner, using=self.using, queues=self.queues, thread=number,
-                                          limit=self.prefetch, start=self.prefetch == 1)
+                                          limit=prefetch, start=prefetch == 1)
                         except Exception as exc:
                             if not faults.is_transient(exc):
                                 raise

@@ -1,6 +1,7 @@
 """Waits on another invocation: the waiting run is PAUSED, lends its thread, and goes on; refused waits fail clearly."""
 
 import signal
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from keyjobs.models import Event, Invocation, Runner
 from keyjobs.recovery import recover_lost_runners
 from keyjobs.status import change
 from keyjobs.transitions import apply
+from keyjobs.worker import Worker
 from tests import jobs
 from tests.factories import InvocationFactory, RunnerFactory
 from tests.waiting import wait_for
@@ -168,3 +170,24 @@ def test_only_a_paused_run_is_resumed() -> None:
         apply([pending.pk], change(Status.RUNNING, resumed=True), using="default")
     with pytest.raises(ValueError, match="only RUNNING is resumed"):
         change(Status.SUCCESS, resumed=True)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("prefetch", [1, 4])
+def test_a_stopping_worker_runs_what_its_paused_run_waits_for_then_stops(tmp_path: Path, prefetch: int) -> None:
+    marker = str(tmp_path / "child")
+    parent = jobs.wait_for_child.delay(0.5, marker)
+    worker = Worker(threads=1, poll_interval=0.02, prefetch=prefetch)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(lambda: Invocation.objects.get(pk=parent.pk).status == Status.PAUSED, what="the parent to pause")
+        worker.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        worker.stop()
+        thread.join(30)
+    parent.refresh_from_db()
+    assert (parent.status, parent.return_value) == (Status.SUCCESS, marker)
+    assert Runner.objects.get(pk=worker.runner.pk).stopped_at is not None
