@@ -20,7 +20,7 @@ from pathlib import Path
 from .harness import ROOT, Result, postgres_reachable, run_children, say, table
 from .throughput import METRICS as COST_METRICS
 
-METRICS = ("keyed", "slots", "rates", *COST_METRICS, "connections", "schedules", "django")
+METRICS = ("keyed", "slots", "rates", *COST_METRICS, "connections", "schedules", "django", "recursive")
 PEER_METRICS = {"keyed", "drain", "latency", "enqueue"}
 PEERS = ("bench.peers.procrastinate_bench", "bench.peers.celery_bench")
 #: Where each run's results are kept, as JSON (ignored by git).
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         part("keyjobs: connections held", "bench.connections", ["postgres"], quick)
     if "schedules" in only:
         part("keyjobs: schedules (issue 14)", "bench.schedules", databases, quick)
+    if "recursive" in only:
+        part("keyjobs: a recursive task graph", "bench.recursive", databases, [*quick, "--no-pool"])
+        part("a plain thread pool: the same graph", "bench.recursive", [""], [*quick, "--pool-only"])
 
     peer_metrics = sorted(PEER_METRICS & only)
     python = None if args.no_peers or not peer_metrics else peers_python()

@@ -87,3 +87,11 @@ def hang(account_id: str, seconds: float) -> None:
     import time
 
     time.sleep(seconds)
+
+
+def fan_out(levels: int, width: int = 4) -> int:
+    """Delay ``width`` children one level down and wait for each (pausing meanwhile); return how many ran."""
+    if levels == 0:
+        return 1
+    children = fan_out.delay_many([((levels - 1, width), {})] * width)
+    return 1 + sum(child.result for child in children)
