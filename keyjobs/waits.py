@@ -114,7 +114,11 @@ def finished(invocation: Invocation, *, using: str) -> None:
     if invocation.parent_id is not None:
         db = store(using)
         if db.notifies:
-            db.notify(f"{FINAL_HINT}{invocation.pk}")
+            try:
+                db.notify(f"{FINAL_HINT}{invocation.pk}")
+            except Exception as exc:
+                # Only a hint, sent once the outcome is recorded: a waiter that misses it polls.
+                logger.warning("keyjobs: could not tell who waits on #%s that it is final (%s)", invocation.pk, exc)
 
 
 def woke(payload: str) -> bool:
