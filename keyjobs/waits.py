@@ -247,9 +247,11 @@ def _cycle(waiter: Invocation, waited: Invocation, *, using: str) -> str | None:
     links = [f"#{waiter.pk} waits for #{waited.pk}"]
     seen = {waiter.pk}
     invocations = Invocation.objects.using(using)
-    node: tuple[int, str, int | None, str, str | None] | None = (
-        waited.pk, waited.status, waited.waiting_on_id, waited.task_name, waited.running_key)
+    # Every link read now, never from what was loaded before the waiter's PAUSED was committed.
+    following = waited.pk
     for _ in range(_CHAIN_LIMIT):
+        node = (invocations.filter(pk=following)
+                .values_list("pk", "status", "waiting_on_id", "task_name", "running_key").first())
         if node is None:
             return None
         pk, status, waiting_on, task_name, running_key = node
@@ -269,6 +271,4 @@ def _cycle(waiter: Invocation, waited: Invocation, *, using: str) -> str | None:
         links.append(link)
         if following == waiter.pk:
             return ", ".join(links)
-        node = (invocations.filter(pk=following)
-                .values_list("pk", "status", "waiting_on_id", "task_name", "running_key").first())
     return None
