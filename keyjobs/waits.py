@@ -226,6 +226,8 @@ def _poll(invocation: Invocation, timeout: float | None) -> str:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"invocation #{invocation.pk} of {invocation.task_name} is still "
                                    f"{invocation.status} after {timeout:g}s")
+            # Between looks it holds no connection, where Django's pool takes it back (see Store.let_go).
+            store(using).let_go()
             hint.wait(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
             pause = min(pause * 1.5, _LONGEST_PAUSE)
     finally:
