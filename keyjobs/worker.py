@@ -215,8 +215,13 @@ class Worker:
                 self._start_thread(min(set(range(len(self._pool) + 1)) - set(self._pool)))
         claimed = self._claimed.get(thread) if thread is not None else None
         if claimed and self.runner is not None:
-            give_back(list(claimed), self.runner, using=self.using)
-            claimed.clear()
+            try:
+                give_back(list(claimed), self.runner, using=self.using)
+            except Exception:
+                # They stay this thread's, to run after the paused one: slower, never lost.
+                logger.exception("keyjobs: thread %s could not give back what it had claimed", thread)
+            else:
+                claimed.clear()
 
     def take_back(self, thread: int | None) -> None:
         """The run on ``thread`` goes on: the thread lent in its place retires once its run ends."""
