@@ -30,7 +30,7 @@ from typing import Protocol
 
 from django.db import connections
 
-from . import admission, faults
+from . import faults
 from .conf import conf
 from .exceptions import NotOwner, WaitRefused
 from .models import Invocation, Runner
@@ -242,7 +242,7 @@ def _cycle(waiter: Invocation, waited: Invocation, *, using: str) -> str | None:
     """Return the chain of waits from ``waited`` back to ``waiter`` as a person reads it, or None if there is none.
 
     A paused invocation waits for its ``waiting_on``; a waiting invocation of
-    a key with one slot waits for the key's owner. Read after the waiter's own
+    a key with one slot (the ``running_limit`` it stored) waits for the key's owner. Read after the waiter's own
     PAUSED is committed: of two runs closing a cycle at once, the later one
     sees the earlier's wait, so at least one of them finds the cycle.
     """
@@ -253,16 +253,16 @@ def _cycle(waiter: Invocation, waited: Invocation, *, using: str) -> str | None:
     following = waited.pk
     for _ in range(_CHAIN_LIMIT):
         node = (invocations.filter(pk=following)
-                .values_list("pk", "status", "waiting_on_id", "task_name", "running_key").first())
+                .values_list("pk", "status", "waiting_on_id", "task_name", "running_key", "running_limit").first())
         if node is None:
             return None
-        pk, status, waiting_on, task_name, running_key = node
+        pk, status, waiting_on, task_name, running_key, running_limit = node
         if pk in seen:
             return None  # a cycle that does not pass through the waiter: its own members find it
         seen.add(pk)
         if status == Status.PAUSED and waiting_on is not None:
             following, link = waiting_on, f"#{pk} waits for #{waiting_on}"
-        elif status in WAITING and running_key is not None and admission.policy_of(task_name).limit == 1:
+        elif status in WAITING and running_key is not None and running_limit == 1:
             owner = (invocations.filter(task_name=task_name, running_key=running_key, status__in=OWNED)
                      .values_list("pk", flat=True).first())
             if owner is None:
