@@ -151,6 +151,17 @@ def test_recovery_requeues_a_paused_invocation_and_forgets_what_it_waited_for() 
 
 
 @pytest.mark.django_db
+def test_recovery_cancels_a_paused_invocation_whose_cancel_was_requested() -> None:
+    lost = RunnerFactory(heartbeat_at=timezone.now() - timedelta(minutes=5))
+    child = InvocationFactory()
+    paused = InvocationFactory(status=Status.PAUSED, runner=lost, runner_thread=0, waiting_on=child,
+                               cancel_requested=True)
+    recover_lost_runners(using="default", lease=60)
+    paused.refresh_from_db()
+    assert (paused.status, paused.waiting_on_id) == (Status.CANCELLED, None)
+
+
+@pytest.mark.django_db
 def test_a_wait_outside_a_task_polls_until_its_timeout_without_pausing_anything() -> None:
     invocation = jobs.add.delay(1, 2)
     with pytest.raises(TimeoutError, match=f"invocation #{invocation.pk} of tests.jobs.add is still REGISTERED"):
