@@ -245,7 +245,7 @@ class PostgresStore(Store):
             steps = change.steps()
             if first_from is not None:
                 steps[0] = (first_from, steps[0][1])
-            came_from = "step.came_from" if first_from is not None else f"COALESCE(step.came_from, {source}.status)"
+            came_from = "step.came" if first_from is not None else f"COALESCE(step.came, {source}.status)"
             head = f"{name} AS (INSERT INTO {self.events} ({self.event_columns}) SELECT {source}.{self.quote('id')}, %s, "
             if len(steps) == 1 and not after:
                 came = literal(first_from) if first_from is not None else f"{source}.status"
@@ -253,8 +253,8 @@ class PostgresStore(Store):
             else:
                 values = ", ".join(f"({n}, {literal(here)}, {literal(there)})" for n, (here, there) in enumerate(steps))
                 sql = (
-                    f"{head}{came_from}, step.went_to, %s, %s, %s FROM {source} "
-                    f"CROSS JOIN (VALUES {values}) AS step(n, came_from, went_to) "
+                    f"{head}{came_from}, step.went, %s, %s, %s FROM {source} "
+                    f"CROSS JOIN (VALUES {values}) AS step(n, came, went) "
                     # Reading `after` makes PostgreSQL write it first: otherwise the order is its own choice.
                     + (f"CROSS JOIN (SELECT count(*) FROM {after}) AS before " if after else "")
                     + f"ORDER BY {order or source + '.' + self.quote('id')}, step.n"
