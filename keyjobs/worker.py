@@ -227,7 +227,7 @@ class Worker:
         """The run on ``thread`` goes on: the thread lent in its place retires once its run ends."""
         with self._work:
             self._paused -= 1
-            self._work.notify_all()
+            self._wake_all()  # a stopping runner's idle threads see whether they may end now
 
     def _retires(self, number: int) -> bool:
         """Return True, and leave the pool, if this thread is one more than the runner's size needs."""
