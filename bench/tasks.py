@@ -89,6 +89,7 @@ def hang(account_id: str, seconds: float) -> None:
     time.sleep(seconds)
 
 
+@task
 def fan_out(levels: int, width: int = 4) -> int:
     """Delay ``width`` children one level down and wait for each (pausing meanwhile); return how many ran."""
     if levels == 0:
