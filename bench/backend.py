@@ -11,13 +11,11 @@
   same workload enqueued with ``delay()`` one at a time is measured beside it.
 """
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
 
-from .harness import ProviderProcess, Recorder, Result, exit_on_sigterm, run_children, say, table
-from .keyed import _without
+from .harness import ProviderProcess, Recorder, Result, bench_main, say
 from .workloads import BLOCKED, WIDE, Workload
 
 #: The scratch database: not the shared benches' kj_bench, which others may be measuring on.
@@ -120,21 +118,9 @@ def run_database(db: str, quick: bool, results: Recorder) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.backend", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--quick", action="store_true", help="Fewer enqueue() calls.")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    results = Recorder(args.json)
-    if args.db == "both":
-        child_argv = _without(list(argv if argv is not None else sys.argv[1:]), "--db", "--json")
-        results.add(*run_children("bench.backend", ["sqlite", "postgres"], child_argv, timeout=1800))
-    else:
-        exit_on_sigterm()
-        run_database(args.db, args.quick, results)
-    if not args.json:
-        print(table(results, title="keyjobs through django.tasks: enqueue() beside delay(), keyed work over its limit"))
-    return 0
+    return bench_main(argv, module="bench.backend", doc=__doc__ or "", quick_help="Fewer enqueue() calls.",
+                      title="keyjobs through django.tasks: enqueue() beside delay(), keyed work over its limit",
+                      run=lambda args, results: run_database(args.db, args.quick, results))
 
 
 if __name__ == "__main__":

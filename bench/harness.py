@@ -4,6 +4,7 @@ Standard library only (plus psycopg to recreate a PostgreSQL database), so
 that both the project's venv and the peers' venv can import it.
 """
 
+import argparse
 import contextlib
 import json
 import os
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,6 +324,71 @@ def run_children(module: str, databases: Sequence[str], argv: Sequence[str], *, 
         results += read_results(out)
         out.unlink(missing_ok=True)
     return results
+
+
+def without(argv: Sequence[str], *options: str) -> list[str]:
+    """Return ``argv`` without ``options`` and their values (``--db x`` or ``--db=x``)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in options:
+            skip = True
+            continue
+        if any(arg.startswith(option + "=") for option in options):
+            continue
+        kept.append(arg)
+    return kept
+
+
+def run_rows(db: str, rows: Sequence[str], run: Callable[[str], Sequence[Result]], results: Recorder, *,
+             target: int, metric: str) -> None:
+    """Run each row with ``run(row)``; a row that times out or fails becomes a failed row, and the next runs."""
+    for row in rows:
+        try:
+            results.add(*run(row))
+        except (TimeoutError, RuntimeError) as exc:
+            say(f"  {db:8} {row}: {type(exc).__name__}: {exc}")
+            results.add(Result(target, metric, row, db, "keyjobs", None, "", ok=False,
+                               note=f"{type(exc).__name__}: {str(exc)[:80]}"))
+
+
+def bench_main(argv: list[str] | None, *, module: str, doc: str, title: str,
+               run: Callable[[argparse.Namespace, Recorder], None], rows: Sequence[str] = (),
+               quick_help: str = "Smaller counts.", timeout: float = 1800,
+               options: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """The command line every per-database bench shares: ``--db sqlite|postgres|both``, ``--quick``, ``--json``,
+    and ``--only`` when the bench has ``rows``.
+
+    ``--db both`` runs the bench once per database, each in a child process
+    given the same arguments; otherwise ``run(args, results)`` runs here.
+    Without ``--json`` the results are printed as a table under ``title``.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if rows:
+        parser.add_argument("--only", default=",".join(rows), help="Comma-separated, from: %(default)s.")
+    parser.add_argument("--json", default=None, help="Also write the results to this file.")
+    if options:
+        options(parser)
+    args = parser.parse_args(argv)
+    if rows:
+        unknown = set(args.only.split(",")) - set(rows)
+        if unknown:
+            parser.error(f"unknown --only {', '.join(sorted(unknown))}; choose from {', '.join(rows)}")
+    results = Recorder(args.json)
+    if args.db == "both":
+        child_argv = without(argv if argv is not None else sys.argv[1:], "--db", "--json")
+        results.add(*run_children(module, ["sqlite", "postgres"], child_argv, timeout=timeout))
+    else:
+        exit_on_sigterm()
+        run(args, results)
+    if not args.json:
+        print(table(results, title=title))
+    return 0
 
 
 def exit_on_sigterm() -> None:

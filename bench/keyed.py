@@ -20,7 +20,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .harness import ProviderProcess, Recorder, Result, exit_on_sigterm, run_children, say, table
+from .harness import ProviderProcess, Recorder, Result, exit_on_sigterm, run_children, say, table, without
 from .workloads import ORDERS, Workload, by_name
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     orders = tuple(args.orders.split(","))
     results = Recorder(args.json)
     if args.db == "both":
-        child_argv = _without(list(argv if argv is not None else sys.argv[1:]), "--db", "--json")
+        child_argv = without(list(argv if argv is not None else sys.argv[1:]), "--db", "--json")
         results.add(*run_children("bench.keyed", ["sqlite", "postgres"], child_argv, timeout=1800))
     else:
         exit_on_sigterm()
@@ -177,23 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(table(results, title="keyjobs, keyed workloads: measured time over the physical limit"))
     return 0
-
-
-def _without(argv: list[str], *options: str) -> list[str]:
-    """Return ``argv`` without ``options`` and their values (``--db x`` or ``--db=x``)."""
-    kept: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in options:
-            skip = True
-            continue
-        if any(arg.startswith(option + "=") for option in options):
-            continue
-        kept.append(arg)
-    return kept
 
 
 if __name__ == "__main__":

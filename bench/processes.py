@@ -12,14 +12,13 @@
   FAILED stamp), against the goal of 1 s plus the heartbeat interval.
 """
 
-import argparse
 import functools
 import os
 import sys
 import time
 from typing import Any
 
-from .harness import Recorder, Result, exit_on_sigterm, median, run_children, say, spawn, stop, table, wait_until
+from .harness import Recorder, Result, bench_main, median, say, spawn, stop, wait_until
 from .runs import setup
 
 #: Seconds one spin should take.
@@ -109,25 +108,16 @@ def _final(invocation: Any) -> bool:
 METRICS = {"cpu": cpu, "limit": limit}
 
 
+def run_database(db: str, only: list[str], quick: bool, results: Recorder) -> None:
+    setup(db, name="kj_bench_processes")
+    for metric in only:
+        results.add(*METRICS[metric](db, quick))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.processes", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--quick", action="store_true", help="Fewer tasks and rounds.")
-    parser.add_argument("--only", default=",".join(METRICS), help="Comma-separated: %(default)s.")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    results = Recorder(args.json)
-    if args.db == "both":
-        child_argv = [*(["--quick"] if args.quick else []), "--only", args.only]
-        results.add(*run_children("bench.processes", ["sqlite", "postgres"], child_argv, timeout=1800))
-    else:
-        exit_on_sigterm()
-        setup(args.db, name="kj_bench_processes")
-        for metric in args.only.split(","):
-            results.add(*METRICS[metric](args.db, args.quick))
-    if not args.json:
-        print(table(results, title="keyjobs: processes"))
-    return 0
+    return bench_main(argv, module="bench.processes", doc=__doc__ or "", rows=tuple(METRICS),
+                      quick_help="Fewer tasks and rounds.", title="keyjobs: processes",
+                      run=lambda args, results: run_database(args.db, args.only.split(","), args.quick, results))
 
 
 if __name__ == "__main__":

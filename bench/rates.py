@@ -15,14 +15,13 @@ task, with no key, and it has no debounce. The table says so on their rows
 instead of leaving them empty.
 """
 
-import argparse
 import itertools
 import sys
 import threading
 import time
 from datetime import datetime, timedelta
 
-from .harness import Recorder, Result, exit_on_sigterm, run_children, say, table, wait_until
+from .harness import Recorder, Result, bench_main, run_rows, say, wait_until
 
 ROWS = ("rate", "debounce")
 PEERS_CANNOT = ("Procrastinate and Celery cannot express it (no per-key rate limit: Celery's rate_limit is per "
@@ -152,35 +151,14 @@ def run_database(db: str, rows: list[str], results: Recorder) -> None:
 
     runs.setup(db, name="kj_bench_rates")  # its own scratch database: other benches may run meanwhile
     benches = {"rate": rate, "debounce": debounce}
-    for row in rows:
-        try:
-            results.add(*benches[row](db))
-        except (TimeoutError, RuntimeError) as exc:
-            say(f"  {db:8} {row}: {type(exc).__name__}: {exc}")
-            results.add(Result(12, "rates", row, db, "keyjobs", None, "", ok=False,
-                               note=f"{type(exc).__name__}: {str(exc)[:80]}"))
+    run_rows(db, rows, lambda row: benches[row](db), results, target=12, metric="rates")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.rates", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--quick", action="store_true", help="Accepted for bench's sake: the rows are short anyway.")
-    parser.add_argument("--only", default=",".join(ROWS), help="Comma-separated, from: %(default)s.")
-    parser.add_argument("--json", default=None, help="Also write the results to this file.")
-    args = parser.parse_args(argv)
-    rows = args.only.split(",")
-    unknown = set(rows) - set(ROWS)
-    if unknown:
-        parser.error(f"unknown --only {', '.join(sorted(unknown))}; choose from {', '.join(ROWS)}")
-    results = Recorder(args.json)
-    if args.db == "both":
-        results.add(*run_children("bench.rates", ["sqlite", "postgres"], ["--only", args.only], timeout=900))
-    else:
-        exit_on_sigterm()
-        run_database(args.db, rows, results)
-    if not args.json:
-        print(table(results, title="keyjobs, rate windows and debounce (issue 12)"))
-    return 0
+    return bench_main(argv, module="bench.rates", doc=__doc__ or "", rows=ROWS, timeout=900,
+                      quick_help="Accepted for bench's sake: the rows are short anyway.",
+                      title="keyjobs, rate windows and debounce (issue 12)",
+                      run=lambda args, results: run_database(args.db, args.only.split(","), results))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ import threading
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from .harness import Recorder, Result, exit_on_sigterm, run_children, say, table
-from .keyed import _without
+from .harness import Recorder, Result, exit_on_sigterm, run_children, say, table, without
 
 WIDTH, LEVELS, THREADS = 4, 3, 2
 #: How long the thread pool is given before it is called deadlocked.
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pool_only:
         pass
     elif args.db == "both":
-        child_argv = _without(list(argv if argv is not None else sys.argv[1:]), "--db", "--json")
+        child_argv = without(list(argv if argv is not None else sys.argv[1:]), "--db", "--json")
         results.add(*run_children("bench.recursive", ["sqlite", "postgres"], [*child_argv, "--no-pool"],
                                   timeout=900))
     else:

@@ -16,7 +16,6 @@ at 21-73 jobs/s by its benchmark pages). The table says so on their rows
 instead of leaving them empty.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .harness import ProviderProcess, Recorder, Result, exit_on_sigterm, run_children, say, table
+from .harness import ProviderProcess, Recorder, Result, bench_main, run_rows, say
 from .keyed import direct
 from .workloads import WIDE, Workload
 
@@ -251,36 +250,14 @@ def run_database(db: str, rows: list[str], quick: bool, results: Recorder) -> No
     runs.setup(db)
     benches = {"limit3": limit3, "tiers": tiers, "hot2": hot2, "hotchain": hotchain, "wide": wide, "order": order}
     with ProviderProcess() as provider:
-        for row in rows:
-            try:
-                results.add(*benches[row](db, provider, quick))
-            except (TimeoutError, RuntimeError) as exc:
-                say(f"  {db:8} {row}: {type(exc).__name__}: {exc}")
-                results.add(Result(12, "slots", row, db, "keyjobs", None, "", ok=False,
-                                   note=f"{type(exc).__name__}: {str(exc)[:80]}"))
+        run_rows(db, rows, lambda row: benches[row](db, provider, quick), results, target=12, metric="slots")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.slots", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--quick", action="store_true", help="A backlog of 1,000 for the hot key, not 10,000.")
-    parser.add_argument("--only", default=",".join(ROWS), help="Comma-separated, from: %(default)s.")
-    parser.add_argument("--json", default=None, help="Also write the results to this file.")
-    args = parser.parse_args(argv)
-    rows = args.only.split(",")
-    unknown = set(rows) - set(ROWS)
-    if unknown:
-        parser.error(f"unknown --only {', '.join(sorted(unknown))}; choose from {', '.join(ROWS)}")
-    results = Recorder(args.json)
-    if args.db == "both":
-        child = [*(["--quick"] if args.quick else []), "--only", args.only]
-        results.add(*run_children("bench.slots", ["sqlite", "postgres"], child, timeout=1800))
-    else:
-        exit_on_sigterm()
-        run_database(args.db, rows, args.quick, results)
-    if not args.json:
-        print(table(results, title="keyjobs, slots and fairness (issue 12)"))
-    return 0
+    return bench_main(argv, module="bench.slots", doc=__doc__ or "", rows=ROWS,
+                      quick_help="A backlog of 1,000 for the hot key, not 10,000.",
+                      title="keyjobs, slots and fairness (issue 12)",
+                      run=lambda args, results: run_database(args.db, args.only.split(","), args.quick, results))
 
 
 if __name__ == "__main__":

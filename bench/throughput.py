@@ -12,7 +12,6 @@ Every figure comes from the database's clock or the bench's own, never from
 the worker's log. Peers' figures are compared in ``python -m bench``.
 """
 
-import argparse
 import sys
 import time
 from datetime import timedelta
@@ -22,15 +21,12 @@ from .harness import (
     ProviderProcess,
     Recorder,
     Result,
-    exit_on_sigterm,
+    bench_main,
     median,
     percentile,
-    run_children,
     say,
-    table,
     wait_for_postgres,
 )
-from .keyed import _without
 from .workloads import Sizes, Workload, latency_gaps, sizes
 
 METRICS = ("drain", "latency", "enqueue", "hotkey", "history")
@@ -340,22 +336,10 @@ def run_database(db: str, only: set[str], size: Sizes, results: Recorder) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--quick", action="store_true", help="Smaller counts and windows.")
-    parser.add_argument("--only", default=",".join(METRICS), help="Comma-separated: %(default)s.")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    results = Recorder(args.json)
-    if args.db == "both":
-        child_argv = _without(list(argv if argv is not None else sys.argv[1:]), "--db", "--json")
-        results.add(*run_children("bench.throughput", ["sqlite", "postgres"], child_argv, timeout=1800))
-    else:
-        exit_on_sigterm()
-        run_database(args.db, set(args.only.split(",")), sizes(args.quick), results)
-    if not args.json:
-        print(table(results, title="keyjobs: queue costs"))
-    return 0
+    return bench_main(argv, module="bench.throughput", doc=__doc__ or "", rows=tuple(METRICS),
+                      quick_help="Smaller counts and windows.", title="keyjobs: queue costs",
+                      run=lambda args, results: run_database(args.db, set(args.only.split(",")), sizes(args.quick),
+                                                             results))
 
 
 if __name__ == "__main__":
