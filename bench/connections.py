@@ -23,7 +23,6 @@ import argparse
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ from .harness import (
     Recorder,
     Result,
     exit_on_sigterm,
+    sampled,
     say,
     spawn,
     stop,
@@ -56,23 +56,14 @@ def sampling() -> Iterator[list[int]]:
     """Count the runners' connections every 20 ms while the block runs, on a connection of its own."""
     import psycopg
 
-    samples: list[int] = []
-    done = threading.Event()
+    def count(connection: Any) -> int:
+        row = connection.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                                 [NAME]).fetchone()
+        return int(row[0]) if row else 0
 
-    def sample() -> None:
-        with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as connection:
-            while not done.wait(0.02):
-                row = connection.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                                         [NAME]).fetchone()
-                samples.append(int(row[0]) if row else 0)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
+    with (psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as connection,
+          sampled(lambda: count(connection)) as samples):
         yield samples
-    finally:
-        done.set()
-        thread.join(10)
 
 
 def supervised() -> bool:

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -394,6 +395,34 @@ def bench_main(argv: list[str] | None, *, module: str, doc: str, title: str,
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit, so that ``finally`` blocks stop what this process started."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+@contextlib.contextmanager
+def sampled(count: Callable[[], int], *, every: float = 0.02,
+            closing: Callable[[], None] | None = None) -> Iterator[list[int]]:
+    """Sample ``count()`` every ``every`` seconds on a thread of its own while the block runs; yield the samples.
+
+    ``closing`` runs on that thread when it ends (to close the connection it used: pass
+    ``lambda: connection.close()``, since Django's ``connection.close`` binds the caller's thread).
+    """
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        try:
+            while not done.wait(every):
+                samples.append(count())
+        finally:
+            if closing:
+                closing()
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        thread.join(10)
 
 
 @contextlib.contextmanager

@@ -10,13 +10,13 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import psycopg
 import pytest
 from django.db import connection
 
+from bench.harness import sampled
 from keyjobs import Status
 from keyjobs.models import Invocation, Runner
 from tests import jobs
@@ -38,28 +38,6 @@ def held(name: str, *, listening: bool = False) -> int:
                        + (" AND query ILIKE 'LISTEN%%'" if listening else ""), [name])
         (count,) = cursor.fetchone()
     return int(count)
-
-
-@contextmanager
-def sampled(count: Callable[[], int]) -> Iterator[list[int]]:
-    """Sample ``count()`` every 20 ms, on a connection of its own, while the block runs; yield the samples."""
-    samples: list[int] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        try:
-            while not done.wait(0.02):
-                samples.append(count())
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        yield samples
-    finally:
-        done.set()
-        thread.join(10)
 
 
 def settling(condition: Callable[[], bool], checks: int = 20) -> Callable[[], bool]:
@@ -98,7 +76,7 @@ def test_an_idle_runner_holds_three_connections_whatever_its_threads(worker_proc
     # Each thread connects for its first look, then lets go as it waits; only the scout keeps one.
     settled = settling(lambda: held(name) <= IDLE)
     wait_for(settled, timeout=60, what=f"the idle runner down to {IDLE} connections for a second")
-    with sampled(lambda: held(name)) as samples:
+    with sampled(lambda: held(name), closing=lambda: connection.close()) as samples:
         threading.Event().wait(2.5)  # a few polls, heartbeats and duty rounds
     assert samples and max(samples) <= IDLE, f"an idle runner of 8 threads held up to {max(samples)} connections"
     stop_workers(workers)
@@ -108,7 +86,7 @@ def test_a_busy_runner_holds_at_most_one_connection_per_thread_and_two_more(work
     name = f"kj-busy-{uuid.uuid4().hex[:8]}"
     log = str(tmp_path / "runs.log")
     workers = start_workers(worker_process, 1, 4, {"KEYJOBS_TEST_APPLICATION_NAME": name})
-    with sampled(lambda: held(name)) as samples:
+    with sampled(lambda: held(name), closing=lambda: connection.close()) as samples:
         invocations = keyed_load(log, keys=8, per_key=3, hold=0.1)
         wait_for(lambda: Invocation.objects.finished().count() == len(invocations), timeout=60,
                  what="every run final")
@@ -123,7 +101,7 @@ def test_with_djangos_pool_busy_threads_share_its_connections(worker_process, tm
     name = f"kj-pool-{uuid.uuid4().hex[:8]}"
     log = str(tmp_path / "runs.log")
     workers = start_workers(worker_process, 1, 8, {"KEYJOBS_TEST_APPLICATION_NAME": name, "KEYJOBS_TEST_POOL": "1,3"})
-    with sampled(lambda: held(name)) as samples:
+    with sampled(lambda: held(name), closing=lambda: connection.close()) as samples:
         invocations = keyed_load(log, keys=8, per_key=3, hold=0.2)
         wait_for(lambda: Invocation.objects.finished().count() == len(invocations), timeout=60,
                  what="every run final")
