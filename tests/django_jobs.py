@@ -1,11 +1,11 @@
 """Tasks declared through django.tasks (Django 6.1) for keyjobs' backend, importable by worker processes."""
 
-import os
 import time
 
 from django.tasks import TaskContext, task
 
 from keyjobs import Mode
+from tests.jobs import write_run
 
 
 @task
@@ -26,12 +26,8 @@ def sync_account(account_id: str, op: str, hold: float = 0.0) -> dict[str, str]:
 
 @task(running_concurrency=Mode.KEYS, key_arguments=["account_id"])
 def record_run(account_id: str, number: int, hold: float, log: str) -> None:
-    """Append this run's start and end to ``log``, for tests that check runs of a key never overlap."""
-    start = time.time()
-    time.sleep(hold)
-    end = time.time()
-    with open(log, "a") as out:
-        out.write(f"{account_id} {number} {start:.6f} {end:.6f} {os.getpid()}\n")
+    """The django.tasks twin of ``tests.jobs.record_run``: the same log line, for the same overlap checks."""
+    write_run(account_id, number, hold, log)
 
 
 @task(registration_concurrency=Mode.KEYS, key_arguments=["account_id"])

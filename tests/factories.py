@@ -1,6 +1,8 @@
 from datetime import datetime, timedelta
 
 import factory
+from django.contrib.auth.models import Permission
+from django.test import Client
 from django.utils import timezone
 
 from keyjobs.models import Event, Invocation, Runner
@@ -84,3 +86,12 @@ def give_dashboard_load() -> None:
         InvocationFactory(task_name=f"tests.jobs.t{number % 4}", running_key=f'{{"account_id":"a{number % 7}"}}',
                           status=Status.SUCCESS, finished_at=timezone.now(), runner=runners[number % 3])
     InvocationFactory(status=Status.REGISTERED)
+
+
+def staff(django_user_model: type, name: str, *codenames: str) -> Client:
+    """Return a client logged in as a new staff user ``name`` holding the permissions ``codenames``."""
+    user = django_user_model.objects.create_user(name, password="x", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    client = Client()
+    client.force_login(user)
+    return client

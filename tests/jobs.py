@@ -70,14 +70,19 @@ def not_json() -> object:
     return {1, 2}
 
 
-@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
-def record_run(account_id: str, number: int, hold: float, log: str) -> None:
+def write_run(account_id: str, number: int, hold: float, log: str) -> None:
     """Append this run's start and end to ``log``, for tests that check runs of a key never overlap."""
     start = time.time()
     time.sleep(hold)
     end = time.time()
     with open(log, "a") as out:
         out.write(f"{account_id} {number} {start:.6f} {end:.6f} {os.getpid()}\n")
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
+def record_run(account_id: str, number: int, hold: float, log: str) -> None:
+    """Hold ``hold`` seconds and log the run (``write_run``)."""
+    write_run(account_id, number, hold, log)
 
 
 @task
@@ -130,11 +135,7 @@ async def too_slow_async(seconds: float) -> None:
 @task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
 def record_span(account_id: str, number: int, hold: float, log: str) -> None:
     """Log this run's start and end as separate lines, so that a run killed midway still shows its start."""
-    with open(log, "a", buffering=1) as out:
-        out.write(f"S {account_id} {number} {time.time():.6f} {os.getpid()}\n")
-    time.sleep(hold)
-    with open(log, "a", buffering=1) as out:
-        out.write(f"E {account_id} {number} {time.time():.6f} {os.getpid()}\n")
+    _log_span(log, account_id, number, hold)
 
 
 def _log_start(log: str, account_id: str, number: int) -> None:

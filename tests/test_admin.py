@@ -16,7 +16,7 @@ from django.utils import timezone
 from keyjobs.models import Event, Invocation, Runner
 from keyjobs.status import Status
 from tests import jobs
-from tests.factories import EventFactory, InvocationFactory, RunnerFactory, give_run
+from tests.factories import EventFactory, InvocationFactory, RunnerFactory, give_run, staff
 
 pytestmark = pytest.mark.django_db
 
@@ -28,14 +28,6 @@ RUNNERS = "admin:keyjobs_runner_changelist"
 
 def change_url(invocation: Invocation) -> str:
     return reverse("admin:keyjobs_invocation_change", args=[invocation.pk])
-
-
-def staff(django_user_model: type, name: str, *codenames: str) -> Client:
-    user = django_user_model.objects.create_user(name, password="x", is_staff=True)
-    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from django.utils import timezone
 from keyjobs import ArgumentError, Status
 from keyjobs.models import Event, Invocation
 from tests import jobs
+from tests.waiting import at_once
 
 
 def visible_from_another_connection() -> int:
@@ -126,22 +127,13 @@ def test_registration_concurrency_only_counts_waiting_invocations():
 
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_duplicates_end_up_as_one_invocation():
-    barrier = threading.Barrier(6)
     results: list[tuple[int, bool]] = []
 
     def call() -> None:
-        try:
-            barrier.wait()
-            invocation = jobs.once_per_key.delay("acme")
-            results.append((invocation.pk, invocation.reused))
-        finally:
-            connection.close()
+        invocation = jobs.once_per_key.delay("acme")
+        results.append((invocation.pk, invocation.reused))
 
-    threads = [threading.Thread(target=call) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    assert at_once(call, 6) == []
     assert len({pk for pk, _ in results}) == 1
     assert sorted(reused for _, reused in results) == [False] + [True] * 5
     assert Invocation.objects.count() == 1

@@ -1,15 +1,12 @@
 """Schedules: declared or edited in the admin, each due tick enqueued once, missed ticks caught up or skipped."""
 
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.db import IntegrityError, connection, transaction
 from django.db.models.functions import Now
-from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
@@ -22,8 +19,8 @@ from keyjobs.schedules import sync_declared, tick
 from keyjobs.timers import Timer
 from keyjobs.worker import Worker
 from tests import jobs
-from tests.factories import InvocationFactory
-from tests.waiting import wait_for
+from tests.factories import InvocationFactory, staff
+from tests.waiting import at_once, wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -257,25 +254,12 @@ def test_registration_concurrency_collapses_the_ticks_of_a_slow_task():
 def test_racing_runners_enqueue_each_due_tick_once():
     for number in range(120):
         make_schedule(f"schedule {number}")
-    start = threading.Barrier(6)
-    errors: list[BaseException] = []
 
     def runner() -> None:
-        try:
-            start.wait()
-            for _ in range(3):
-                tick(using="default")
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-        finally:
-            connection.close()
+        for _ in range(3):
+            tick(using="default")
 
-    threads = [threading.Thread(target=runner) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
+    assert at_once(runner, 6) == []
     assert Invocation.objects.count() == 120
     assert Invocation.objects.values("cause_schedule").distinct().count() == 120
 
@@ -340,14 +324,6 @@ def test_a_runner_syncs_the_declared_schedules_and_runs_their_ticks(isolated_reg
 
 
 # -- the admin and the monitor ----------------------------------------------------------------------------
-
-
-def staff(django_user_model: type, name: str, *codenames: str) -> Client:
-    user = django_user_model.objects.create_user(name, password="x", is_staff=True)
-    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def test_the_admin_refuses_a_bad_cron_string_in_the_form(admin_client):

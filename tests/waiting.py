@@ -1,7 +1,10 @@
 """Waiting for something another thread or process does, with a deadline that names what did not happen."""
 
+import threading
 import time
 from collections.abc import Callable
+
+from django.db import connection
 
 
 def wait_for(condition: Callable[[], bool], *, timeout: float = 10.0, what: str = "the condition",
@@ -11,3 +14,28 @@ def wait_for(condition: Callable[[], bool], *, timeout: float = 10.0, what: str 
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"
         time.sleep(interval)
+
+
+def at_once(call: Callable[[], None], threads: int) -> list[BaseException]:
+    """Run ``call`` on ``threads`` threads released together; return what they raised once all have ended.
+
+    Each thread closes its own database connection when it ends.
+    """
+    start = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            start.wait()
+            call()
+        except BaseException as exc:  # pragma: no cover - returned to the test
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    running = [threading.Thread(target=run) for _ in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join()
+    return errors
