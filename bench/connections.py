@@ -34,12 +34,11 @@ from .harness import (
     ProviderProcess,
     Recorder,
     Result,
-    exit_on_sigterm,
+    bench_main,
     sampled,
     say,
     spawn,
     stop,
-    table,
     wait_until,
 )
 from .workloads import Workload
@@ -155,30 +154,31 @@ def row(case: str, samples: list[int], bound: int) -> Result:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.connections", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", choices=["postgres"], default="postgres")
-    parser.add_argument("--quick", action="store_true", help="One idle period of 2 s instead of 3 s.")
-    parser.add_argument("--no-pool", action="store_true", help="Without the pooled rows (a checkout without it).")
-    parser.add_argument("--json", default=None, help="Also write the results to this file.")
-    args = parser.parse_args(argv)
-    exit_on_sigterm()
+def run_database(quick: bool, no_pool: bool, results: Recorder) -> None:
     from bench import runs
 
     runs.setup("postgres", name="kj_bench_connections")
-    results = Recorder(args.json)
-    idle = 2.0 if args.quick else 3.0
+    idle = 2.0 if quick else 3.0
     with ProviderProcess() as provider:
         results.add(*measure(1, provider, pool=None, idle=idle))
         # Two runworker processes side by side, and the same under one supervisor where runworker has one.
         results.add(*measure(2, provider, pool=None, idle=idle))
         if supervised():
             results.add(*measure(2, provider, pool=None, idle=idle, supervisor=True))
-        if not args.no_pool:
+        if not no_pool:
             results.add(*measure(1, provider, pool=POOL, idle=idle))
-    if not args.json:
-        print(table(results, title="keyjobs: PostgreSQL connections held by runners, against the bound"))
-    return 0
+
+
+def _no_pool_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-pool", action="store_true", help="Without the pooled rows (a checkout without it).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(argv, module="bench.connections", doc=__doc__ or "", databases=("postgres",),
+                      quick_help="One idle period of 2 s instead of 3 s.",
+                      title="keyjobs: PostgreSQL connections held by runners, against the bound",
+                      options=_no_pool_option,
+                      run=lambda args, results: run_database(args.quick, args.no_pool, results))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,20 @@ class Result:
         return self
 
 
+def latency_results(target: int, metric: str, what: str, db: str, samples: Sequence[float], *, note: str,
+                    p99_goal: bool = True) -> list[Result]:
+    """The p50 and p99 rows of a start latency, in ms, on an idle worker; on PostgreSQL judged against the goals
+    of issue 6 (p50 under 3 ms, and p99 under 10 ms unless ``p99_goal`` is false)."""
+    p50, p99 = median(samples), percentile(samples, 0.99)
+    p50_result = Result(target, metric, f"{what} p50, idle worker", db, "keyjobs", p50, "ms", note=note)
+    p99_result = Result(target, metric, f"{what} p99, idle worker", db, "keyjobs", p99, "ms", note=note)
+    if db == "postgres":
+        p50_result.goal, p50_result.ok = "< 3 ms", p50 < 3
+        if p99_goal:
+            p99_result.goal, p99_result.ok = "< 10 ms", p99 < 10
+    return [p50_result, p99_result]
+
+
 def write_results(path: str | None, results: Sequence[Result]) -> None:
     if path:
         Path(path).write_text(json.dumps([asdict(result) for result in results], indent=1))
@@ -359,16 +373,19 @@ def run_rows(db: str, rows: Sequence[str], run: Callable[[str], Sequence[Result]
 def bench_main(argv: list[str] | None, *, module: str, doc: str, title: str,
                run: Callable[[argparse.Namespace, Recorder], None], rows: Sequence[str] = (),
                quick_help: str = "Smaller counts.", timeout: float = 1800,
-               options: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+               options: Callable[[argparse.ArgumentParser], None] | None = None,
+               databases: Sequence[str] = ("sqlite", "postgres")) -> int:
     """The command line every per-database bench shares: ``--db sqlite|postgres|both``, ``--quick``, ``--json``,
     and ``--only`` when the bench has ``rows``.
 
-    ``--db both`` runs the bench once per database, each in a child process
-    given the same arguments; otherwise ``run(args, results)`` runs here.
+    ``--db both`` runs the bench once per database of ``databases``, each in a
+    child process given the same arguments; otherwise ``run(args, results)``
+    runs here. A bench of one database offers only it.
     Without ``--json`` the results are printed as a table under ``title``.
     """
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
-    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    choices = [*databases, "both"] if len(databases) > 1 else list(databases)
+    parser.add_argument("--db", choices=choices, default=choices[-1])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     if rows:
         parser.add_argument("--only", default=",".join(rows), help="Comma-separated, from: %(default)s.")
@@ -383,7 +400,7 @@ def bench_main(argv: list[str] | None, *, module: str, doc: str, title: str,
     results = Recorder(args.json)
     if args.db == "both":
         child_argv = without(argv if argv is not None else sys.argv[1:], "--db", "--json")
-        results.add(*run_children(module, ["sqlite", "postgres"], child_argv, timeout=timeout))
+        results.add(*run_children(module, databases, child_argv, timeout=timeout))
     else:
         exit_on_sigterm()
         run(args, results)

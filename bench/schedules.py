@@ -11,12 +11,11 @@
   process and a schedule every 0.25 s. Goal on PostgreSQL: p50 under 3 ms.
 """
 
-import argparse
 import sys
 import time
 from datetime import timedelta
 
-from .harness import Recorder, Result, exit_on_sigterm, median, percentile, say
+from .harness import Recorder, Result, bench_main, latency_results, say
 
 SCHEDULES = 10_000
 DUE = 100
@@ -137,40 +136,28 @@ def tick_latency(db: str, quick: bool) -> list[Result]:
               .annotate(delay=F("started_at") - F("cause_tick")).values_list("delay", flat=True))
     # The first tick is due the moment the row is written, before any runner has looked: left out.
     samples = [delay.total_seconds() * 1000 for delay in list(delays)[1:] if isinstance(delay, timedelta)]
-    p50, p99 = median(samples), percentile(samples, 0.99)
-    say(f"  {db:8} tick to start p50 {p50:.2f} ms, p99 {p99:.2f} ms ({len(samples)} ticks)")
-    p50_result = Result(14, "schedules", "tick due-to-start p50, idle worker", db, "keyjobs", p50, "ms",
-                        note=f"{len(samples)} ticks every {TICK_GAP.total_seconds():g}s")
-    p99_result = Result(14, "schedules", "tick due-to-start p99, idle worker", db, "keyjobs", p99, "ms",
-                        note=f"{len(samples)} ticks every {TICK_GAP.total_seconds():g}s")
-    if db == "postgres":
-        p50_result.goal, p50_result.ok = "< 3 ms", p50 < 3
+    results = latency_results(14, "schedules", "tick due-to-start", db, samples, p99_goal=False,
+                              note=f"{len(samples)} ticks every {TICK_GAP.total_seconds():g}s")
+    say(f"  {db:8} tick to start p50 {results[0].measured:.2f} ms, p99 {results[1].measured:.2f} ms "
+        f"({len(samples)} ticks)")
     Schedule.objects.all().delete()
     runs.clear()
-    return [p50_result, p99_result]
+    return results
+
+
+def run_database(db: str, only: list[str], quick: bool, results: Recorder) -> None:
+    from bench import runs
+
+    runs.setup(db, name="kj_bench_schedules")
+    rows = {"cost": tick_cost, "latency": tick_latency}
+    for row in only:
+        results.add(*rows[row](db, quick))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.schedules", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", choices=["sqlite", "postgres"], default="postgres")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="cost,latency", help="Comma-separated, from: %(default)s.")
-    parser.add_argument("--json", default=None, help="Write the results here (for python -m bench).")
-    args = parser.parse_args(argv)
-    exit_on_sigterm()
-    from bench import runs
-
-    runs.setup(args.db, name="kj_bench_schedules")
-    recorder = Recorder(args.json)
-    only = set(args.only.split(","))
-    if "cost" in only:
-        recorder.add(*tick_cost(args.db, args.quick))
-    if "latency" in only:
-        recorder.add(*tick_latency(args.db, args.quick))
-    from .harness import table
-
-    print(table(recorder, title="keyjobs schedules"))
-    return 0
+    return bench_main(argv, module="bench.schedules", doc=__doc__ or "", rows=("cost", "latency"),
+                      quick_help="Fewer finished invocations and latency samples.", title="keyjobs schedules",
+                      run=lambda args, results: run_database(args.db, args.only.split(","), args.quick, results))
 
 
 if __name__ == "__main__":

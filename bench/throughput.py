@@ -22,8 +22,7 @@ from .harness import (
     Recorder,
     Result,
     bench_main,
-    median,
-    percentile,
+    latency_results,
     say,
     wait_for_postgres,
 )
@@ -72,17 +71,10 @@ def latency(db: str, size: Sizes) -> list[Result]:
         runs.wait_finished(size.latency_samples, timeout=60, workers=pool)
     delays = Invocation.objects.annotate(delay=F("started_at") - F("created_at")).values_list("delay", flat=True)
     samples = [delay.total_seconds() * 1000 for delay in delays if isinstance(delay, timedelta)]
-    p50, p99 = median(samples), percentile(samples, 0.99)
-    say(f"  {db:8} latency p50 {p50:.1f} ms, p99 {p99:.1f} ms")
     how = "LISTEN/NOTIFY" if db == "postgres" else "polling"
-    p50_result = Result(4, "latency", "enqueue-to-start p50, idle worker", db, "keyjobs", p50, "ms",
-                        note=f"{len(samples)} samples, {how}")
-    p99_result = Result(4, "latency", "enqueue-to-start p99, idle worker", db, "keyjobs", p99, "ms",
-                        note=f"{len(samples)} samples, {how}")
-    if db == "postgres":
-        p50_result.goal, p50_result.ok = "< 3 ms", p50 < 3
-        p99_result.goal, p99_result.ok = "< 10 ms", p99 < 10
-    return [p50_result, p99_result]
+    results = latency_results(4, "latency", "enqueue-to-start", db, samples, note=f"{len(samples)} samples, {how}")
+    say(f"  {db:8} latency p50 {results[0].measured:.1f} ms, p99 {results[1].measured:.1f} ms")
+    return results
 
 
 def enqueue(db: str, size: Sizes) -> list[Result]:
