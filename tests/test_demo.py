@@ -66,8 +66,17 @@ def workers(worker_process: Any, provider: Provider) -> None:
         time.sleep(0.05)
 
 
-def run(letter: str, client: ProviderClient) -> Summary:
-    return scenarios.run(SCENARIOS[letter], client, hold=HOLD, threads=THREADS, timeout=30)
+def run(letter: str, client: ProviderClient, *, through: str | None = None) -> Summary:
+    """Run scenario ``letter`` on the worker; ``through="django"`` enqueues it through django.tasks."""
+    scenario = SCENARIOS[letter] if through is None else SCENARIOS[letter].through(through)
+    return scenarios.run(scenario, client, hold=HOLD, threads=THREADS, timeout=30)
+
+
+def assert_keyed_b_ran_all_without_collisions(summary: Summary) -> None:
+    """Scenario B's outcome, whichever way it was enqueued: 12 calls, none colliding, 4 per account."""
+    assert (summary.calls, summary.collisions, summary.unfinished) == (12, 0, 0)
+    assert summary.statuses == {Status.SUCCESS: 12}
+    assert [(account.name, account.calls) for account in summary.accounts] == [("acme", 4), ("globex", 4), ("initech", 4)]
 
 
 # -- the scenarios on a real worker ---------------------------------------------
@@ -90,9 +99,7 @@ def test_a_unsafe_calls_collide(workers: None, client: ProviderClient) -> None:
 def test_b_keyed_calls_never_collide_and_all_run(workers: None, client: ProviderClient) -> None:
     summary = run("B", client)
 
-    assert (summary.calls, summary.collisions, summary.unfinished) == (12, 0, 0)
-    assert summary.statuses == {Status.SUCCESS: 12}
-    assert [(account.name, account.calls) for account in summary.accounts] == [("acme", 4), ("globex", 4), ("initech", 4)]
+    assert_keyed_b_ran_all_without_collisions(summary)
     assert summary.seconds is not None and summary.seconds >= summary.limit == pytest.approx(4 * HOLD)
     assert summary.ok
 
@@ -101,12 +108,10 @@ def test_b_keyed_calls_never_collide_and_all_run(workers: None, client: Provider
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.django_tasks
 def test_b_through_django_tasks_never_collides_and_all_run(workers: None, client: ProviderClient) -> None:
-    summary = scenarios.run(SCENARIOS["B"].through("django"), client, hold=HOLD, threads=THREADS, timeout=30)
+    summary = run("B", client, through="django")
 
     assert summary.scenario.title == "B. keyed (through django.tasks) — running_concurrency=KEYS, reroute=True"
-    assert (summary.calls, summary.collisions, summary.unfinished) == (12, 0, 0)
-    assert summary.statuses == {Status.SUCCESS: 12}
-    assert [(account.name, account.calls) for account in summary.accounts] == [("acme", 4), ("globex", 4), ("initech", 4)]
+    assert_keyed_b_ran_all_without_collisions(summary)
     assert summary.ok
 
 
@@ -114,7 +119,7 @@ def test_b_through_django_tasks_never_collides_and_all_run(workers: None, client
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.django_tasks
 def test_d_through_django_tasks_tells_merged_enqueues_apart(workers: None, client: ProviderClient) -> None:
-    summary = scenarios.run(SCENARIOS["D"].through("django"), client, hold=HOLD, threads=THREADS, timeout=30)
+    summary = run("D", client, through="django")
 
     assert (summary.enqueued, summary.calls, summary.collisions, summary.deduplicated) == (24, 3, 0, 21)
 
