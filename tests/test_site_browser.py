@@ -5,6 +5,8 @@ makes the calls to an in-process provider, whose counters are the witness of col
 ``test-artifacts/``.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -28,7 +30,6 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 pytestmark = [
@@ -83,18 +84,29 @@ def calls_in_row(browser: WebDriver, account: str) -> list[dict[str, str]]:
     )
 
 
+#: What a find-and-click may meet while the page swaps its live parts in (every second): the element found is gone
+#: by the click ("stale", or "does not belong to the document").
+RACING = (StaleElementReferenceException, WebDriverException)
+
+
+@contextmanager
+def new_document(browser: WebDriver) -> Iterator[None]:
+    """After the block, wait for the page its submit leads to: a new document, not the old one's live refresh."""
+    browser.execute_script("window.keyjobsOldDocument = true;")
+    yield
+    WebDriverWait(browser, 10, ignored_exceptions=RACING).until(
+        lambda driver: driver.execute_script("return window.keyjobsOldDocument === undefined;"))
+
+
 def press(browser: WebDriver, account: str, action: str) -> None:
     """Press a button of the account's row and wait for the page the view redirects back to."""
-    old = browser.find_element(By.ID, "accounts")
 
     def click(driver: WebDriver) -> bool:
         driver.find_element(By.CSS_SELECTOR, f"#account-{account} button[value='{action}']").click()
         return True
 
-    # The page swaps its live parts in every second: a button found just before a swap is gone by the click,
-    # which then never reached it ("stale", or "does not belong to the document"). Find it again and click.
-    WebDriverWait(browser, 10, ignored_exceptions=(StaleElementReferenceException, WebDriverException)).until(click)
-    WebDriverWait(browser, 10).until(staleness_of(old))
+    with new_document(browser):
+        WebDriverWait(browser, 10, ignored_exceptions=RACING).until(click)  # found again if a swap took it
     WebDriverWait(browser, 10).until(lambda driver: driver.find_elements(By.ID, "accounts"))
 
 
@@ -145,10 +157,9 @@ def test_three_saves_in_the_admin_make_one_refresh(logged_in: WebDriver, site: s
 
     for plan in ("free", "enterprise", "team"):
         browser.find_element(By.CSS_SELECTOR, f"#id_plan option[value='{plan}']").click()
-        save = browser.find_element(By.NAME, "_continue")
-        save.click()
         # The page the admin redirects back to, not the one before the save (which has a message too).
-        WebDriverWait(browser, 10).until(staleness_of(save))
+        with new_document(browser):
+            browser.find_element(By.NAME, "_continue").click()
         WebDriverWait(browser, 10).until(lambda driver: driver.find_elements(By.CSS_SELECTOR, ".messagelist .success"))
 
     refresh = Invocation.objects.get(task_name=tasks.refresh_once.name)
