@@ -26,7 +26,7 @@ from .conf import conf
 from .exceptions import ArgumentError, KeyjobsError
 from .models import Event, Invocation
 from .status import Status, change
-from .store import KeyAhead, store
+from .store import KeyAhead, Steps, store
 from .transitions import record
 from .values import check_arguments
 
@@ -60,15 +60,16 @@ def enqueue(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -
         return _register(invocation, options.task.policy)
     using = conf.DATABASE
     # Outside the caller's transaction only: parking locks the key's rows until commit (see below).
-    if (invocation.running_key is not None and options.task.policy.park_blocked
+    steps = store(using).steps
+    if (steps is not None and invocation.running_key is not None and options.task.policy.park_blocked
             and not connections[using].in_atomic_block):
-        _insert_or_park(invocation, options.task.policy, using)
+        _insert_or_park(invocation, steps, using)
         return invocation
     _insert([invocation], conf.DATABASE)
     return invocation
 
 
-def _insert_or_park(invocation: Invocation, policy: admission.Policy, using: str) -> None:
+def _insert_or_park(invocation: Invocation, steps: Steps, using: str) -> None:
     """Insert a call of a running key: parked at once if its key is known busy, as a claim would park it.
 
     Busy means as many of the key's runs owned, or registered and due ahead
@@ -78,23 +79,20 @@ def _insert_or_park(invocation: Invocation, policy: admission.Policy, using: str
     wakes this invocation (the same argument as the claim's parking, see
     ``keyjobs.claim``). A claim then never has to step over the key's
     backlog. Called outside a transaction, so that the locks last one
-    statement (or one short transaction), never a caller's.
+    statement, never a caller's.
+
+    PostgreSQL only (one statement, ``Steps.insert_or_park``): it is how many
+    runners on many hosts keep a busy key's backlog off the queue's head.
+    Elsewhere (SQLite: one writer at a time) the claim parks it, as it parks
+    a call made inside a transaction; a check here would double what a
+    keyed ``delay()`` costs there.
     """
-    db = store(using)
     key = KeyAhead(invocation.task_name, invocation.running_key or "", invocation.priority, invocation.running_limit)
     parked = change(Status.REROUTED, note="parked at enqueue: its key was busy")
     connection = connections[using]
-    if db.steps is not None:
-        returned, invocation.status = db.steps.insert_or_park(
-            _WRITTEN, _rows([invocation], connection)[0], _RETURNED, ahead=key, parked=parked)
-        _adopt([invocation], [returned], connection)
-        return
-    with transaction.atomic(using=using):
-        if admission.admit(policy, KeyState(ahead=db.busy_ahead(key), limit=key.limit)).verdict is Verdict.PARK:
-            invocation.status = Status.REROUTED
-        _insert([invocation], using)
-        if invocation.status == Status.REROUTED:
-            db.insert_events(parked.events(invocation.pk, ""))
+    returned, invocation.status = steps.insert_or_park(
+        _WRITTEN, _rows([invocation], connection)[0], _RETURNED, ahead=key, parked=parked)
+    _adopt([invocation], [returned], connection)
 
 
 def build(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:

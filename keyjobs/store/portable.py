@@ -26,7 +26,7 @@ from django.db.models.sql.subqueries import UpdateQuery
 
 from ..models import Event, Invocation, RateToken
 from ..status import OWNED, WAITING, Change, EventRow, Status
-from .interface import KeyAhead, LockedRow, Steps, WaitingRow, Window
+from .interface import LockedRow, Steps, WaitingRow, Window
 
 if TYPE_CHECKING:
     from ..admission import Rate
@@ -300,22 +300,19 @@ class Store:
                f"ORDER BY {self.key_order} LIMIT {int(limit)}")
         return [WaitingRow(*row) for row in self._rows(sql, params)]
 
-    def busy_ahead(self, key: KeyAhead) -> int:
+    def busy_ahead_sql(self) -> str:
         """Lock (shared) and count, up to ``limit``, a key's owners and due unparked invocations of ``priority`` or above.
 
         What a new invocation of the key would find taking the key's slots
-        ahead of it; parked ones are not counted, since an orphan (its waker
-        died) would wait for the timed duty, where a registered invocation's
-        claim wakes it at once.
-        The share lock keeps each row counted from changing status until the
-        caller's transaction ends; a row another transaction is changing is
+        ahead of it (``Steps.insert_or_park`` runs it); its parameters: the
+        task, the key, the priority and the limit. Parked ones are not
+        counted, since an orphan (its waker died) would wait for the timed
+        duty, where a registered invocation's claim wakes it at once. The
+        share lock keeps each row counted from changing status until the
+        statement's transaction ends; a row another transaction is changing is
         skipped, not counted: the count errs towards "not busy", which is
         always safe (a registered invocation is claimed, never lost).
         """
-        return len(self._rows(self.busy_ahead_sql(), [key.task_name, key.running_key, key.priority, key.limit]))
-
-    def busy_ahead_sql(self) -> str:
-        """Return ``busy_ahead``'s query (its parameters: the task, the key, the priority and the limit)."""
         q = self.quote
         return (f"SELECT {q('id')} FROM {self.invocations} WHERE {q('task_name')} = %s AND {q('running_key')} = %s "
                 f"AND ({self.is_owned} OR ({q('status')} IN ({literal(Status.REGISTERED)}, {literal(Status.RETRY)}) "
