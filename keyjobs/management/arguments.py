@@ -11,26 +11,24 @@ SHORT_DURATION = re.compile(r"(?P<number>\d+)(?P<unit>[dhms])")
 UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
 
 
-def positive_int(text: str) -> int:
-    """Parse a whole number of at least 1."""
+def _at_least(text: str, least: int, says: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {says}, not {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """Parse a whole number of at least 1."""
+    return _at_least(text, 1, "at least 1")
 
 
 def whole_number(text: str) -> int:
     """Parse a whole number of 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
+    return _at_least(text, 0, "0 or more")
 
 
 def duration(text: str) -> timedelta:
