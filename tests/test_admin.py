@@ -6,13 +6,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.contrib.contenttypes.models import ContentType
 from django.contrib.messages import get_messages
 from django.db import connection
-from django.test import Client
+from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
+from keyjobs.admin import CappedPaginator, InvocationAdmin
 from keyjobs.models import Event, Invocation, Runner
 from keyjobs.status import Status
 from tests import jobs
@@ -87,9 +89,34 @@ def test_the_list_shows_id_task_key_status_runner_times_and_duration(viewer: Cli
 
     page = viewer.get(reverse(CHANGELIST)).content.decode()
 
-    for text in [f">{invocation.pk}<", "tests.jobs.keyed", ">acme</a>", ">Success</span>", "box:42 · thread 3",
-                 "2.50 s"]:
+    for text in [f">{invocation.pk}<", 'title="tests.jobs.keyed">keyed<', ">acme</a>", ">Success</span>",
+                 "box:42 · thread 3", "2.500 s"]:
         assert text in page, text
+
+
+def test_the_list_shows_times_to_the_millisecond_and_the_queued_ran_and_total_durations(viewer: Client) -> None:
+    created = datetime(2030, 1, 1, 5, 8, 3, 412_000, tzinfo=UTC)
+    InvocationFactory(status=Status.SUCCESS, created_at=created, started_at=created + timedelta(milliseconds=250),
+                      finished_at=created + timedelta(seconds=1.5))
+
+    response = viewer.get(reverse(CHANGELIST))
+    page = response.content.decode()
+
+    headers = [re.sub(r"<[^>]+>", "", header).strip().casefold() for header in re.findall(r"<th[^>]*>(.*?)</th>",
+                                                                                 page.split("<thead>")[1].split("</thead>")[0], re.S)]
+    assert ["queued", "ran", "total", "error"] == [header for header in headers if header in
+                                                   ("queued", "ran", "total", "error")]
+    for text in ["2030-01-01 05:08:03.412", "<td class=\"field-queued\">250 ms</td>",
+                 "<td class=\"field-ran\">1.250 s</td>", "<td class=\"field-total\">1.500 s</td>"]:
+        assert text in page, text
+
+
+def test_the_list_shows_a_keyless_calls_arguments_and_its_error(viewer: Client) -> None:
+    InvocationFactory(task_name="tests.jobs.boom", args=["acme", 3], kwargs={"op": "x"}, status=Status.FAILED,
+                      error="ValueError: no such account")
+    page = viewer.get(reverse(CHANGELIST)).content.decode()
+    assert '">&quot;acme&quot;, 3, op=&quot;x&quot;</code>' in page
+    assert "ValueError: no such account</span>" in page
 
 
 @pytest.mark.parametrize("status", Status.values)
@@ -187,6 +214,31 @@ def test_a_filtered_list_counts_only_what_matches_not_the_whole_table(viewer: Cl
     assert response.context["cl"].result_count == 1
 
 
+def test_a_list_longer_than_the_cap_counts_no_further_and_says_more_than(operator: Client, monkeypatch) -> None:
+    monkeypatch.setattr(CappedPaginator, "cap", 4)
+    monkeypatch.setattr(InvocationAdmin, "list_per_page", 2)
+    InvocationFactory.create_batch(7, status=Status.FAILED)
+
+    with CaptureQueriesContext(connection) as queries:
+        response = operator.get(reverse(CHANGELIST), {"status": "FAILED", "p": "2"})
+
+    [count] = [query["sql"] for query in queries.captured_queries if "COUNT(" in query["sql"].upper()]
+    assert "LIMIT 5" in count and "ORDER BY" not in count, count
+    assert response.context["cl"].paginator.num_pages == 2  # of the first 4
+    assert len(response.context["cl"].result_list) == 2
+    page = response.content.decode()
+    assert "more than 4 invocations" in page
+    assert "Select all invocations that match (more than 4)" in page
+    assert "7 invocations" not in page and "5 invocations" not in page
+
+
+def test_a_list_within_the_cap_says_its_count_as_the_admin_does(viewer: Client, monkeypatch) -> None:
+    monkeypatch.setattr(CappedPaginator, "cap", 4)
+    InvocationFactory.create_batch(3, status=Status.FAILED)
+    page = viewer.get(reverse(CHANGELIST)).content.decode()
+    assert "3 invocations" in page and "more than" not in page
+
+
 @pytest.mark.sqlite
 def test_the_list_is_read_in_primary_key_order_through_its_index() -> None:
     queryset = Invocation.objects.select_related("runner").order_by("-pk")[:50]
@@ -221,6 +273,43 @@ def test_the_detail_page_shows_arguments_result_and_history(viewer: Client) -> N
         assert text in page, text
 
 
+def test_the_detail_page_shows_times_to_the_millisecond_and_history_in_words(viewer: Client) -> None:
+    runner, start = RunnerFactory(), datetime(2030, 1, 1, 5, 8, 3, 412_000, tzinfo=UTC)
+    invocation = give_run(InvocationFactory(task_name="tests.jobs.keyed", args=["acme", 3]), runner=runner, thread=1,
+                          start=start, end=start + timedelta(milliseconds=420))
+    EventFactory(invocation=invocation, kind=Event.Kind.DEBOUNCED, from_status=Status.SUCCESS,
+                 to_status=Status.SUCCESS, note="merged")
+
+    page = viewer.get(change_url(invocation)).content.decode()
+    history = page.split('id="events-group"')[1]
+
+    assert f"#{invocation.pk} keyed(&quot;acme&quot;, 3)" in page
+    assert "2030-01-01 05:08:03.412" in page and "2030-01-01 05:08:03.832" in page
+    for text in ["Registered → Pending", "Pending → Running", "Running → Success", "Merged by debounce"]:
+        assert text in history, text
+    assert "REGISTERED" not in history and "-&gt;" not in history
+
+
+def test_the_detail_page_shows_every_attempts_error_in_order(viewer: Client) -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    invocation = InvocationFactory(task_name="tests.jobs.boom")
+    for number in range(2):
+        give_run(invocation, runner=runner, thread=0, start=now - timedelta(seconds=10 - 3 * number),
+                 end=now - timedelta(seconds=9 - 3 * number), status=Status.RETRY)
+        EventFactory(invocation=invocation, kind=Event.Kind.ERROR, from_status=Status.RETRY, to_status=Status.RETRY,
+                     note=f"builtins.ValueError\nTraceback (most recent call last):\nValueError: attempt {number + 1}")
+        EventFactory(invocation=invocation, from_status=Status.RETRY, to_status=Status.REGISTERED)
+        invocation.status = Status.REGISTERED
+    give_run(invocation, runner=runner, thread=0, start=now - timedelta(seconds=2), end=now, status=Status.FAILED)
+    Invocation.objects.filter(pk=invocation.pk).update(error="KeyError: 'last'", error_type="builtins.KeyError",
+                                                       traceback="Traceback\nKeyError: 'last'")
+
+    attempts = viewer.get(change_url(invocation)).content.decode().split("kj-attempts")[1].split("</table>")[0]
+
+    messages = re.findall(r'<span class="kj-error">(.*?)</span>', attempts)
+    assert messages == ["ValueError: attempt 1", "ValueError: attempt 2", "KeyError: &#x27;last&#x27;"]
+
+
 def test_the_detail_page_shows_errors_and_tracebacks_as_readable_text(viewer: Client) -> None:
     invocation = InvocationFactory(status=Status.FAILED, args=[XSS], error=f"ValueError: {XSS}",
                                    traceback=f'Traceback (most recent call last):\n  File "x.py"\nValueError: {XSS}')
@@ -249,8 +338,9 @@ def test_the_detail_page_takes_the_same_queries_however_long_the_history(viewer:
         EventFactory(invocation=invocation, from_status=Status.RETRY, to_status=Status.REGISTERED, runner=runner)
         invocation.status = Status.REGISTERED
     # Session, user, its permissions and its groups'; the invocation with its runner; its history with runners;
-    # what it triggered; what its run delayed and who waits for it.
-    with django_assert_num_queries(8):
+    # its history once more, for its attempts and waits; what it logged; what it triggered; what its run delayed
+    # and who waits for it.
+    with django_assert_num_queries(10):
         assert viewer.get(change_url(invocation)).status_code == 200
 
 
@@ -290,6 +380,34 @@ def test_retry_registers_failed_and_dropped_invocations_again_and_leaves_the_res
         (failed.pk, "retried by operator"), (dropped.pk, "retried by operator"),
     }
     assert any("1 invocation(s) left alone" in message for message in messages_of(response))
+
+
+def test_retry_leaves_alone_an_invocation_whose_registration_key_has_a_call_waiting_and_retries_the_others(
+    operator: Client,
+) -> None:
+    failed = InvocationFactory(task_name="tests.jobs.once_per_key", registration_key=ACME, status=Status.FAILED)
+    waiting = InvocationFactory(task_name="tests.jobs.once_per_key", registration_key=ACME, status=Status.REGISTERED)
+    other = InvocationFactory(status=Status.FAILED, error="boom")
+
+    response = act(operator, "retry", failed, other)
+
+    assert response.status_code == 200
+    assert {inv.pk: inv.status for inv in Invocation.objects.all()} == {
+        failed.pk: Status.FAILED, waiting.pk: Status.REGISTERED, other.pk: Status.REGISTERED}
+    assert any(f"left alone: a call with the same registration key is already waiting, and runs instead: "
+               f"#{failed.pk}" in message for message in messages_of(response)), messages_of(response)
+    assert not any("not failed or dropped" in message for message in messages_of(response))
+
+
+def test_the_retry_button_says_why_when_a_call_of_the_registration_key_is_waiting(operator: Client) -> None:
+    failed = InvocationFactory(task_name="tests.jobs.once_per_key", registration_key=ACME, status=Status.FAILED)
+    InvocationFactory(task_name="tests.jobs.once_per_key", registration_key=ACME, status=Status.RETRY)
+
+    response = operator.post(reverse("admin:keyjobs_invocation_retry", args=[failed.pk]), follow=True)
+
+    assert response.status_code == 200 and Invocation.objects.get(pk=failed.pk).status == Status.FAILED
+    assert any("a call with the same registration key is already waiting" in message
+               for message in messages_of(response))
 
 
 def test_cancel_ends_waiting_invocations_cancelled_and_asks_running_ones_to_stop(operator: Client) -> None:
@@ -474,7 +592,7 @@ def test_runners_show_what_they_are_running_now(viewer: Client) -> None:
 
     page = viewer.get(reverse(RUNNERS)).content.decode()
 
-    assert f"#{running.pk} keyed(acme)</a>" in page and "thread 2" in page
+    assert f"#{running.pk} keyed(1, 2) · acme</a>" in page and "thread 2" in page
     assert change_url(finished) not in page
 
 
@@ -507,3 +625,107 @@ def test_the_detail_page_links_parent_and_child_both_ways(viewer: Client) -> Non
     # The parent names the child it delayed and waits for; the child names its parent and who waits for it.
     assert parent_page.count(f'href="{change_url(child)}"') == 2
     assert child_page.count(f'href="{change_url(parent)}"') == 2
+
+
+def test_the_detail_page_shows_the_priority_raised_by_those_waiting_on_it(viewer: Client) -> None:
+    child = InvocationFactory(priority=2)
+    InvocationFactory(status=Status.PAUSED, waiting_on=child)
+    InvocationFactory(status=Status.PAUSED, waiting_on=child)
+    alone = InvocationFactory(priority=2)
+
+    page = viewer.get(change_url(child)).content.decode()
+
+    assert "4 <small>(its own 2, +2 for the 2 runs waiting on it)</small>" in page
+    assert "waiting on it" not in viewer.get(change_url(alone)).content.decode()
+
+
+# -- waits named ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_parked_invocations_page_names_whom_it_waited_behind_and_who_freed_its_key(django_user_model) -> None:
+    from keyjobs.worker import Worker
+
+    viewer = staff(django_user_model, "viewer", "view_invocation")
+    first = jobs.keyed.delay("acme", "first", hold=0.4)
+    second = jobs.keyed.delay("acme", "second")
+    Worker(threads=2, burst=True, poll_interval=0.01).run()
+    assert Event.objects.filter(invocation=second, to_status=Status.REROUTED).exists(), "the second one parked"
+
+    page = viewer.get(change_url(second)).content.decode()
+
+    waited = page.split('class="kj-waited"')[1].split("</table>")[0]
+    assert "key busy" in waited
+    first_link = f'<a href="{change_url(first)}">#{first.pk}</a>'
+    row = waited.split("<tr><td>key busy</td>")[1].split("</tr>")[0]
+    behind, freed_by = row.removesuffix("</td>").split("</td><td>")[-2:]
+    assert behind == first_link and freed_by.startswith(first_link), (behind, freed_by)
+    history = page.split('id="events-group"')[1]
+    assert f"behind {first_link}" in history
+    assert f"freed by {first_link}" in history or f"handed over by {first_link}" in history
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_paused_run_names_the_child_it_waited_for(django_user_model) -> None:
+    viewer = staff(django_user_model, "viewer", "view_invocation")
+    parent, now = InvocationFactory(status=Status.SUCCESS), timezone.now()
+    child = InvocationFactory(status=Status.SUCCESS)
+    for came, went, seconds, note in [("PENDING", "RUNNING", 3, ""), ("RUNNING", "PAUSED", 2.5, f"waits for #{child.pk}"),
+                                      ("PAUSED", "RUNNING", 1, f"its wait for #{child.pk} ended"),
+                                      ("RUNNING", "SUCCESS", 0.5, "")]:
+        EventFactory(invocation=parent, from_status=came, to_status=went, at=now - timedelta(seconds=seconds),
+                     note=note)
+
+    waited = viewer.get(change_url(parent)).content.decode().split('class="kj-waited"')[1].split("</table>")[0]
+
+    assert "a child 1.500 s" in waited
+    assert f'<a href="{change_url(child)}">#{child.pk}</a>' in waited
+
+
+def test_the_detail_page_of_a_parked_invocation_takes_a_bounded_number_of_queries(
+        viewer: Client, django_assert_num_queries) -> None:
+    owner, parked = (InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME) for _ in range(2))
+    EventFactory(invocation=parked, from_status=Status.REGISTERED, to_status=Status.REROUTED)
+    EventFactory(invocation=owner, from_status=Status.RUNNING, to_status=Status.SUCCESS)
+    EventFactory(invocation=parked, from_status=Status.REROUTED, to_status=Status.REGISTERED)
+    ContentType.objects.get_for_model(Invocation)  # cached by any request before: not this page's cost
+    # As test_the_detail_page_takes_the_same_queries_however_long_the_history, and two for its parked stretch:
+    # whom it waited behind, who freed its key.
+    with django_assert_num_queries(12):
+        assert viewer.get(change_url(parked)).status_code == 200
+
+
+# -- large values, stored out of line ---------------------------------------------------------------------------------
+
+
+@override_settings(KEYJOBS_INLINE_VALUE_BYTES=1000)
+def test_the_list_shows_a_large_arguments_size_and_first_characters_and_never_reads_its_value(viewer: Client) -> None:
+    for number in range(3):
+        jobs.keyed.delay("acme", f"{number}" + "o" * 5000)
+    with CaptureQueriesContext(connection) as queries:
+        page = viewer.get(reverse(CHANGELIST)).content.decode()
+    assert all(f"&quot;acme&quot;, &lt;5.0 kB &quot;{number}oooooooo" in page for number in range(3))
+    assert not [query["sql"] for query in queries.captured_queries if "keyjobs_value" in query["sql"]]
+
+
+@override_settings(KEYJOBS_INLINE_VALUE_BYTES=1000)
+def test_the_detail_page_shows_large_values_size_and_head_and_links_them_whole(viewer: Client) -> None:
+    invocation = jobs.keyed.delay("acme", "p" * 5000)
+    stored = Invocation.objects.get(pk=invocation.pk)
+    result = InvocationFactory(status=Status.SUCCESS)
+    Invocation.objects.filter(pk=result.pk).update(result_value=stored.arguments_value_id)
+    page = viewer.get(change_url(invocation)).content.decode()
+    link = reverse("admin:keyjobs_invocation_value", args=[stored.arguments_value_id])
+    assert "<code>args[1]</code>: 5.0 kB, first characters <code>&quot;ppppp" in page and link in page
+    whole = viewer.get(link)
+    assert whole["Content-Type"].startswith("application/json")
+    assert json.loads(whole.content) == {"args": {"1": "p" * 5000}, "kwargs": {}}
+    page = viewer.get(change_url(result)).content.decode()
+    assert "5.0 kB, first characters <code>{&quot;args&quot;:{&quot;1&quot;:&quot;pppp" in page and link in page
+
+
+def test_a_large_value_is_shown_only_to_those_who_may_view_invocations(client: Client, django_user_model: type) -> None:
+    nobody = staff(django_user_model, "nobody")
+    url = reverse("admin:keyjobs_invocation_value", args=["0" * 64])
+    assert nobody.get(url).status_code == 403
+    assert client.get(url).status_code == 302  # to the login page

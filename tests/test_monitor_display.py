@@ -6,17 +6,25 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from keyjobs.models import Runner
+from keyjobs.models import Event, Invocation, Runner
 from keyjobs.monitor.display import (
     MARKER_COLOURS,
     RUNNER_COLOURS,
     STATUS_COLOURS,
+    attempts,
+    call_of,
+    change_label,
+    chart,
+    durations,
     epoch_ms,
     format_duration,
     invocation_row,
     key_url,
     label_of,
+    moment,
     monitor_links,
+    natural,
+    nice_ceiling,
     runner_badge,
     short_task,
     slots_in_use,
@@ -63,7 +71,7 @@ def test_a_runners_stop_reason_follows_its_badge_as_text() -> None:
 
 
 @pytest.mark.parametrize("seconds, expected", [
-    (2.5, "2.50 s"), (59.994, "59.99 s"), (184, "3 min 04 s"), (3900, "1 h 05 min"),
+    (0.4123, "412 ms"), (2.5, "2.500 s"), (59.994, "59.994 s"), (184, "3 min 04 s"), (3900, "1 h 05 min"),
 ])
 def test_durations_read_in_seconds_minutes_or_hours(seconds: float, expected: str) -> None:
     assert format_duration(timedelta(seconds=seconds)) == expected
@@ -91,7 +99,8 @@ def test_the_key_url_carries_the_task_and_the_stored_key() -> None:
 
 
 def test_the_monitor_links_its_pages_and_the_admin_lists() -> None:
-    assert [title for title, _ in monitor_links()] == ["Dashboard", "Timeline", "Invocations", "Runners", "Schedules"]
+    assert [title for title, _ in monitor_links()] == ["Dashboard", "Timeline", "Invocations", "Runners", "Schedules",
+                                                    "Tasks", "Keys", "Logs"]
     assert dict(monitor_links())["Runners"] == reverse("admin:keyjobs_runner_changelist")
 
 
@@ -116,7 +125,7 @@ def test_a_key_view_row_shows_arguments_as_json_the_duration_and_the_runner() ->
     row = invocation_row(invocation, "/x/")
 
     assert (row["arguments"], row["duration"], row["runner"], row["url"]) == (
-        '"acme", 3, op="fetch"', "1.50 s", "box:7 · thread 2", "/x/",
+        '"acme", 3, op="fetch"', "1.500 s", "box:7 · thread 2", "/x/",
     )
     assert row["badge"] == status_badge(Status.SUCCESS)
 
@@ -130,3 +139,88 @@ def test_a_key_view_row_of_an_invocation_that_never_ran_has_no_duration_and_no_r
 def test_slots_in_use_read_as_a_count_of_the_limit():
     assert slots_in_use(2, 3) == "2 of 3 slots in use"
     assert slots_in_use(0, 1) == "0 of 1 slot in use"
+
+
+T0 = datetime(2030, 1, 1, 5, 8, 3, 412_000, tzinfo=UTC)
+
+
+def test_times_read_to_the_millisecond_in_the_sites_time_zone(settings) -> None:
+    assert moment(T0) == "2030-01-01 05:08:03.412"
+    assert moment(None) == "–"
+
+
+def test_numbers_in_names_sort_by_value() -> None:
+    assert sorted(["acme10", "acme2", "Acme3", "acme1"], key=natural) == ["acme1", "acme2", "Acme3", "acme10"]
+
+
+def test_a_call_reads_with_its_arguments_keyed_or_not() -> None:
+    invocation = Invocation(task_name="demo_project.tasks.call_unsafe", args=["acme", 3], kwargs={"op": "x"})
+    assert call_of(invocation) == 'call_unsafe("acme", 3, op="x")'
+    assert call_of(Invocation(task_name="t.f", args=["x" * 100]), limit=10) == 'f("xxxxxxxx…)'
+
+
+def test_an_invocation_reads_as_queued_ran_and_total() -> None:
+    invocation = Invocation(status="SUCCESS", created_at=T0, started_at=T0 + timedelta(milliseconds=250),
+                            finished_at=T0 + timedelta(seconds=1.5))
+    assert durations(invocation, T0) == {"queued": "250 ms", "ran": "1.250 s", "total": "1.500 s"}
+    waiting = Invocation(status="REGISTERED", created_at=T0)
+    assert durations(waiting, T0 + timedelta(seconds=2)) == {"queued": "2.000 s so far", "ran": "–", "total": "–"}
+
+
+def test_a_history_row_reads_as_words_not_status_names() -> None:
+    assert change_label("TRANSITION", "REGISTERED", "CONCURRENCY_CONTROLLED_FINAL") == (
+        "Registered → Dropped by concurrency control")
+    assert change_label("TRANSITION", "", "REROUTED") == "Created → Rerouted"
+    assert change_label("DEBOUNCED", "REGISTERED", "REGISTERED") == "Merged by debounce"
+
+
+def event(kind: str, came: str, went: str, seconds: float, note: str = "") -> Event:
+    return Event(kind=kind, from_status=came, to_status=went, at=T0 + timedelta(seconds=seconds), note=note)
+
+
+def test_every_attempt_keeps_its_own_error_in_order_and_a_pause_stays_in_its_attempt() -> None:
+    invocation = Invocation(status="FAILED", error="KeyError: 'b'", error_type="builtins.KeyError",
+                            traceback="Traceback\nKeyError: 'b'")
+    history = [
+        event("TRANSITION", "PENDING", "RUNNING", 1), event("TRANSITION", "RUNNING", "RETRY", 2),
+        event("ERROR", "RETRY", "RETRY", 2, "builtins.ValueError\nTraceback\nValueError: a"),
+        event("TRANSITION", "RETRY", "REGISTERED", 3), event("TRANSITION", "PENDING", "RUNNING", 4),
+        event("TRANSITION", "RUNNING", "PAUSED", 5), event("TRANSITION", "PAUSED", "RUNNING", 6),
+        event("TRANSITION", "RUNNING", "FAILED", 7),
+    ]
+
+    first, second = attempts(invocation, history)
+
+    assert (first.number, first.outcome, first.error_type, first.message) == (1, "RETRY", "builtins.ValueError",
+                                                                              "ValueError: a")
+    assert (second.number, second.outcome, second.message, second.ended) == (2, "FAILED", "KeyError: 'b'",
+                                                                             T0 + timedelta(seconds=7))
+    assert second.pauses == [(T0 + timedelta(seconds=5), T0 + timedelta(seconds=6))]
+
+
+def test_a_failure_retried_by_hand_stays_with_its_attempt() -> None:
+    # What a retry by hand leaves: the failed attempt's ERROR row, then the new attempt.
+    invocation = Invocation(status="SUCCESS")
+    history = [
+        event("TRANSITION", "PENDING", "RUNNING", 1), event("TRANSITION", "RUNNING", "FAILED", 2),
+        event("ERROR", "FAILED", "FAILED", 3, "builtins.ValueError\nValueError: first"),
+        event("TRANSITION", "FAILED", "REGISTERED", 3), event("TRANSITION", "PENDING", "RUNNING", 4),
+        event("TRANSITION", "RUNNING", "SUCCESS", 5),
+    ]
+    first, second = attempts(invocation, history)
+    assert (first.outcome, first.message, second.outcome, second.error) == ("FAILED", "ValueError: first", "SUCCESS",
+                                                                           "")
+
+
+def test_an_axis_tops_at_the_next_round_number() -> None:
+    assert [nice_ceiling(value) for value in (0, 0.3, 7, 12, 20, 4_100)] == [1, 0.5, 10, 20, 20, 5_000]
+
+
+def test_a_chart_has_labelled_y_ticks_and_leaves_gaps_for_points_not_sampled() -> None:
+    points = [(T0 + timedelta(minutes=n), value) for n, value in enumerate([3.0, None, 7.0])]
+    drawn = chart(points)
+    assert [tick["label"] for tick in drawn["y_ticks"]] == ["0", "5", "10"]
+    assert [tick["label"] for tick in chart(points, unit="ms")["y_ticks"]] == ["0 ms", "5 ms", "10 ms"]
+    assert [point["label"] for point in drawn["points"]] == ["3", "–", "7"]
+    assert drawn["x_ticks"][0]["label"] == "05:08"
+    assert len(chart(points, bars=False)["line"].split()) == 2

@@ -4,11 +4,12 @@ from datetime import datetime, timedelta
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from keyjobs.models import Event, Invocation, RateToken, Runner
-from keyjobs.monitor.queries import Window, dashboard, key_history, timeline, timeline_events
-from keyjobs.status import Status
+from keyjobs.models import Event, Invocation, RateToken, Runner, TaskTotal
+from keyjobs.monitor.queries import FINISHED_COUNTERS, Window, dashboard, key_history, timeline, timeline_events
+from keyjobs.status import OWNED, WAITING, Status
 from tests.factories import EventFactory, InvocationFactory, RunnerFactory, give_dashboard_load, give_run, give_runs
 
 pytestmark = pytest.mark.django_db
@@ -71,6 +72,18 @@ def test_key_lanes_are_grouped_by_task_the_earliest_task_first() -> None:
     labels = [lane["label"] for lane in timeline(window(now=now), now=now)["lanes"]["key"]]
 
     assert labels == ["z_first · acme", "z_first · globex", "a_second · acme", "a_second · no key"]
+
+
+def test_key_lanes_sort_the_numbers_in_keys_by_value() -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    for number, account in enumerate(["acme10", "acme2", "Acme3", "acme1"]):
+        start = now - timedelta(seconds=50 - number)
+        give_run(InvocationFactory(running_key=f'{{"account_id":"{account}"}}'), runner=runner, thread=0,
+                 start=start, end=start + timedelta(milliseconds=500))
+
+    keys = [lane["key"] for lane in timeline(window(now=now), now=now)["lanes"]["key"]]
+
+    assert keys == ["acme1", "acme2", "Acme3", "acme10"]
 
 
 def test_a_run_still_going_has_no_end_and_the_data_says_work_is_active() -> None:
@@ -264,11 +277,43 @@ def test_the_timeline_query_uses_the_index_on_postgresql_even_when_a_scan_looks_
     assert "keyjobs_event_at" in explained, explained
 
 
+def test_the_timelines_events_are_read_without_their_invocations_table() -> None:
+    # Joined, PostgreSQL hashed every invocation to meet a window's events (0.5 s of a million).
+    sql = str(timeline_events(window()).query)
+    assert "keyjobs_invocation" not in sql, sql
+    assert "keyjobs_invocation" in str(timeline_events(window(), task="tests.jobs.keyed").query)
+
+
+def test_the_timeline_reads_its_events_invocations_in_one_query_by_id(django_assert_num_queries) -> None:
+    runner, now = RunnerFactory(), timezone.now()
+    for number in range(40):
+        give_run(InvocationFactory(running_key=ACME if number % 2 else GLOBEX, task_name="tests.jobs.keyed"),
+                 runner=runner, thread=number % 4, start=now - timedelta(seconds=60 - number),
+                 end=now - timedelta(seconds=59 - number))
+    with CaptureQueriesContext(connection) as captured:
+        data = timeline(window(now=now), now=now)
+    by_id = [query["sql"] for query in captured.captured_queries
+             if 'FROM "keyjobs_invocation" WHERE "id"' in query["sql"]]
+    assert len(by_id) == 1, by_id
+    assert sorted(data["lanes"]["key"][run["key_lane"]]["key"] for run in data["runs"]) == ["acme"] * 20 + ["globex"] * 20
+
+
+@pytest.mark.postgres
+def test_on_postgresql_the_timeline_passes_the_ids_of_its_invocations_as_one_array() -> None:
+    now = timezone.now()
+    give_runs(now)
+    with CaptureQueriesContext(connection) as captured:
+        timeline(window(now=now), now=now)
+    [by_id] = [query["sql"] for query in captured.captured_queries
+               if 'FROM "keyjobs_invocation" WHERE "id"' in query["sql"]]
+    assert '"id" = ANY(' in by_id, by_id
+
+
 def test_the_timeline_takes_the_same_queries_however_many_runs(django_assert_num_queries) -> None:
     now = timezone.now()
     give_runs(now)  # 30 finished, one still running
-    # Events; the schedules' ticks; runs still going; runners; whether any work is left.
-    with django_assert_num_queries(5):
+    # Events; their invocations; the schedules' ticks; runs still going; runners; whether any work is left.
+    with django_assert_num_queries(6):
         data = timeline(window(now=now), now=now)
     assert len(data["runs"]) == 31
 
@@ -282,9 +327,9 @@ def test_a_past_window_reads_where_its_runs_began_and_ended_in_two_more_queries(
         give_run(InvocationFactory(), runner=runner, thread=1, start=now - timedelta(minutes=25 + number),
                  end=now - timedelta(minutes=5))
     past = Window(now - timedelta(minutes=40), now - timedelta(minutes=20))
-    # Events; the schedules' ticks; when the clipped runs began; when the open runs ended; runners; whether any
-    # work is left.
-    with django_assert_num_queries(6):
+    # Events; their invocations; the schedules' ticks; when the clipped runs began; when the open runs ended;
+    # runners; whether any work is left.
+    with django_assert_num_queries(7):
         runs = timeline(past, now=now)["runs"]
     assert all(run["start"] is not None and run["end"] is not None for run in runs) and len(runs) == 10
 
@@ -319,8 +364,9 @@ def test_window_names_itself_again_as_query_parameters() -> None:
 
 
 def test_the_dashboard_counts_per_status_and_per_task() -> None:
-    InvocationFactory.create_batch(2, status=Status.SUCCESS, task_name="tests.jobs.a")
-    InvocationFactory(status=Status.FAILED, task_name="tests.jobs.b")
+    # What finished, as the rollup counted it; what waits, as it is now.
+    TaskTotal.objects.create(task_name="tests.jobs.a", succeeded=2)
+    TaskTotal.objects.create(task_name="tests.jobs.b", failed=1)
     InvocationFactory(status=Status.REGISTERED, task_name="tests.jobs.b")
 
     data = dashboard(now=timezone.now())
@@ -393,11 +439,38 @@ def test_the_dashboard_names_the_busiest_keys_and_the_oldest_waiting_invocation(
     assert data.oldest_waiting == oldest
 
 
+def test_the_dashboard_counts_finished_invocations_from_the_rollup_not_from_their_rows() -> None:
+    InvocationFactory.create_batch(3, status=Status.SUCCESS, task_name="tests.jobs.a")  # not rolled up yet
+    InvocationFactory(status=Status.RUNNING, task_name="tests.jobs.a", runner=RunnerFactory())
+    TaskTotal.objects.create(task_name="tests.jobs.a", succeeded=1000, failed=7, cancelled=2, dropped=5)
+    TaskTotal.objects.create(task_name="tests.jobs.pruned", succeeded=4)
+
+    data = dashboard(now=timezone.now())
+
+    assert data.per_task["tests.jobs.a"] == {**dict.fromkeys(Status.values, 0), "SUCCESS": 1000, "FAILED": 7,
+                                             "CANCELLED": 2, "CONCURRENCY_CONTROLLED_FINAL": 5, "RUNNING": 1}
+    assert data.per_status["SUCCESS"] == 1004
+
+
+def test_every_status_is_counted_on_the_dashboard_either_now_or_by_the_rollup() -> None:
+    assert set(WAITING | OWNED) | set(FINISHED_COUNTERS) == set(Status)
+    assert not set(WAITING | OWNED) & set(FINISHED_COUNTERS)
+
+
+def test_no_query_of_the_dashboard_reads_every_invocation() -> None:
+    give_dashboard_load()
+    with CaptureQueriesContext(connection) as captured:
+        dashboard(now=timezone.now())
+    # Each one is bounded by status or by time, so that its index spares it the finished millions.
+    read = [query["sql"] for query in captured.captured_queries if 'FROM "keyjobs_invocation"' in query["sql"]]
+    assert read and all("WHERE" in sql for sql in read), read
+
+
 def test_the_dashboard_takes_the_same_queries_however_many_invocations(django_assert_num_queries) -> None:
     give_dashboard_load()  # 20 finished over 4 tasks, 7 keys and 3 runners; one waiting
-    # Per task and status; throughput; what runners own; live runners; busiest keys; oldest waiting;
-    # keys at their limit.
-    with django_assert_num_queries(7):
+    # Waiting and owned per task and status; finished per task (the rollup); throughput; what runners own; live
+    # runners; busiest keys; when the oldest waiting was created, and it; keys at their limit.
+    with django_assert_num_queries(9):
         data = dashboard(now=timezone.now())
     assert len(data.runners) == 3 and len(data.busiest) == 10  # the ten busiest of 20 (task, key)
 
@@ -462,8 +535,9 @@ def test_the_key_view_reads_each_part_in_one_query_with_its_runners(django_asser
     runner = RunnerFactory()
     for status in [Status.SUCCESS] * 5 + [Status.REGISTERED, Status.CONCURRENCY_CONTROLLED_FINAL, Status.RUNNING]:
         InvocationFactory(task_name="tests.jobs.keyed", running_key=ACME, status=status, runner=runner)
-    # Running, waiting, ran, dropped, deferred (a rate-limited task's window is one more).
-    with django_assert_num_queries(5):
+    # Running, waiting, ran, dropped, deferred (a rate-limited task's window is one more); the key's control and
+    # what operators did to it.
+    with django_assert_num_queries(7):
         history = key_history("tests.jobs.keyed", ACME)
         assert {invocation.runner.host for invocation in history.ran + history.running} == {runner.host}
 
@@ -518,3 +592,86 @@ def test_a_run_paused_since_before_the_window_is_shown_paused_from_its_start() -
 
     [run] = data["runs"]
     assert run["end"] is None and run["pauses"] == [[data["start"], None]]
+
+
+def test_a_quantile_is_read_within_its_bucket_as_prometheus_does() -> None:
+    from keyjobs.monitor.queries import quantile
+
+    counts = [0] * 16
+    counts[5] = 10  # ten runs of 100 to 250 ms
+    assert quantile(counts, 0.5) == 175.0
+    assert quantile(counts, 1.0) == 250.0
+    counts[15] = 10  # and ten of more than 900 s
+    assert quantile(counts, 0.99) == 900_000.0
+    assert quantile([0] * 16, 0.5) is None
+
+
+def test_a_window_of_20000_invocations_is_sent_as_counts_under_500_kb() -> None:
+    import json
+
+    from keyjobs.monitor.queries import BAND_STEPS, KEY_LANES
+    from tests.factories import give_busy_window
+
+    now = timezone.now()
+    give_busy_window(20_000, now=now)
+
+    data = timeline(window(15, now), now=now)
+    size = len(json.dumps(data, separators=(",", ":")))
+
+    assert size < 500_000, size
+    assert data["aggregated"] and not data["runs"] and not data["truncated"]
+    assert len(data["lanes"]["key"]) <= KEY_LANES and data["folded_keys"] > 0
+    # Nothing dropped: every marker counted once, and every run in at least one step of its thread's lane.
+    kinds = data["band_kinds"]
+    counted = {kind: sum(count for _, _, index, count in data["marker_bands"] if kinds[index] == kind)
+               for kind in kinds}
+    assert counted == {"dropped": 400, "rerouted": 2_000}
+    assert sum(count for _, _, _, count in data["bands"]["thread"]) >= 19_600
+    assert all(0 <= step < BAND_STEPS for _, step, _, _ in data["bands"]["key"])
+
+
+def test_a_window_of_more_keys_than_lanes_labels_only_the_lanes_it_sends(monkeypatch) -> None:
+    from keyjobs.monitor import queries
+
+    monkeypatch.setattr(queries, "KEY_LANES", 30)  # 10 kept, the others share a lane per task
+    labelled: list[str | None] = []
+    label = queries.key_label
+
+    def counted(key: str | None) -> str:
+        labelled.append(key)
+        return label(key)
+
+    monkeypatch.setattr(queries, "key_label", counted)
+    runner, now = RunnerFactory(), timezone.now()
+    for number in range(50):
+        key = f'{{"account_id":"acme{number}"}}'
+        for repeat in range(2 if number < 10 else 1):  # the first ten keys busier
+            start = now - timedelta(seconds=100 - number, milliseconds=300 * repeat)
+            give_run(InvocationFactory(task_name="tests.jobs.keyed", running_key=key), runner=runner, thread=0,
+                     start=start, end=start + timedelta(milliseconds=100))
+
+    data = timeline(window(now=now), now=now)
+
+    lanes = data["lanes"]["key"]
+    assert data["folded_keys"] == 40 and len(lanes) == 11
+    assert len(labelled) == 10  # not 50
+    assert [lane["label"] for lane in lanes][-1] == "keyed · other keys"
+    assert sum(1 for run in data["runs"] if lanes[run["key_lane"]]["key"] == "") == 40
+
+
+def test_a_short_window_of_a_busy_period_is_sent_run_by_run() -> None:
+    from tests.factories import give_busy_window
+
+    now = timezone.now()
+    give_busy_window(20_000, now=now)
+
+    data = timeline(Window(now - timedelta(seconds=20), now), now=now)
+
+    assert not data["aggregated"] and 400 < len(data["runs"]) < 500
+
+
+def test_the_dashboard_finds_the_oldest_waiting_invocation_stamped_by_the_databases_clock() -> None:
+    # Created with the database's own NOW() (SQLite writes three decimals where Django writes six).
+    first = Invocation.objects.create(task_name="tests.jobs.add", queue="default")
+    Invocation.objects.create(task_name="tests.jobs.add", queue="default")
+    assert dashboard(now=timezone.now()).oldest_waiting == first

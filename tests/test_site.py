@@ -153,6 +153,9 @@ def test_an_unknown_account_is_not_found(user_client: Client) -> None:
     ("sync-all", [(tasks.call_keyed.name, {"account_id": "acme", "op": op}) for op in OPS]),
     ("sync-unsafe", [(tasks.call_unsafe.name, {"account_id": "acme", "op": op}) for op in OPS]),
     ("refresh", [(tasks.refresh_once.name, {"account_id": "acme"})]),
+    ("sync-retrying", [(tasks.call_retrying.name, {"account_id": "acme", "op": op}) for op in OPS]),
+    ("sync-report", [(tasks.sync_report.name, {"account_id": "acme"})]),
+    ("onboard", [(tasks.onboard.name, {"account_id": "acme"})]),
 ])
 def test_each_button_enqueues_its_calls_in_the_request(user_client: Client, acme: Account, action: str,
                                                        expected: list[tuple[str, dict[str, str]]]) -> None:
@@ -165,7 +168,8 @@ def test_each_button_enqueues_its_calls_in_the_request(user_client: Client, acme
 
 
 def test_every_button_is_tested() -> None:
-    tested = {"fetch-profile", "list-invoices", "sync-all", "sync-unsafe", "refresh"}
+    tested = {"fetch-profile", "list-invoices", "sync-all", "sync-unsafe", "refresh", "sync-retrying", "sync-report",
+              "onboard"}
     assert set(ACTIONS) == tested, "a new button needs its line in test_each_button_enqueues_its_calls_in_the_request"
 
 
@@ -338,3 +342,51 @@ def test_the_page_says_when_the_provider_does_not_answer(user_client: Client, se
     page = user_client.get(reverse(LIST)).content.decode()
 
     assert f"The provider at {url} does not answer" in page
+
+
+def test_the_site_adds_its_schedule_once() -> None:
+    from demo_project.management.commands.site import SCHEDULE, demo_schedule
+    from keyjobs.models import Schedule
+
+    demo_schedule()
+    demo_schedule()
+    schedule = Schedule.objects.get(name=SCHEDULE)
+    assert schedule.task_name == tasks.sync_report.name and schedule.enabled and schedule.next_run is not None
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_the_retrying_and_waiting_buttons_leave_retries_and_a_paused_parent(provider: Provider,
+                                                                            worker_process: Any) -> None:
+    report = tasks.sync_report.delay(account_id="acme")
+    for op in OPS:
+        tasks.call_retrying.delay(account_id="globex", op=op)
+    # A real runworker: the demo's tasks keep a provider client per thread, which only a worker's stop closes.
+    worker_process("--threads", "4", "--burst", env={"PROVIDER_URL": provider.url}).wait(timeout=60)
+
+    report.refresh_from_db()
+    assert report.status == Status.SUCCESS and report.return_value["synced"] == list(OPS)
+    # It paused for the children still running when it asked: a child that ended first (a loaded machine) is
+    # read at once, without a pause.
+    assert 1 <= Event.objects.filter(invocation=report, to_status=Status.PAUSED).count() <= len(OPS)
+    assert Invocation.objects.filter(parent=report, status=Status.SUCCESS).count() == len(OPS)
+    retried = Invocation.objects.filter(task_name=tasks.call_retrying.name)
+    assert set(retried.values_list("status", flat=True)) <= {Status.SUCCESS, Status.FAILED}
+    assert Event.objects.filter(invocation__in=retried, to_status=Status.RETRY).exists(), "collisions were retried"
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_the_onboard_button_runs_a_workflow_whose_steps_each_ran_once(provider: Provider, worker_process: Any) -> None:
+    from keyjobs.models import Step
+    from tests.waiting import wait_for
+
+    flow = tasks.onboard.delay(account_id="acme")
+    worker_process("--threads", "2", env={"PROVIDER_URL": provider.url})
+    wait_for(lambda: Invocation.objects.get(pk=flow.pk).is_final, timeout=60, what="the workflow to end")
+
+    flow.refresh_from_db()
+    assert flow.status == Status.SUCCESS, flow.error
+    assert flow.return_value["steps"] == ["fetch_profile", "sync"]
+    assert list(Step.objects.filter(workflow=flow).values_list("kind", flat=True)) == ["CHILD", "UUID", "SLEEP", "CHILD"]
+    assert Invocation.objects.filter(parent=flow, status=Status.SUCCESS).count() == 2

@@ -30,13 +30,19 @@
     tick: "a schedule's tick: the invocation it created was due"
   };
 
-  var config, data, root, tooltip, refreshStatus, truncatedNote;
+  var config, data, root, tooltip, refreshStatus, truncatedNote, rangeNote;
+  var pageWindow; // [start, end] of the window the page was asked for
   var lanesMode = "thread";
   var view = null; // [start, end] once the user zooms or pans; null follows the data's window
   var items = []; // what the current drawing shows, by index, for the tooltip
   var refreshTimer = null;
   var drag = null; // {x, range, width, moved} while the chart is dragged
   var lastDragMoved = false;
+  var query = null; // what the data endpoint is asked for: the page's window, or a zoomed part of it
+  var refreshes = 0; // incremental refreshes since the last whole one
+  var zoomTimer = null;
+  var details = {}; // the tooltip's details of an invocation, by id, once fetched
+  var FULL_EVERY = 15; // every so many refreshes, the whole window again (lanes re-sorted, old ones gone)
 
   function el(name, attributes, text) {
     var node = document.createElementNS(SVG, name);
@@ -59,9 +65,26 @@
     return withSeconds === false ? text : text + ":" + pad(date.getSeconds());
   }
 
+  function clockMs(ms) {
+    var text = String(Math.round(ms) % 1000);
+    return clock(ms) + "." + "000".slice(text.length) + text;
+  }
+
+  function day(ms) {
+    var date = new Date(ms);
+    return date.getFullYear() + "-" + pad(date.getMonth() + 1) + "-" + pad(date.getDate());
+  }
+
+  /* What the chart shows, as a person reads it: to the millisecond when it spans less than a minute. */
+  function rangeLabel(start, end) {
+    var show = end - start < 60000 ? clockMs : clock;
+    var text = show(start) + " → " + (day(start) === day(end) ? "" : day(end) + " ") + show(end);
+    return day(start) + " " + text + " (" + duration(Math.round(end - start)) + ")";
+  }
+
   function duration(ms) {
     if (ms < 1000) {
-      return ms + " ms";
+      return Math.round(ms) + " ms";
     }
     if (ms < 60000) {
       return (ms / 1000).toFixed(2) + " s";
@@ -89,6 +112,18 @@
       low = Math.min(low, marker.at);
       high = Math.max(high, marker.at);
     });
+    if (data.aggregated) {
+      ["thread"].forEach(function (mode) {
+        (data.bands[mode] || []).forEach(function (band) {
+          low = Math.min(low, data.start + band[1] * data.step_ms);
+          high = Math.max(high, data.start + (band[1] + 1) * data.step_ms);
+        });
+      });
+      data.marker_bands.forEach(function (band) {
+        low = Math.min(low, data.start + band[1] * data.step_ms);
+        high = Math.max(high, data.start + (band[1] + 1) * data.step_ms);
+      });
+    }
     if (low === Infinity) {
       return [data.start, data.end];
     }
@@ -117,7 +152,7 @@
   function layout() {
     var lanes = [];
     var markerLane = null;
-    if (lanesMode === "thread" && data.markers.length) {
+    if (lanesMode === "thread" && (data.markers.length || data.marker_bands.length)) {
       markerLane = { id: "markers", label: "concurrency control", runs: [], markers: [], rows: 0, raw_key: "" };
       lanes.push(markerLane);
     }
@@ -141,17 +176,34 @@
         lane.markers.push(marker);
       }
     });
+    // Counted, not one by one: a band per lane, and markers per kind and step.
+    lanes.forEach(function (lane) { lane.bands = []; lane.markerBands = []; });
+    if (data.aggregated) {
+      (data.bands[lanesMode] || []).forEach(function (band) {
+        var lane = entries[band[0]];
+        if (lane) {
+          lane.bands.push(band);
+        }
+      });
+      data.marker_bands.forEach(function (band) {
+        var lane = markerLane || entries[band[0]];
+        if (lane) {
+          lane.markerBands.push(band);
+        }
+      });
+    }
     lanes.forEach(function (lane) {
       var ends = [];
       var markerRows = 0;
       if (lane === markerLane) {
         var kinds = {};
         lane.markers.forEach(function (marker) { kinds[marker.kind] = true; });
+        lane.markerBands.forEach(function (band) { kinds[data.band_kinds[band[2]]] = true; });
         var used = Object.keys(MARKER_ROWS).filter(function (kind) { return kinds[kind]; });
         lane.markerRow = {};
         used.forEach(function (kind, index) { lane.markerRow[kind] = index; });
         markerRows = used.length;
-      } else if (lane.markers.length) {
+      } else if (lane.markers.length || lane.markerBands.length) {
         markerRows = 1;
       }
       lane.runs.sort(function (a, b) { return runStart(a) - runStart(b) || a.id - b.id; });
@@ -164,7 +216,7 @@
         run.row = markerRows + row;
       });
       lane.markerRows = markerRows;
-      lane.rows = Math.max(1, markerRows + ends.length);
+      lane.rows = Math.max(1, markerRows + ends.length + (lane.bands.length ? 1 : 0));
     });
     return lanes;
   }
@@ -290,6 +342,50 @@
     });
     svg.appendChild(bars);
 
+    // Bands: how many runs each step of a lane holds, by status; the darker, the more.
+    if (data.aggregated) {
+      var bandGroup = el("g", { "class": "kj-bands", "clip-path": "url(#" + clipId + ")" });
+      var peak = 1;
+      lanes.forEach(function (lane) {
+        lane.bands.forEach(function (band) { peak = Math.max(peak, band[3]); });
+      });
+      lanes.forEach(function (lane) {
+        lane.bands.forEach(function (band) {
+          var from = data.start + band[1] * data.step_ms;
+          var to = from + data.step_ms;
+          if (to < start || from > end) {
+            return;
+          }
+          var status = data.band_statuses[band[2]];
+          var x0 = Math.max(x(from), LABEL_WIDTH);
+          bandGroup.appendChild(el("rect", {
+            "class": "kj-band", x: x0.toFixed(1), y: lane.y + LANE_PADDING + lane.markerRows * (ROW_HEIGHT + ROW_GAP),
+            width: Math.max(1, x(to) - x0).toFixed(1), height: ROW_HEIGHT,
+            fill: config.statusColours[status] || "#444", "fill-opacity": (0.25 + 0.75 * band[3] / peak).toFixed(2),
+            "data-lane": lane.id, "data-status": status, "data-count": band[3], "data-item": items.length
+          }));
+          items.push({ type: "band", value: { from: from, to: to, status: status, count: band[3], lane: lane } });
+        });
+        lane.markerBands.forEach(function (band) {
+          var at = data.start + (band[1] + 0.5) * data.step_ms;
+          if (at < start || at > end) {
+            return;
+          }
+          var kind = data.band_kinds[band[2]];
+          var row = lane.markerRow ? lane.markerRow[kind] : 0;
+          var width = Math.max(3, data.step_ms * scale);
+          bandGroup.appendChild(el("rect", {
+            "class": "kj-marker-band kj-marker", x: (x(at) - width / 2).toFixed(1),
+            y: lane.y + LANE_PADDING + row * (ROW_HEIGHT + ROW_GAP) + 2, width: width.toFixed(1),
+            height: ROW_HEIGHT - 4, fill: config.markerColours[kind], "data-kind": kind, "data-lane": lane.id,
+            "data-count": band[3], "data-item": items.length
+          }));
+          items.push({ type: "markers", value: { at: at, kind: kind, count: band[3], lane: lane } });
+        });
+      });
+      svg.appendChild(bandGroup);
+    }
+
     // Markers: a symbol each, in the lane's marker row.
     var markers = el("g", { "class": "kj-markers", "clip-path": "url(#" + clipId + ")" });
     lanes.forEach(function (lane) {
@@ -332,11 +428,12 @@
     if (data.now >= start && data.now <= end) {
       svg.appendChild(el("line", { "class": "kj-now", x1: x(data.now), x2: x(data.now), y1: AXIS_HEIGHT - 6, y2: height }));
     }
-    if (!data.runs.length && !data.markers.length) {
+    if (!data.runs.length && !data.markers.length && !data.aggregated) {
       svg.appendChild(el("text", { "class": "kj-empty", x: LABEL_WIDTH + 10, y: AXIS_HEIGHT + 24 },
         "Nothing ran in this window."));
     }
     root.replaceChildren(svg);
+    rangeNote.textContent = rangeLabel(start, end);
     root.dataset.runs = String(data.runs.length);
     root.dataset.markers = String(data.markers.length);
     root.dataset.lanes = lanesMode;
@@ -396,6 +493,9 @@
       }
     });
     window.addEventListener("mouseup", function () {
+      if (drag && drag.moved) {
+        detailLater();
+      }
       drag = null;
       if (root.firstChild) {
         root.firstChild.classList.remove("kj-dragging");
@@ -417,6 +517,54 @@
     }, true);
   }
 
+  /* Where "+" zooms: at the moment of data nearest the centre of the view, so that it never zooms on nothing. */
+  function dataAnchor() {
+    var range = domain();
+    var centre = (range[0] + range[1]) / 2;
+    var best = null;
+    function consider(t) {
+      t = Math.min(Math.max(t, range[0]), range[1]);
+      if (best === null || Math.abs(t - centre) < Math.abs(best - centre)) {
+        best = t;
+      }
+    }
+    data.runs.forEach(function (run) {
+      if (runEnd(run) >= range[0] && runStart(run) <= range[1]) {
+        consider(centre < runStart(run) ? runStart(run) : centre > runEnd(run) ? runEnd(run) : centre);
+      }
+    });
+    data.markers.forEach(function (marker) {
+      if (marker.at >= range[0] && marker.at <= range[1]) {
+        consider(marker.at);
+      }
+    });
+    return best === null ? 0.5 : (best - range[0]) / (range[1] - range[0]);
+  }
+
+  /* Counted data asks for the part in view once the zooming stops: a short enough part comes run by run. */
+  function detailLater() {
+    window.clearTimeout(zoomTimer);
+    if (!data.aggregated && query === config.query) {
+      return;
+    }
+    zoomTimer = window.setTimeout(function () {
+      var range = domain();
+      var whole = range[0] <= pageWindow[0] && range[1] >= pageWindow[1];
+      query = whole ? config.query : Object.assign({}, config.query, {
+        from: new Date(range[0]).toISOString(), to: new Date(range[1]).toISOString()
+      });
+      if (!whole) {
+        delete query.minutes;
+      }
+      load(query).then(function (fresh) {
+        data = fresh;
+        describe();
+        render();
+        scheduleRefresh();
+      });
+    }, 300);
+  }
+
   function zoom(factor, at) {
     var range = domain();
     var span = range[1] - range[0];
@@ -429,6 +577,7 @@
       view = [start, start + newSpan];
     }
     render();
+    detailLater();
   }
 
   function showTooltip(item, event) {
@@ -438,6 +587,16 @@
     }
     var lines = [];
     var title;
+    if (item.type === "band" || item.type === "markers") {
+      var counted = item.value;
+      title = counted.count + (item.type === "band" ? " run(s), " + (config.statusLabels[counted.status] || counted.status)
+        : " × " + MARKER_TITLES[counted.kind]);
+      lines.push(item.type === "band" ? clock(counted.from) + " → " + clock(counted.to) : "around " + clock(counted.at));
+      lines.push(counted.lane.label);
+      lines.push("Too many to draw one by one: zoom in to see each.");
+      fill(title, lines, event);
+      return;
+    }
     if (item.type === "run") {
       var run = item.value;
       var keyLane = data.lanes.key[run.key_lane];
@@ -459,13 +618,44 @@
       }
       lines.push(data.lanes.thread[run.thread_lane].label);
       lines.push(keyLane.task);
+      more(run.id, lines);
     } else {
       var marker = item.value;
       var markerLane = data.lanes.key[marker.key_lane];
       title = "#" + marker.id + " " + shortTask(markerLane.task) + (markerLane.key ? " (" + markerLane.key + ")" : "");
       lines.push(MARKER_TITLES[marker.kind]);
-      lines.push("at " + clock(marker.at));
+      lines.push("at " + clockMs(marker.at));
+      more(marker.id, lines);
     }
+    fill(title, lines, event);
+    var id = item.value.id;
+    if (!details[id]) {
+      details[id] = "…";
+      fetch(config.detailUrl + "?" + new URLSearchParams({ id: id }).toString(), { credentials: "same-origin" })
+        .then(function (response) { return response.ok ? response.json() : null; })
+        .then(function (found) {
+          details[id] = found;
+          if (!tooltip.hidden && tooltip.dataset.id === String(id)) {
+            showTooltip(item, event);
+          }
+        })
+        .catch(function () { details[id] = null; });
+    }
+    tooltip.dataset.id = String(id);
+  }
+
+  /* What the tooltip adds once the invocation's details are fetched: its call and how long it waited. */
+  function more(id, lines) {
+    var found = details[id];
+    if (found && typeof found === "object") {
+      lines.unshift(found.call);
+      lines.push("waited " + found.queued + " before it started (created " + found.created + ")");
+    } else if (found === "…") {
+      lines.push("…");
+    }
+  }
+
+  function fill(title, lines, event) {
     tooltip.replaceChildren();
     var strong = document.createElement("strong");
     strong.textContent = title;
@@ -498,8 +688,12 @@
   }
 
   function describe() {
-    var text = data.runs.length + " run(s), " + data.markers.length + " marker(s), " +
-      data.lanes[lanesMode].length + " lane(s) · updated " + clock(data.now);
+    var text = data.aggregated
+      ? "too busy to draw run by run: counts per " + duration(data.step_ms) + " (zoom in for each run), "
+      : data.runs.length + " run(s), " + data.markers.length + " marker(s), ";
+    text += data.lanes[lanesMode].length + " lane(s)" +
+      (data.folded_keys ? " (" + data.folded_keys + " quieter keys share a lane per task)" : "") +
+      " · updated " + clock(data.now);
     if (data.active) {
       text += " · work is waiting or running: refreshing every " + config.refreshMs / 1000 + " s";
     } else if (data.follows_now) {
@@ -515,24 +709,83 @@
 
   function scheduleRefresh() {
     window.clearTimeout(refreshTimer);
-    if (data.active) {
+    if (data.active && data.follows_now) {
       refreshTimer = window.setTimeout(refresh, config.refreshMs);
     } else if (data.follows_now) {
       refreshTimer = window.setTimeout(refresh, IDLE_REFRESH);
     }
   }
 
-  function refresh() {
-    var url = config.dataUrl + "?" + new URLSearchParams(config.query).toString();
-    fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
+  function load(params) {
+    var url = config.dataUrl + "?" + new URLSearchParams(params).toString();
+    return fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then(function (response) {
         if (!response.ok) {
           throw new Error(response.status + " " + response.statusText);
         }
         return response.json();
-      })
+      });
+  }
+
+  /* Only what changed lately: the runs and markers from a little before the last look on, merged in by lane id. */
+  function merge(fresh, base) {
+    var cut = fresh.start;
+    var remap = {};
+    ["thread", "key"].forEach(function (mode) {
+      var index = {};
+      base.lanes[mode].forEach(function (lane, number) { index[lane.id] = number; });
+      remap[mode] = fresh.lanes[mode].map(function (lane) {
+        if (!(lane.id in index)) {
+          index[lane.id] = base.lanes[mode].length;
+          base.lanes[mode].push(lane);
+        }
+        return index[lane.id];
+      });
+    });
+    var left = fresh.now - (base.end - base.start);
+    base.runs = base.runs.filter(function (run) { return run.end !== null && run.end < cut && run.end >= left; })
+      .concat(fresh.runs.map(function (run) {
+        run.thread_lane = remap.thread[run.thread_lane];
+        run.key_lane = remap.key[run.key_lane];
+        return run;
+      }));
+    base.markers = base.markers.filter(function (marker) { return marker.at < cut && marker.at >= left; })
+      .concat(fresh.markers.map(function (marker) {
+        marker.key_lane = remap.key[marker.key_lane];
+        return marker;
+      }));
+    base.start = left;
+    base.end = fresh.now;
+    base.now = fresh.now;
+    base.active = fresh.active;
+    return base;
+  }
+
+  function refresh() {
+    var whole = data.aggregated || !data.follows_now || query !== config.query || refreshes >= FULL_EVERY;
+    var params = whole ? query : { from: new Date(data.now - 3000).toISOString() };
+    if (!whole) {
+      ["task", "key"].forEach(function (name) {
+        if (config.query[name]) {
+          params[name] = config.query[name];
+        }
+      });
+    }
+    load(params)
       .then(function (fresh) {
-        data = fresh;
+        if (whole) {
+          data = fresh;
+          refreshes = 0;
+          if (query === config.query) {
+            pageWindow = [data.start, data.end];
+          }
+        } else if (fresh.aggregated || data.runs.length + fresh.runs.length > config.runBudget) {
+          refreshes = FULL_EVERY; // grown past what is drawn one by one: the next look takes the whole window
+          data.now = fresh.now;
+        } else {
+          data = merge(fresh, data);
+          refreshes += 1;
+        }
         describe();
         render();
         scheduleRefresh();
@@ -546,21 +799,25 @@
   function start() {
     config = JSON.parse(document.getElementById("kj-timeline-config").textContent);
     data = JSON.parse(document.getElementById("kj-timeline-data").textContent);
+    query = config.query;
+    pageWindow = [data.start, data.end];
     root = document.getElementById("kj-timeline");
     tooltip = document.getElementById("kj-tooltip");
     refreshStatus = document.getElementById("kj-refresh-status");
     truncatedNote = document.getElementById("kj-truncated");
+    rangeNote = document.getElementById("kj-range");
     document.getElementById("kj-lanes-thread").addEventListener("click", function () { setLanes("thread"); });
     document.getElementById("kj-lanes-key").addEventListener("click", function () { setLanes("key"); });
-    document.getElementById("kj-zoom-in").addEventListener("click", function () { zoom(0.5); });
+    document.getElementById("kj-zoom-in").addEventListener("click", function () { zoom(0.5, dataAnchor()); });
     document.getElementById("kj-zoom-out").addEventListener("click", function () { zoom(2); });
     document.getElementById("kj-zoom-fit").addEventListener("click", function () { view = null; render(); });
     document.getElementById("kj-zoom-window").addEventListener("click", function () {
-      view = [data.start, data.end];
+      view = pageWindow.slice();
       render();
+      detailLater();
     });
     root.addEventListener("keydown", function (event) {
-      if (event.key === "+" || event.key === "=") { zoom(0.5); }
+      if (event.key === "+" || event.key === "=") { zoom(0.5, dataAnchor()); }
       if (event.key === "-") { zoom(2); }
       if (event.key === "0") { view = null; render(); }
     });
