@@ -17,15 +17,28 @@ production:
 - at most ``MAX_DEPTH`` levels of nesting (deeper, JSON libraries run out of
   stack; this also stops a value that contains itself);
 - at most ``KEYJOBS_MAX_VALUE_BYTES`` bytes of JSON for a call's arguments
-  together, and for a result: every claim reads them.
+  together, and for a result (the hard limit: a worker holds them in memory).
+
+Where a value is kept: in the invocation's row while the arguments together,
+or the result, take at most ``KEYJOBS_INLINE_VALUE_BYTES`` of JSON; past it,
+the largest arguments (as many as it takes for the rest to fit), or the result,
+go to a ``Value`` row of their own, stored once by the digest of their JSON
+(``outline_arguments``, ``outline_result``). The row keeps the key arguments
+always: the partial unique indexes compare keys, so the key arguments may take
+at most ``KEYJOBS_INLINE_VALUE_BYTES`` together. Measuring a call's size is
+part of the checks above, so a small call pays nothing more.
 
 Error text and tracebacks are not refused but made storable (``storable_text``):
 a failure can always be recorded.
 """
 
+import hashlib
+import json
 import math
 import re
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .conf import conf
@@ -44,19 +57,34 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _ATOMS = {type(None): 4, bool: 5}
 
 
-def check_arguments(arguments: dict[str, Any], *, where: str) -> None:
-    """Raise ArgumentError unless every argument (by parameter name) can be stored; nothing else is done."""
+def check_arguments(arguments: dict[str, Any], *, where: str, memo: "Memo | None" = None) -> int:
+    """Raise ArgumentError unless every argument (by parameter name) can be stored; return their size as JSON.
+
+    With a ``memo`` (one batch of calls), an argument object already measured
+    in the batch is not walked again.
+    """
     walk = _Walk(where, "argument", ArgumentError)
     for name, value in arguments.items():
+        if memo is None or type(value) not in _CONTAINERS:
+            walk.value(value, name, 0)
+            continue
+        known = memo.sizes.get(id(value))
+        if known is not None:
+            walk.size += known[1]
+            continue
+        before = walk.size
         walk.value(value, name, 0)
+        memo.sizes[id(value)] = (value, walk.size - before)
     walk.check_size("the arguments together take")
+    return walk.size
 
 
-def check_result(value: Any, *, where: str) -> None:
-    """Raise ResultNotStorable unless a task's return value can be stored."""
+def check_result(value: Any, *, where: str) -> int:
+    """Raise ResultNotStorable unless a task's return value can be stored; return its size as JSON."""
     walk = _Walk(where, "result", ResultNotStorable)
     walk.value(value, "return value", 0)
     walk.check_size("the result takes")
+    return walk.size
 
 
 def check(value: Any, *, where: str, path: str, kind: str = "argument") -> None:
@@ -81,6 +109,138 @@ def storable_text(text: str, *, limit: int = MAX_TEXT) -> str:
     return text
 
 
+#: Characters of a large value's JSON that its invocation's row keeps, for the monitor.
+HEAD = 120
+
+_CONTAINERS = frozenset({list, dict, tuple})
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A value kept out of its invocation's row: its JSON text and the digest that names it."""
+
+    digest: str
+    data: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Outlined:
+    """A call's arguments with the large ones moved out: what its invocation's row keeps, and the value."""
+
+    args: list[Any]
+    kwargs: dict[str, Any]
+    #: ``{"args": {"<index>": {"bytes": n, "head": "..."}}, "kwargs": {"<name>": {...}}}``: the places moved.
+    outline: dict[str, dict[str, dict[str, Any]]]
+    value: Stored
+
+
+class Memo:
+    """What one batch of calls (``delay_many()``) learned of its argument objects, so that each is read once.
+
+    By identity: a batch's calls are built before anything else runs, so an
+    object cannot change between two of them.
+    """
+
+    def __init__(self) -> None:
+        self.sizes: dict[int, tuple[Any, int]] = {}
+        self.texts: dict[int, tuple[Any, str, bytes]] = {}
+        self.values: dict[tuple[tuple[str, str, int], ...], Stored] = {}
+
+
+def stored(data: str) -> Stored:
+    """Return the value whose JSON text is ``data``, named by its digest."""
+    encoded = data.encode()
+    return Stored(hashlib.sha256(encoded).hexdigest(), data, len(encoded))
+
+
+def to_json(value: Any) -> str:
+    """Return ``value``'s JSON text as keyjobs stores it out of line (compact, keys in their order)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def outline_arguments(
+    args: "list[Any] | tuple[Any, ...]", kwargs: dict[str, Any], *, keys: Mapping[tuple[str, str], str], where: str,
+    memo: Memo | None = None,
+) -> Outlined | None:
+    """Move a large call's largest arguments out of line until the rest fit ``KEYJOBS_INLINE_VALUE_BYTES``.
+
+    ``keys`` are the places (``("args", "0")``, ``("kwargs", "name")``) of
+    the key arguments, with their parameters' names: they stay, and
+    ArgumentError names the largest if together they take more than the
+    limit. Return None if nothing moves.
+    """
+    limit = conf.INLINE_VALUE_BYTES
+    places = [("args", str(index), value) for index, value in enumerate(args)]
+    places += [("kwargs", name, value) for name, value in kwargs.items()]
+    texts = {(part, at): _text(value, memo) for part, at, value in places}
+    sizes = {place: len(encoded) for place, (_, encoded) in texts.items()}
+    kept = [(sizes[part, at], keys[part, at]) for part, at, _ in places if (part, at) in keys]
+    if sum(size for size, _ in kept) > limit:
+        size, name = max(kept)
+        raise ArgumentError(
+            f"{where}: the key arguments take {sum(size for size, _ in kept):,} bytes as JSON together, over "
+            f"KEYJOBS_INLINE_VALUE_BYTES ({limit:,}), the most a key may take: keys stay in the invocation's row, "
+            f"where the database compares them; the largest is argument {name!r} ({size:,} bytes)"
+        )
+    rest = sum(sizes.values())
+    moved: set[tuple[str, str]] = set()
+    for size, part, at in sorted(((sizes[part, at], part, at) for part, at, _ in places
+                                  if (part, at) not in keys), key=lambda one: -one[0]):
+        if rest <= limit:
+            break
+        moved.add((part, at))
+        rest -= size
+    if not moved:
+        return None
+    chosen = [(part, at, value) for part, at, value in places if (part, at) in moved]
+    identity = tuple((part, at, id(value)) for part, at, value in chosen)
+    value = memo.values.get(identity) if memo is not None else None
+    if value is None:
+        data = "{" + ",".join(
+            f'"{part}":{{' + ",".join(f"{to_json(at)}:{texts[part, at][0]}" for p, at, _ in chosen if p == part) + "}"
+            for part in ("args", "kwargs")) + "}"
+        value = stored(data)
+        if memo is not None:
+            memo.values[identity] = value
+    outline: dict[str, dict[str, dict[str, Any]]] = {"args": {}, "kwargs": {}}
+    for part, at, _ in chosen:
+        outline[part][at] = {"bytes": sizes[part, at], "head": texts[part, at][0][:HEAD]}
+    return Outlined(
+        [None if ("args", str(index)) in moved else item for index, item in enumerate(args)],
+        {name: None if ("kwargs", name) in moved else item for name, item in kwargs.items()},
+        outline, value,
+    )
+
+
+def _text(value: Any, memo: Memo | None) -> tuple[str, bytes]:
+    """Return ``value``'s JSON text and its UTF-8, read once a batch."""
+    if memo is None or type(value) not in _CONTAINERS:
+        text = to_json(value)
+        return text, text.encode()
+    known = memo.texts.get(id(value))
+    if known is None:
+        text = to_json(value)
+        known = memo.texts[id(value)] = (value, text, text.encode())
+    return known[1], known[2]
+
+
+def restore_arguments(args: list[Any], kwargs: dict[str, Any], data: str) -> tuple[list[Any], dict[str, Any]]:
+    """Return a call's arguments with the places its out-of-line value (JSON ``data``) holds put back."""
+    moved = json.loads(data)
+    args = list(args)
+    for index, value in moved["args"].items():
+        args[int(index)] = value
+    return args, {**kwargs, **moved["kwargs"]}
+
+
+def outline_result(value: Any, size: int) -> Stored | None:
+    """Return the out-of-line value of a result whose JSON takes ``size`` bytes, or None if it stays in the row."""
+    if size <= conf.INLINE_VALUE_BYTES:
+        return None
+    return stored(to_json(value))
+
+
 class _Walk:
     """One pass over a value: the checks, and the size of its JSON in UTF-8 (escapes counted as one byte)."""
 
@@ -101,7 +261,7 @@ class _Walk:
         if self.size > self.limit:
             raise self.error(
                 f"{self.where}: {what} over {self.limit:,} bytes as JSON, past the limit "
-                "(KEYJOBS_MAX_VALUE_BYTES); store large data elsewhere (a file, a table) and pass its id"
+                "(KEYJOBS_MAX_VALUE_BYTES); store larger data elsewhere (a file, a table) and pass its id"
             )
 
     def value(self, value: Any, path: str, depth: int) -> None:
