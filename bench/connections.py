@@ -9,7 +9,7 @@ idle, then while they run a keyed workload (each call an HTTP call to the
 demo's provider, no query of its own). One process, then two side by side,
 then ``runworker --processes 2`` where this checkout has it (a supervisor
 holds one connection more), then one on Django's pool (``DATABASE_POOL``, the demo's knob for
-``OPTIONS["pool"]``). The bound (README, "Many hosts"): per process, an idle
+``OPTIONS["pool"]``). The bound (docs/howto/many-hosts.md): per process, an idle
 runner holds 3 (its scout, its duty thread, its LISTEN) once idle for 5 s;
 a busy one at most threads + 2; with a pool, at most its ``max_size`` + 1,
 busy or idle (a pool keeps what it opened for ``max_idle``, 10 minutes by

@@ -261,17 +261,146 @@ class ProviderProcess:
         return max(ended) - min(call["started"] for call in log)
 
 
+# -- CPU ------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds process ``pid`` has used, all its threads, to the nanosecond; None once it has ended.
+
+    Read from its CPU clock (the clock ``clock_getcpuclockid(3)`` names),
+    not ``/proc/PID/stat``, whose ticks are 10 ms: a statement costs less.
+    """
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)
+    except OSError:
+        return None
+
+
+class Backends:
+    """The CPU seconds of the PostgreSQL backends of this database, by ``application_name``, over a block.
+
+    A thread samples ``pg_stat_activity`` and each backend's CPU clock every
+    ``every`` seconds: a backend that ends between two samples loses what it
+    used since the last. Start the processes measured with ``PGAPPNAME`` set
+    (libpq's default ``application_name``) to tell their backends apart.
+    """
+
+    def __init__(self, url: str, *, every: float = 0.05) -> None:
+        self.url = url
+        self.every = every
+        self._base: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._names: dict[int, str] = {}
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connection: Any = None
+
+    def __enter__(self) -> "Backends":
+        import psycopg
+
+        self._connection = psycopg.connect(self.url.replace("postgres://", "postgresql://", 1), autocommit=True)
+        self._sample(first=True)
+        self._thread = threading.Thread(target=self._run, name="bench-backends", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Take a last sample and stop sampling (before the processes measured stop: their backends end then)."""
+        if self._thread is None:
+            return
+        self._done.set()
+        self._thread.join(10)
+        self._thread = None
+        with contextlib.suppress(Exception):
+            self._sample()
+        self._connection.close()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.every):
+            with contextlib.suppress(Exception):
+                self._sample()
+
+    def _sample(self, *, first: bool = False) -> None:
+        rows = self._connection.execute(
+            "SELECT pid, application_name FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+        for pid, name in rows:
+            seconds = cpu_seconds(pid)
+            if seconds is None:
+                continue
+            if pid not in self._base:
+                # One there before the block counts from now; one born during it, from its birth.
+                self._base[pid] = seconds if first else 0.0
+            self._last[pid] = seconds
+            self._names[pid] = name or ""
+
+    def seconds(self, prefix: str = "") -> float:
+        """CPU seconds used within the block by the backends whose application_name starts with ``prefix``."""
+        return sum(self._last[pid] - self._base[pid] for pid, name in self._names.items() if name.startswith(prefix))
+
+    def count(self, prefix: str = "") -> int:
+        """How many backends whose application_name starts with ``prefix`` were seen."""
+        return sum(1 for name in self._names.values() if name.startswith(prefix))
+
+
 # -- scratch databases ----------------------------------------------------
 
 
 def recreate_postgres(name: str) -> str:
-    """Drop and create the PostgreSQL database ``name``; return its URL."""
+    """Drop and create the PostgreSQL database ``name``; return its URL.
+
+    If the server is restarting (another suite on this machine may restart it), wait for it and try again.
+    """
     import psycopg
 
-    with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.execute(f'CREATE DATABASE "{name}"')
+    for attempt in (1, 2, 3):
+        try:
+            with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as connection:
+                connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                connection.execute(f'CREATE DATABASE "{name}"')
+            break
+        except psycopg.OperationalError:
+            if attempt == 3 or not wait_for_postgres():
+                raise
+            time.sleep(1.0)
     return f"{POSTGRES_URL}/{name}"
+
+
+class Connection:
+    """A bench's own autocommit connection to a PostgreSQL database, opened again after the server restarted
+    (another suite on this machine may restart it): a statement that meets a lost connection runs once more."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.replace("postgres://", "postgresql://", 1)
+        self._connection: Any = None
+
+    @property
+    def connection(self) -> Any:
+        import psycopg
+
+        if self._connection is None or self._connection.closed or self._connection.broken:
+            self._connection = psycopg.connect(self.url, autocommit=True)
+        return self._connection
+
+    def execute(self, query: str, params: Sequence[Any] = ()) -> Any:
+        import psycopg
+
+        try:
+            return self.connection.execute(query, params)
+        except psycopg.OperationalError:
+            self.close()
+            return self.connection.execute(query, params)
+
+    def scalar(self, query: str, *params: Any) -> Any:
+        return self.execute(query, params).fetchone()[0]
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
 def fresh_sqlite(name: str) -> str:

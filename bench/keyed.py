@@ -18,9 +18,19 @@ import contextlib
 import itertools
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .harness import ProviderProcess, Recorder, Result, exit_on_sigterm, run_children, say, table, without
+from .harness import (
+    ProviderProcess,
+    Recorder,
+    Result,
+    cpu_seconds,
+    exit_on_sigterm,
+    run_children,
+    say,
+    table,
+    without,
+)
 from .workloads import ORDERS, Workload, by_name
 
 if TYPE_CHECKING:
@@ -71,7 +81,10 @@ def direct(workload: Workload, db: str, provider: ProviderProcess) -> Result:
     Longest chains first, each to the thread with the least work (a static
     schedule that meets the limit exactly when the work divides evenly), so
     what it takes over the limit is the provider's own round trip: the
-    floor any queue has to stand on.
+    floor any queue has to stand on. A workload of several slots per account
+    has no such static schedule: its threads take the first call whose
+    account has a slot free, from a list in memory. ``extra["cpu"]`` holds
+    the CPU seconds it took, this process's and the provider's.
     """
     import threading
 
@@ -79,32 +92,71 @@ def direct(workload: Workload, db: str, provider: ProviderProcess) -> Result:
 
     from demo_project.tasks import call_provider
 
-    chains: dict[str, list[str]] = {}
-    for account, op in workload.calls_in("grouped"):
-        chains.setdefault(account, []).append(op)
-    shares: list[list[tuple[str, str]]] = [[] for _ in range(workload.threads)]
-    for account, ops in sorted(chains.items(), key=lambda item: -len(item[1])):
-        min(shares, key=len).extend((account, op) for op in ops)
     provider.reset(workload.seconds)
+    if workload.slots > 1:
+        run, shares = _in_memory_queue(workload, call_provider)
+    else:
+        chains: dict[str, list[str]] = {}
+        for account, op in workload.calls_in("grouped"):
+            chains.setdefault(account, []).append(op)
+        shares = [[] for _ in range(workload.threads)]
+        for account, ops in sorted(chains.items(), key=lambda item: -len(item[1])):
+            min(shares, key=len).extend((account, op) for op in ops)
 
-    def run(share: list[tuple[str, str]]) -> None:
-        for account, op in share:
-            call_provider(account, op)
+        def run(share: list[tuple[str, str]]) -> None:
+            for account, op in share:
+                call_provider(account, op)
 
+    assert provider.process is not None
     with override_settings(PROVIDER_URL=provider.url):
         threads = [threading.Thread(target=run, args=(share,)) for share in shares]
+        cpu, provider_cpu = time.process_time(), cpu_seconds(provider.process.pid) or 0.0
         start = time.perf_counter()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         seconds = time.perf_counter() - start
+        cpu, provider_cpu = time.process_time() - cpu, (cpu_seconds(provider.process.pid) or 0.0) - provider_cpu
     collisions = provider.stats()["collisions"]
+    how = "static schedule" if workload.slots == 1 else f"a list in memory, {workload.slots} per account at once"
     result = Result(1, "keyed", f"{workload.label()} direct", db, "no queue", seconds, "s", workload.limit, "limit",
-                    note=f"threads call the provider directly, static schedule; {collisions} collisions")
+                    note=f"threads call the provider directly, {how}; {collisions} collisions",
+                    extra={"cpu": {"process": cpu, "provider": provider_cpu}, "calls": workload.total})
     result.judge(seconds / workload.limit)
     say(f"  {db:8} {workload.label() + ' direct':48} {seconds:6.2f}s  limit {workload.limit:.2f}s  no queue")
     return result
+
+
+def _in_memory_queue(workload: Workload, call: Any) -> tuple[Any, list[None]]:
+    """A thread body taking, from one list, the first call whose account has fewer than its slots in flight."""
+    import threading
+
+    waiting = workload.calls_in("interleaved")
+    in_flight: dict[str, int] = {}
+    changed = threading.Condition()
+
+    def run(_: None) -> None:
+        while True:
+            with changed:
+                while True:
+                    if not waiting:
+                        return
+                    taken = next((n for n, (account, _) in enumerate(waiting)
+                                  if in_flight.get(account, 0) < workload.slots), None)
+                    if taken is not None:
+                        account, op = waiting.pop(taken)
+                        in_flight[account] = in_flight.get(account, 0) + 1
+                        break
+                    changed.wait()
+            try:
+                call(account, op, workload.slots)
+            finally:
+                with changed:
+                    in_flight[account] -= 1
+                    changed.notify_all()
+
+    return run, [None] * workload.threads
 
 
 def run_database(db: str, workloads: tuple[Workload, ...], worker_counts: list[int], orders: tuple[str, ...],

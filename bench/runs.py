@@ -43,6 +43,11 @@ def setup(db: str, name: str | None = None) -> str:
     return _url
 
 
+def url() -> str:
+    """The scratch database's URL, once ``setup()`` made it."""
+    return _url
+
+
 def clear() -> None:
     """Delete every invocation and event, leaving the runners (workers may be running, idle)."""
     from django.db import connection
@@ -92,16 +97,29 @@ def span(queryset: Any = None) -> tuple[float | None, dict[str, int]]:
     return (last - first).total_seconds(), statuses
 
 
-class Workers:
-    """``count`` real ``manage.py runworker`` processes sharing ``threads`` runner threads."""
+#: The application_name of the benches' worker processes' connections (libpq's PGAPPNAME): ``bench.harness.Backends``
+#: tells their backends apart by it.
+WORKER_APP = "kjbench-worker"
 
-    def __init__(self, count: int, threads: int, *, name: str = "worker", env: dict[str, str] | None = None) -> None:
+
+class Workers:
+    """``count`` real ``manage.py runworker`` processes sharing ``threads`` runner threads.
+
+    With ``census``, each runs under ``bench.census``, which writes the statements it sends to
+    ``{census}-{number}.json``.
+    """
+
+    def __init__(self, count: int, threads: int, *, name: str = "worker", env: dict[str, str] | None = None,
+                 census: str | None = None, command: list[str] | None = None) -> None:
         if threads % count:
             raise ValueError(f"{threads} threads do not split evenly over {count} workers")
         self.count = count
         self.threads = threads
         self.name = name
         self.env = env or {}
+        self.census = census
+        #: What runs ``manage.py``'s command instead of ``python manage.py`` (a runner patched for a comparison).
+        self.command = command
         self.processes: list[Any] = []
 
     def __enter__(self) -> "Workers":
@@ -110,9 +128,12 @@ class Workers:
         before = Runner.objects.active().count()
         try:
             for number in range(self.count):
+                command = ([sys.executable, "manage.py"] if self.census is None else
+                           [sys.executable, "-m", "bench.census", f"{self.census}-{number}.json"])
                 self.processes.append(spawn(
-                    [sys.executable, "manage.py", "runworker", "--threads", str(self.threads // self.count)],
-                    name=f"{self.name}-{number}", env={"DATABASE_URL": _url, **self.env},
+                    [*(self.command or command), "runworker", "--threads", str(self.threads // self.count)],
+                    name=f"{self.name}-{number}",
+                    env={"DATABASE_URL": _url, "PGAPPNAME": f"{WORKER_APP}-{number}", **self.env},
                 ))
             wait_until(lambda: Runner.objects.active().count() >= before + self.count, timeout=60,
                        what=f"{self.count} runner(s) registered", processes=self.processes)

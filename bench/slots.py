@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .harness import ProviderProcess, Recorder, Result, bench_main, run_rows, say
 from .keyed import direct
-from .workloads import WIDE, Workload
+from .workloads import HOTCHAIN, LIMIT3, WIDE
 
 if TYPE_CHECKING:
     from .runs import Workers
@@ -34,10 +34,6 @@ ROWS = ("limit3", "tiers", "hot2", "hotchain", "wide", "order")
 PEERS_CANNOT = ("Procrastinate and Celery cannot express it (no per-key limit above one; Celery's rate_limit "
                 "has no key); dj_queue publishes only its own figures")
 
-#: 20 accounts x 30 calls of 50 ms, three at a time per account, 16 threads over two workers.
-LIMIT3 = Workload("limit3", 20, 30, 0.05, 16)
-#: One hot account with 40 calls of 0.1 s beside 40 cold ones with one each, 8 threads, one worker.
-HOTCHAIN = Workload("hotchain", 40, 1, 0.1, 8, hot_calls=40)
 
 
 def timed(enqueue: Callable[[], int], pool: "Workers", provider: ProviderProcess, hold: float,
@@ -64,14 +60,14 @@ def limit3(db: str, provider: ProviderProcess, quick: bool) -> list[Result]:
     from bench import runs, tasks
 
     workload = LIMIT3
-    limit = max(workload.calls * workload.seconds / 3, workload.total * workload.seconds / workload.threads)
+    limit = workload.limit
     calls = workload.calls_in("grouped")
     with runs.Workers(2, workload.threads, name=f"slots-{db}", env={"PROVIDER_URL": provider.url}) as pool:
         elapsed, statuses, stats, wall = timed(
             lambda: len(tasks.call_three.delay_many([((a, op), {}) for a, op in calls])),
             pool, provider, workload.seconds, workload.cutoff)
     peak = max(account["max_in_flight"] for account in stats["accounts"].values())
-    case = f"{workload.label()} running_limit=3 w2"
+    case = f"{workload.label()} w2"
     result = Result(12, "slots", case, db, "keyjobs", elapsed, "s", limit, "max(chain/3, work/threads)",
                     note=f"wall {wall:.2f}s; peak in flight per account {peak}; {stats['collisions']} over the limit "
                          f"{runs.describe(statuses)}".strip())

@@ -1,7 +1,8 @@
 """The benchmarks' keyjobs tasks. Workers import them by name (``bench.tasks.call``) when they first meet one."""
 
 from demo_project.tasks import call_provider
-from keyjobs import Mode, task
+from keyjobs import Mode, task, workflow
+from keyjobs import workflows as wf
 
 
 @task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
@@ -12,8 +13,27 @@ def call(account_id: str, op: str) -> None:
 
 
 @task
+def call_plain(account_id: str, op: str) -> None:
+    """Call the provider without a key: ``call``'s work, each call its own account, so that none can collide."""
+    call_provider(f"{account_id}.{op}", op)
+
+
+@task
+def noop_plain(account_id: str, op: str) -> None:
+    """Do nothing with a call's arguments, without a key: ``noop_keyed_numbered``'s keyless twin."""
+
+
+@task
 def noop() -> None:
     """Do nothing: what is left is the queue's own cost."""
+
+
+@task
+def work(seconds: float) -> None:
+    """Work ``seconds`` (a sleep, as a call to a service waits): a backlog's unrelated call (bench.boost)."""
+    import time
+
+    time.sleep(seconds)
 
 
 @task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
@@ -95,4 +115,30 @@ def fan_out(levels: int, width: int = 4) -> int:
     if levels == 0:
         return 1
     children = fan_out.delay_many([((levels - 1, width), {})] * width)
-    return 1 + sum(child.result for child in children)
+    return 1 + sum(child.get_result() for child in children)
+
+
+@task
+def noop_payload(number: int, payload: object) -> None:
+    """Do nothing with a large argument (bench.values): its run still reads it."""
+
+
+@task
+def chain_link(remaining: int) -> None:
+    """Do nothing, then delay the chain's next call: ``remaining`` calls one after another, no workflow."""
+    if remaining > 1:
+        chain_link.delay(remaining - 1)
+
+
+@workflow
+def child_steps(count: int) -> int:
+    """``count`` no-op calls one after another, each a child step the workflow suspends on until it ends."""
+    return len([noop.delay().result for _ in range(count)])
+
+
+@workflow
+def inline_steps_then_an_event(count: int) -> int:
+    """``count`` inline steps, then a wait for the event "go": once it is sent, a replay at step ``count``."""
+    total = sum(wf.step(int, number) for number in range(count))
+    wf.wait_for_event("go")
+    return total

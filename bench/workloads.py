@@ -21,6 +21,7 @@ class Workload:
     threads: int  # runner threads in all, over every worker process
     hot_calls: int = 0  # calls of one extra, hot account
     peer_figure: str = ""  # what the issue measured on a peer, for the reader
+    slots: int = 1  # calls of one account that may run at once (running_limit)
 
     @property
     def total(self) -> int:
@@ -28,8 +29,8 @@ class Workload:
 
     @property
     def limit(self) -> float:
-        """Seconds no scheduler can beat: the longest chain, or all the work over all the threads."""
-        chain = max(self.calls, self.hot_calls) * self.seconds
+        """Seconds no scheduler can beat: the longest chain (over its slots), or all the work over all the threads."""
+        chain = max(self.calls, self.hot_calls) * self.seconds / self.slots
         return max(chain, self.total * self.seconds / self.threads)
 
     @property
@@ -39,7 +40,8 @@ class Workload:
 
     def label(self) -> str:
         hot = f"+hot{self.hot_calls}" if self.hot_calls else ""
-        return f"{self.name} {self.accounts}x{self.calls}{hot} {self.seconds * 1000:g}ms t{self.threads}"
+        slots = f" running_limit={self.slots}" if self.slots > 1 else ""
+        return f"{self.name} {self.accounts}x{self.calls}{hot} {self.seconds * 1000:g}ms{slots} t{self.threads}"
 
     def calls_in(self, order: str) -> list[tuple[str, str]]:
         """Return (account, op) pairs in enqueue order: each account's calls together, or round-robin."""
@@ -65,19 +67,36 @@ HOT = Workload("hotcold", 40, 1, 0.05, 16, hot_calls=40, peer_figure="pynenc 3.0
 #: Procrastinate's case in issue 6: 100 accounts x 10 jobs of 20 ms, concurrency 8 (limit 2.5 s).
 PROCRASTINATE = Workload("pcase", 100, 10, 0.02, 8, peer_figure="procrastinate 1.6x interleaved, 17.7x grouped")
 
-ALL = (BLOCKED, WIDE, MEDIUM, HOT, PROCRASTINATE)
+#: One hot account with 40 calls of 0.1 s beside 40 cold ones with one each, 8 threads (issue 12; limit 4 s).
+HOTCHAIN = Workload("hotchain", 40, 1, 0.1, 8, hot_calls=40)
+
+ALL = (BLOCKED, WIDE, MEDIUM, HOT, PROCRASTINATE, HOTCHAIN)
 QUICK = (BLOCKED, WIDE)
+
+#: Issue 22's short calls: 100 accounts x 50 calls of 10 ms on 8 threads (limit 6.25 s, the work).
+SHORT = Workload("short", 100, 50, 0.01, 8)
+#: Issue 22's running_limit=3: 8 accounts x 15 calls of 0.1 s on 16 threads (limit max(0.5, 0.75) = 0.75 s).
+SLOTS3 = Workload("slots3", 8, 15, 0.1, 16, slots=3)
+#: Issue 12's running_limit=3: 20 accounts x 30 calls of 50 ms on 16 threads (limit max(0.5, 1.875) s).
+LIMIT3 = Workload("limit3", 20, 30, 0.05, 16, slots=3)
+#: Issue 22's rows enqueued as a web app enqueues (bench.webapp), and their --quick sizes.
+DELAYED = (SHORT, WIDE, SLOTS3)
+DELAYED_QUICK = (Workload("short-q", 100, 10, 0.01, 8), Workload("wide-q", 100, 5, 0.05, 16), SLOTS3)
 
 
 def by_name(names: str | None, *, quick: bool) -> tuple[Workload, ...]:
     """Return the workloads named (comma-separated), else the quick or full set."""
     if not names:
         return QUICK if quick else ALL
-    known = {workload.name: workload for workload in ALL}
-    try:
-        return tuple(known[name] for name in names.split(","))
-    except KeyError as exc:
-        raise SystemExit(f"unknown workload {exc}; the workloads are {', '.join(known)}") from None
+    return tuple(named(name) for name in names.split(","))
+
+
+def named(name: str) -> Workload:
+    """Return the workload called ``name``; SystemExit naming the known ones if there is none."""
+    known = {workload.name: workload for workload in (*ALL, LIMIT3, *DELAYED, *DELAYED_QUICK)}
+    if name not in known:
+        raise SystemExit(f"unknown workload {name!r}; the workloads are {', '.join(known)}")
+    return known[name]
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,9 @@ SCENARIOS = {
     )
 }
 
+#: What a command line names: a scenario's letter, or all of them (the commands' usage line, and the docs').
+CHOICES = "|".join([*SCENARIOS, "all"])
+
 
 # -- the provider's side ------------------------------------------------------
 

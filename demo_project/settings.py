@@ -99,6 +99,9 @@ LOGOUT_REDIRECT_URL = "login"
 # keyjobs: how often runners heartbeat, and how long a silent one keeps its work.
 KEYJOBS_HEARTBEAT_INTERVAL = env.float("KEYJOBS_HEARTBEAT_INTERVAL", default=5.0)
 KEYJOBS_LEASE = env.float("KEYJOBS_LEASE", default=6 * KEYJOBS_HEARTBEAT_INTERVAL)
+# keyjobs: task options changed at deploy time, as JSON by task name, e.g.
+# KEYJOBS_TASK_OPTIONS='{"demo_project.tasks.call_keyed": {"running_limit": 2, "rate_limit": "5/s"}}'.
+KEYJOBS_TASK_OPTIONS = env.json("KEYJOBS_TASK_OPTIONS", default={})
 
 # Django's tasks framework (Django 6.1) runs on keyjobs too: `manage.py demo B --api django`.
 if django.VERSION >= (6, 1):

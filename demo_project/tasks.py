@@ -6,17 +6,21 @@ invocation as well as in the provider's counters.
 """
 
 import functools
+import logging
 import ssl
 import threading
+from datetime import timedelta
 from urllib.parse import quote
 
 import httpx
 from django.conf import settings
 
-from keyjobs import Mode, task
+from keyjobs import Mode, task, workflow
+from keyjobs import workflows as wf
 
 from .provider import MAX_HOLD
 
+logger = logging.getLogger(__name__)
 _clients = threading.local()
 _tls_lock = threading.Lock()
 
@@ -113,3 +117,41 @@ def tier_slots(account_id: str) -> int:
 def call_tiered(account_id: str, op: str) -> dict[str, object]:
     """Call the provider, up to the account's plan's calls at a time (``tier_slots``); more wait their turn."""
     return call_provider(account_id, op, tier_slots(account_id))
+
+
+@task(max_retries=3, retry_for=(httpx.HTTPStatusError,), retry_backoff=0.5)
+def call_retrying(account_id: str, op: str) -> dict[str, object]:
+    """Call the provider with no concurrency control, and try again (up to 3 more times) after a collision."""
+    logger.info("calling %s for %s", op, account_id)
+    try:
+        return call_provider(account_id, op)
+    except httpx.HTTPStatusError as exc:
+        logger.warning("%s for %s collided (%s): trying again", op, account_id, exc.response.status_code)
+        raise
+
+
+@task
+def sync_report(account_id: str) -> dict[str, object]:
+    """Sync an account's four calls (one at a time, by its key) and wait for them: a run that waits on children."""
+    from .scenarios import OPS
+
+    children = [call_keyed.delay(account_id=account_id, op=op) for op in OPS]
+    logger.info("waiting on %d calls for %s: %s", len(children), account_id, ", ".join(f"#{c.pk}" for c in children))
+    results = [child.get_result() for child in children]  # each waits: this run is PAUSED meanwhile
+    done = {op: result["op"] if isinstance(result, dict) else result for op, result in zip(OPS, results, strict=True)}
+    logger.info("all %d calls for %s are done", len(done), account_id)
+    return {"account_id": account_id, "synced": list(done)}
+
+
+@workflow(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
+def onboard(account_id: str) -> dict[str, object]:
+    """Onboard an account durably: fetch its profile, take a reference, let it settle, then sync.
+
+    Each step runs once: a runner killed in the middle, the workflow resumes
+    on another at the step it stopped at; the pause holds no thread.
+    """
+    profile = call_keyed.delay(account_id=account_id, op="fetch_profile").result
+    ref = wf.uuid4()
+    wf.sleep(timedelta(seconds=2))
+    synced = call_keyed.delay(account_id=account_id, op="sync").result
+    return {"account_id": account_id, "ref": str(ref), "steps": [profile["op"], synced["op"]]}

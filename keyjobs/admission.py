@@ -14,6 +14,12 @@ key). A decision is one of:
 - MERGE into a waiting invocation of the same registration key (``register()``),
   moving its start with ``debounce``.
 
+An operator may hold a key (``Control``, a ``KeyControl`` row in force):
+paused, its work is parked whatever the task declares (never dropped) and
+no slot of it is woken (``room()``) until it resumes; a running limit or a
+rate given until a time replaces the declared one on every path until then
+(``under()``, ``Control.limit_for()``).
+
 The partial unique constraints on ``Invocation`` stay the final arbiter: a
 start that races another runner's for the same slot loses at the index.
 
@@ -25,12 +31,11 @@ SQL only when a bench says it must.
 
 import enum
 import re
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import registry
 from .concurrency import ConcurrencyControlType, Mode, make_key
 from .exceptions import ArgumentError
 
@@ -125,6 +130,13 @@ class Policy:
             )
         return answer
 
+    def key_names(self, parameters: Iterable[str]) -> set[str]:
+        """Return the names, among a task's ``parameters``, of the arguments its keys are made of."""
+        scopes = {self.running, self.registration}
+        if Mode.ARGUMENTS in scopes:
+            return set(parameters)
+        return set(self.key_arguments) if Mode.KEYS in scopes else set()
+
     def keys_for(self, arguments: Mapping[str, Any]) -> tuple[str | None, str | None]:
         """Return the (running, registration) keys of a call's bound arguments."""
         return (make_key(self.running, arguments, self.key_arguments),
@@ -158,8 +170,41 @@ class KeyState:
     ahead: int = 0
     #: With a rate limit: None if the key's window had room (the start took its token), else when it next has.
     window_full_until: datetime | None = None
-    #: Runs of the key at once: the limit the candidate stored when it was created.
+    #: Runs of the key at once: the limit the candidate stored when it was created, or an operator's in force.
     limit: int = 1
+    #: An operator paused the key: nothing of it starts, whatever its slots.
+    paused: bool = False
+
+
+@dataclass(frozen=True)
+class Control:
+    """An operator's hold on a key, as far as it is in force now (a ``KeyControl`` row, read on the database's clock)."""
+
+    paused: bool = False
+    #: Runs of the key at once in place of the limit its invocations stored, until the override ends.
+    limit: int | None = None
+    #: Starts of the key in any window in place of the task's ``rate_limit``, until the override ends.
+    rate: Rate | None = None
+
+    def limit_for(self, stored: int) -> int:
+        """Return the key's limit under this control: the override's, else the one its invocation ``stored``."""
+        return self.limit if self.limit is not None else stored
+
+
+def under(policy: Policy, control: Control | None) -> Policy:
+    """Return the policy a key's work is decided by while ``control`` is in force.
+
+    An overridden rate replaces the declared one; a paused key's blocked work
+    is parked, never dropped, so that it runs once the key resumes.
+    """
+    if control is None:
+        return policy
+    return replace(policy, rate=control.rate or policy.rate, park_blocked=policy.park_blocked or control.paused)
+
+
+def room(key: KeyState) -> list[int]:
+    """Return the slots of a key its waiting work may be woken into: the free ones, none while it is paused."""
+    return [] if key.paused else free_slots(key.limit, key.held)
 
 
 def is_limit(value: object) -> bool:
@@ -183,8 +228,11 @@ def admit(policy: Policy, key: KeyState) -> Decision:
     (``key.window_full_until``) DEFERs the candidate until the window has
     room, or DROPs it for a task that does not let blocked work wait. The
     caller asks about the window only once the slots allow a start: taking
-    the window's token is part of starting.
+    the window's token is part of starting. A paused key PARKs the
+    candidate, whatever the task declares, so that it waits for the resume.
     """
+    if key.paused:
+        return Decision(Verdict.PARK)
     free = free_slots(key.limit, key.held)
     if len(free) <= key.ahead:
         return Decision(Verdict.PARK if policy.park_blocked else Verdict.DROP)
@@ -199,6 +247,7 @@ def register(policy: Policy, waiting: Any | None, *, now: datetime | None = None
     With ``debounce``, a merge moves the waiting invocation's start to
     ``debounce`` seconds after ``now``, but never past ``debounce_max``
     seconds after it was created (the first of the calls it stands for).
+    ``now`` is the database's clock, as ``created_at`` is.
     """
     if waiting is None:
         return Decision(Verdict.START)
@@ -218,39 +267,15 @@ def debounced_start(policy: Policy, *, first: datetime, now: datetime) -> dateti
 
 
 #: The policies PostgreSQL's one-statement steps implement: any limit of runs per key (any scope,
-#: a number or a function's stored answer), parked or dropped when blocked, no rate limit, a woken
-#: invocation keeping its place or going to the back as the change says. Its claim decides N slots
-#: with ``admit()``'s rule; its wake-up wakes one parked invocation, so a key of more than one slot
-#: (or of a function's limit) is woken on the general path (``wakes_in_one_statement``).
-FAST_PATH = "rate is None; the wake-up: limit == 1"
+#: a number or a function's stored answer: each step reads the limit the invocation stored), parked
+#: or dropped when blocked, no rate limit, a woken invocation keeping its place or going to the back
+#: as the change says, and no operator's control in force on the key (the statements check for its
+#: row: a controlled key's work is decided on the general path). Its claim decides N slots with
+#: ``admit()``'s rule; its wake-up gives a key's free slots to its next invocations, as
+#: ``claim.wake_next`` does (``in_fast_path``).
+FAST_PATH = "rate is None and no Control in force"
 
 
 def in_fast_path(policy: Policy) -> bool:
-    """Return whether the one-statement claim implements ``policy`` exactly (see ``FAST_PATH``)."""
+    """Return whether the one-statement claim and wake-up implement ``policy`` exactly (see ``FAST_PATH``)."""
     return policy.rate is None
-
-
-def wakes_in_one_statement(policy: Policy) -> bool:
-    """Return whether the one-statement wake-up implements ``policy``'s: one slot, a fixed limit of 1, no rate."""
-    return isinstance(policy.limit, int) and policy.limit == 1 and policy.rate is None
-
-
-_fast: tuple[int, list[str]] = (-1, [])
-
-
-def fast_tasks() -> list[str]:
-    """Return the names of the registered tasks whose policy is in the fast path, sorted."""
-    global _fast
-    generation, names = _fast
-    if generation != registry.generation():
-        names = sorted(name for name, spec in registry.all_tasks().items() if in_fast_path(spec.policy))
-        _fast = (registry.generation(), names)
-    return names
-
-
-def policy_of(task_name: str) -> Policy:
-    """Return the policy of a task by name; a task this process does not know gets the default, one per key."""
-    try:
-        return registry.get(task_name).policy
-    except LookupError:
-        return Policy()

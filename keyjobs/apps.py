@@ -8,8 +8,16 @@ class KeyjobsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers the checks)
+        from . import (
+            checks,  # noqa: F401  (registers the checks)
+            runlogs,
+            signals,
+        )
         from .conf import conf
+
+        # What a task logs while it runs is kept with its invocation (keyjobs.runlogs).
+        runlogs.install()
+        signals.invocation_finished.connect(runlogs.flush_run, dispatch_uid="keyjobs.runlogs.flush_run")
 
         if conf.AUTODISCOVER:
             autodiscover_modules("tasks")

@@ -16,7 +16,6 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
@@ -47,11 +46,14 @@ from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued, task_finished, task_started
 from django.utils import timezone
 
-from . import declare, signals
+from . import declare, registry, signals
 from .conf import conf
+from .current import this_run
 from .enqueue import enqueue
 from .exceptions import ResultUnavailable, TaskDeclarationError, dotted_path
 from .models import Event, Invocation
+from .options import OPTIONS as TASK_OPTIONS
+from .options import check_names
 from .spec import Options, TaskSpec
 from .status import FINAL, OWNED, Status
 
@@ -68,14 +70,12 @@ else:
     _Task, _TaskResult = Task, TaskResult
 
 #: The keyjobs options a django.tasks task may take: every option of ``@keyjobs.task`` but those.
-OPTIONS = declare._OPTIONS - set(_DJANGO_SAYS)
+OPTIONS = frozenset(TASK_OPTIONS) - set(_DJANGO_SAYS)
 
-logger = logging.getLogger("keyjobs.worker")
+logger = logging.getLogger(__name__)
 
 #: The django.tasks task of each keyjobs task name declared through this backend, as declared.
 _declared: dict[str, KeyjobsTask] = {}
-#: The invocation the current runner thread is running, for a task that takes its context.
-_running: ContextVar[Invocation | None] = ContextVar("keyjobs_running", default=None)
 
 
 def task_status(status: str) -> TaskResultStatus:
@@ -96,7 +96,7 @@ class KeyjobsTask(_Task):
 
     #: The keyjobs options it was declared with, as given.
     options: Mapping[str, Any] = field(default_factory=dict, compare=False)
-    #: The spec the engine runs; shared by every ``using()`` copy.
+    #: The spec as declared; shared by every ``using()`` copy. The engine runs ``keyjobs_spec``.
     spec: TaskSpec | None = field(default=None, compare=False, repr=False)
 
     def __init__(
@@ -121,7 +121,7 @@ class KeyjobsTask(_Task):
         for ours, django_says in _DJANGO_SAYS.items():
             if ours in self.options:
                 raise TaskDeclarationError(f"{where}: {ours}= is keyjobs' spelling; pass django.tasks' {django_says}=")
-        declare.check_option_names(where, self.options, known=OPTIONS)
+        check_names(where, self.options, known=OPTIONS)
         chosen = self.get_backend()
         if not isinstance(chosen, KeyjobsBackend) and self.options:
             raise TaskDeclarationError(
@@ -134,7 +134,7 @@ class KeyjobsTask(_Task):
             spec = declare.Task(
                 _runnable(func, takes_context), name=self.module_path, queue=queue_name, priority=priority,
                 **self.options,
-            ).spec
+            ).declaration
             _declared[spec.name] = self
         object.__setattr__(self, "spec", spec)
 
@@ -145,8 +145,9 @@ class KeyjobsTask(_Task):
 
     @property
     def keyjobs_spec(self) -> TaskSpec:
+        """The spec this process runs: ``spec`` (as declared) with its ``KEYJOBS_TASK_OPTIONS`` applied."""
         assert self.spec is not None  # set by __init__ whatever it is given
-        return self.spec
+        return registry.effective(self.spec)
 
 
 def _unpickle(module_path: str, changes: dict[str, Any]) -> KeyjobsTask:
@@ -178,10 +179,10 @@ def _runnable(func: Callable[..., Any], takes_context: bool) -> Callable[..., An
 
 
 def _context() -> TaskContext[..., Any]:
-    invocation = _running.get()
-    if invocation is None:
+    run = this_run()
+    if run is None:
         raise RuntimeError("a django.tasks task that takes its context runs on a keyjobs worker, or through .call()")
-    return TaskContext(task_result=result_of(_declared[invocation.task_name], invocation))
+    return TaskContext(task_result=result_of(_declared[run.invocation.task_name], run.invocation))
 
 
 class KeyjobsBackend(BaseTaskBackend):
@@ -222,16 +223,19 @@ class KeyjobsBackend(BaseTaskBackend):
 
     def enqueue(self, task: Task[P, R], args: list[Any], kwargs: dict[str, Any]) -> TaskResult[P, R]:
         """Register a call, in the caller's transaction; a merged duplicate returns the waiting invocation's result."""
+        # As Django's own backends do: the settings may have changed since the task (or its using() copy) was made.
+        self.validate_task(task)
         spec = _spec_of(task, self)
         invocation = enqueue(Options(spec, queue=task.queue_name, priority=task.priority, run_after=task.run_after),
                              tuple(args), dict(kwargs))
         if invocation.reused:
             result = result_of(task, invocation, backend=self.alias, merged=True)
         else:
+            arguments = invocation.call_arguments()
             result = cast("TaskResult[P, R]", KeyjobsTaskResult(
                 task=task, id=str(invocation.pk), status=task_status(invocation.status),
                 enqueued_at=invocation.created_at, started_at=None, finished_at=None, last_attempted_at=None,
-                args=invocation.args, kwargs=invocation.kwargs, backend=self.alias, errors=[], worker_ids=[],
+                args=arguments[0], kwargs=arguments[1], backend=self.alias, errors=[], worker_ids=[],
             ))
         task_enqueued.send(type(self), task_result=result)
         return result
@@ -321,6 +325,7 @@ def result_of(task: Task[P, R], invocation: Invocation, *, backend: str | None =
         worker_ids.append(str(invocation.runner_id))
     if status == TaskResultStatus.FAILED:
         errors.append(_final_error(invocation))
+    args, kwargs = invocation.call_arguments()
     result = KeyjobsTaskResult(
         task=_as_enqueued(task, invocation),
         id=str(invocation.pk),
@@ -329,15 +334,15 @@ def result_of(task: Task[P, R], invocation: Invocation, *, backend: str | None =
         started_at=first_start,
         finished_at=invocation.finished_at if invocation.status in FINAL else None,
         last_attempted_at=invocation.started_at,
-        args=invocation.args,
-        kwargs=invocation.kwargs,
+        args=args,
+        kwargs=kwargs,
         backend=backend or task.backend,
         errors=errors,
         worker_ids=worker_ids,
         merged=merged,
     )
     if invocation.status == Status.SUCCESS:
-        object.__setattr__(result, "_return_value", invocation.return_value)
+        object.__setattr__(result, "_return_value", invocation.stored_result())
     return cast("TaskResult[P, R]", result)
 
 
@@ -362,35 +367,46 @@ def _as_enqueued(task: Task[P, R], invocation: Invocation) -> Task[P, R]:
     return task.using(queue_name=invocation.queue, priority=priority, run_after=invocation.run_after)
 
 
-# -- in the runner thread: Django's signals, and the context --------------------------------------------------
+# -- in the runner thread: Django's signals, and the context (the run in progress: keyjobs.current) ----------------
 
 
 def _started(sender: TaskSpec, invocation: Invocation, **kwargs: Any) -> None:
     declared = _declared.get(invocation.task_name)
     if declared is None:
         return
-    _running.set(invocation)
     task_started.send(KeyjobsBackend, task_result=result_of(declared, invocation))
 
 
-def _finished(sender: Any, invocation: Invocation, status: str, **kwargs: Any) -> None:
-    _running.set(None)
+def _finished(
+    sender: Any, invocation: Invocation, status: str, exception: BaseException | None = None, **kwargs: Any
+) -> None:
     declared = _declared.get(invocation.task_name)
     if declared is None or status not in FINAL:
         return
     # The outcome is recorded: whatever goes wrong from here on is told, never recorded over it.
     try:
         invocation.refresh_from_db(
-            using=conf.DATABASE, fields=["status", "return_value", "error", "error_type", "traceback", "finished_at"]
+            using=conf.DATABASE, fields=["status", "return_value", "result_value", "error", "error_type", "traceback",
+                                         "finished_at"]
         )
         result = result_of(declared, invocation)
     except Exception:
-        logger.exception("keyjobs: could not read the result of invocation #%s for task_finished", invocation.pk)
+        logger.exception("could not read the result of invocation #%s for task_finished", invocation.pk,
+                         extra=invocation.log_extra())
         return
-    for receiver, answer in task_finished.send_robust(KeyjobsBackend, task_result=result):
+    if exception is None:
+        answers = task_finished.send_robust(KeyjobsBackend, task_result=result)
+    else:
+        # Django's receivers read the exception from sys.exc_info(), as its own backends send task_finished
+        # inside their handler (its log line carries the traceback): so is it sent here.
+        try:
+            raise exception
+        except BaseException:
+            answers = task_finished.send_robust(KeyjobsBackend, task_result=result)
+    for receiver, answer in answers:
         if isinstance(answer, Exception):
-            logger.error("keyjobs: a task_finished receiver (%r) raised for invocation #%s", receiver, invocation.pk,
-                         exc_info=answer)
+            logger.error("a task_finished receiver (%r) raised for invocation #%s", receiver, invocation.pk,
+                         exc_info=answer, extra=invocation.log_extra())
 
 
 signals.invocation_started.connect(_started, dispatch_uid="keyjobs.backend.started")

@@ -1,12 +1,17 @@
 """System checks for settings that would break keyjobs' guarantees."""
 
+from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import connections
 
+from . import registry
 from .conf import conf
+from .exceptions import TaskDeclarationError, TaskNotFound
+from .options import OPTIONS, check_settable, override
 
 
 @register(Tags.database, Tags.compatibility)
@@ -74,9 +79,24 @@ def pool_warnings(alias: str, pool: Any) -> list[CheckMessage]:
     )]
 
 
+#: Settings that must be a number above zero (a size, or a duration in seconds), by the name a project
+#: sets; those in ``_MAY_BE_NONE`` may also be None.
+_POSITIVE = {
+    "KEYJOBS_MAX_VALUE_BYTES": "MAX_VALUE_BYTES",
+    "KEYJOBS_INLINE_VALUE_BYTES": "INLINE_VALUE_BYTES",
+    "KEYJOBS_POLL_INTERVAL": "POLL_INTERVAL",
+    "KEYJOBS_HEARTBEAT_INTERVAL": "HEARTBEAT_INTERVAL",
+    "KEYJOBS_LEASE": "LEASE",
+    "KEYJOBS_WORKFLOW_MAX_STEPS": "WORKFLOW_MAX_STEPS",
+}
+_MAY_BE_NONE = frozenset({"POLL_INTERVAL"})
+#: Settings that must be a ``timedelta`` above zero: how long the monitor's statistics are kept.
+_KEPT_FOR = {"KEYJOBS_ROLLUP_KEEP": "ROLLUP_KEEP", "KEYJOBS_KEY_ROLLUP_KEEP": "KEY_ROLLUP_KEEP"}
+
+
 @register(Tags.compatibility)
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """Refuse keyjobs settings that cannot work."""
+    """Refuse keyjobs settings that cannot work: workers would misbehave, not fail."""
     messages: list[CheckMessage] = []
     if conf.DATABASE not in settings.DATABASES:
         messages.append(Error(f"KEYJOBS_DATABASE = {conf.DATABASE!r} is not in DATABASES.", id="keyjobs.E001"))
@@ -88,48 +108,66 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                  "a pooler: runners LISTEN on it.",
             id="keyjobs.E004",
         ))
-    for name in ("POLL_INTERVAL", "HEARTBEAT_INTERVAL", "LEASE"):
-        value = getattr(conf, name)
-        if name == "POLL_INTERVAL" and value is None:
+    numbers = True
+    for name, attribute in _POSITIVE.items():
+        value = getattr(conf, attribute)
+        if value is None and attribute in _MAY_BE_NONE:
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            messages.append(Error(f"KEYJOBS_{name} = {value!r} must be a number of seconds above 0.", id="keyjobs.E002"))
-            return messages
-    if conf.LEASE < 2 * conf.HEARTBEAT_INTERVAL:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            messages.append(Error(f"{name} = {value!r} must be a number above zero.", id="keyjobs.E002"))
+            numbers = False
+    for name, attribute in _KEPT_FOR.items():
+        value = getattr(conf, attribute)
+        if not isinstance(value, timedelta) or value <= timedelta(0):
+            messages.append(Error(f"{name} = {value!r} must be a timedelta above zero.",
+                                  hint="For example timedelta(days=8): the statistics' minutes older than it are "
+                                       "pruned by the rollup duty and prunejobs.", id="keyjobs.E009"))
+    limit = conf.RUN_LOG_LIMIT
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        messages.append(Error(f"KEYJOBS_RUN_LOG_LIMIT = {limit!r} must be a whole number, 0 or more.",
+                              hint="The most records a run keeps of what it logged; 0 keeps none.",
+                              id="keyjobs.E010"))
+    if numbers and conf.LEASE < 2 * conf.HEARTBEAT_INTERVAL:
         messages.append(
             Error(
                 f"KEYJOBS_LEASE ({conf.LEASE:g}s) must be at least twice KEYJOBS_HEARTBEAT_INTERVAL "
                 f"({conf.HEARTBEAT_INTERVAL:g}s).",
-                hint="Otherwise one late heartbeat gets a live runner declared lost and its work run twice.",
+                hint="Otherwise one late heartbeat gets a live runner declared lost and its work run twice; "
+                     "six heartbeats is the default.",
                 id="keyjobs.E003",
             )
         )
     return messages
 
 
-#: Settings that must be a number above zero, by the name a project sets.
-_POSITIVE = {
-    "KEYJOBS_MAX_VALUE_BYTES": "MAX_VALUE_BYTES",
-    "KEYJOBS_HEARTBEAT_INTERVAL": "HEARTBEAT_INTERVAL",
-    "KEYJOBS_LEASE": "LEASE",
-}
-
-
 @register(Tags.compatibility)
-def check_numeric_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """Refuse a size or a duration that is not a number above zero: workers would misbehave, not fail."""
+def check_task_options(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Refuse KEYJOBS_TASK_OPTIONS that cannot apply: the task would silently run as declared."""
+    changed = conf.TASK_OPTIONS
+    if not isinstance(changed, Mapping) or not all(isinstance(name, str) for name in changed):
+        return [Error(f"KEYJOBS_TASK_OPTIONS = {changed!r} must be a dict of @task options by task name.",
+                      hint='For example {"billing.tasks.sync_account": {"running_limit": 5}}.', id="keyjobs.E005")]
     messages: list[CheckMessage] = []
-    for name, attribute in _POSITIVE.items():
-        value = getattr(conf, attribute)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            messages.append(Error(f"{name} = {value!r} must be a number above zero.", id="keyjobs.E001"))
-    lease, heartbeat = conf.LEASE, conf.HEARTBEAT_INTERVAL
-    if not messages and lease <= heartbeat:
-        messages.append(Error(
-            f"KEYJOBS_LEASE ({lease:g}s) must be longer than KEYJOBS_HEARTBEAT_INTERVAL ({heartbeat:g}s).",
-            hint="Otherwise a live runner is declared lost between two heartbeats; six heartbeats is the default.",
-            id="keyjobs.E002",
-        ))
+    for name, changes in changed.items():
+        try:
+            spec = registry.get(name)
+        except TaskNotFound as exc:
+            messages.append(Error(f"KEYJOBS_TASK_OPTIONS names {name!r}: {exc}.",
+                                  hint="Name a task by its name (its dotted path unless it declares name=).",
+                                  id="keyjobs.E006"))
+            continue
+        where = f"KEYJOBS_TASK_OPTIONS[{name!r}]"
+        try:
+            if isinstance(changes, Mapping):
+                check_settable(where, changes)
+        except TaskDeclarationError as exc:
+            messages.append(Error(f"{exc}.", hint="Settings may change: " + ", ".join(
+                option for option, declared in OPTIONS.items() if declared.overridable) + ".", id="keyjobs.E007"))
+            continue
+        try:
+            override(registry.declared(name) or spec, changes)
+        except TaskDeclarationError as exc:
+            messages.append(Error(f"{exc}.", hint="The task runs as declared until this is fixed.", id="keyjobs.E008"))
     return messages
 
 

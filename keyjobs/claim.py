@@ -18,26 +18,25 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from django.db import IntegrityError, connections, transaction
-from django.db.models import Count, OuterRef, Q, Subquery
-from django.db.models.functions import Coalesce
-from django.utils import timezone
+from django.db.models import Count, Exists, OuterRef, Q, Subquery
+from django.db.models.functions import Coalesce, Now
 
 from . import admission, registry
 from .admission import KeyState, Verdict
 from .exceptions import TaskNotFound, dotted_path
-from .models import Event, Invocation, Runner
-from .status import HANDED, OWNED, WOKEN, Change, Status, change
+from .models import Event, Invocation, KeyControl, Runner
+from .status import HANDED, OWNED, WOKEN, Change, Status, change, mark
 from .store import LockedRow, Woken, store
 from .transitions import apply, apply_locked, moved_rows, row_of
 
-logger = logging.getLogger("keyjobs.worker")
+logger = logging.getLogger(__name__)
 
 #: How many registered invocations one claim decides at most, blocked ones included.
 SCAN = 16
@@ -56,17 +55,25 @@ class Claimer:
     queues: list[str] | None
     #: Asked when the invocation ends: False once the thread will not go on (its runner stops).
     goes_on: Callable[[], bool] = lambda: True
+    #: Set when a step that could hand this thread work failed: it may have committed, the reply lost (``adopt``).
+    in_doubt: bool = False
 
     def claim(self, *, start: bool = True, slot: int = 0, via: tuple[Status, ...] = (),
-              started_at: datetime | None = None) -> Change:
+              started_at: datetime | None = None, limit: int | None = None) -> Change:
         """Return the change that makes an invocation this thread's (RUNNING with ``start``, else PENDING).
 
         ``started_at``: the start's time as its rate window's token recorded it, instead of the clock.
+        ``limit``: the key's limit it starts under (an operator's override), stored with its slot, so
+        that the check ``keyjobs_slot_within_limit`` holds the slot to it.
         """
         path = (*via, Status.PENDING) if start else via
+        values: dict[str, Any] = {}
+        if started_at is not None:
+            values["started_at"] = started_at
+        if limit is not None:
+            values["running_limit"] = limit
         return change(Status.RUNNING if start else Status.PENDING, via=path, owner_id=self.runner.pk,
-                      thread=self.thread, slot=slot, note=HANDED if via else "",
-                      values={"started_at": started_at} if started_at is not None else None)
+                      thread=self.thread, slot=slot, note=HANDED if via else "", values=values or None)
 
 
 #: Seconds after deferred work is due that the runner which deferred it looks for it.
@@ -86,10 +93,10 @@ class Releases:
         self._due: list[float] = []
         self._changed = threading.Condition()
 
-    def note(self, until: datetime) -> None:
-        """Note deferred work due at ``until``."""
+    def note(self, until: datetime, now: datetime) -> None:
+        """Note deferred work due at ``until``, ``now`` being the time by the same (the database's) clock."""
         # A little late rather than early: work looked for before it is due waits for the next poll.
-        at = time.monotonic() + max(0.0, (until - timezone.now()).total_seconds()) + RELEASE_MARGIN
+        at = time.monotonic() + max(0.0, (until - now).total_seconds()) + RELEASE_MARGIN
         with self._changed:
             heapq.heappush(self._due, at)
             self._changed.notify_all()
@@ -169,8 +176,9 @@ def _claim_next(
     # No savepoint inside a caller's transaction (record_and_claim's): a failure undoes both.
     with transaction.atomic(using=using, savepoint=False):
         candidates = store(using).claimable(claimer.queues, room)
-        if not candidates:
-            return None
+        # Asked only where there is work to take: an empty look (a poll) costs no second statement.
+        if not candidates or not store(using).may_claim(claimer.runner.pk):
+            return None  # nothing, or declared lost (or stopped): what it took now, no recovery would find
         head = candidates[0]
         try:
             spec = registry.get(head.task_name)
@@ -186,10 +194,12 @@ def _claim_next(
                     break  # keep the queue's order: the rest waits for the next claim
                 plain.append(candidate)
             return _take(plain, claimer, 0, using, start)
-        policy = spec.policy
+        # An operator's control on the key, read only where one is in force (the candidates' query says).
+        control = store(using).key_control(head.task_name, head.running_key) if head.controlled else None
+        policy = admission.under(spec.policy, control)
         if policy.rate is not None and not first:
             return None
-        decision, key = _decide(head, policy, claimer, using)
+        decision, key = _decide(head, policy, claimer, using, control)
         if decision.verdict is Verdict.START:
             try:
                 with transaction.atomic(using=using):  # a savepoint: losing the race must not end the claim
@@ -197,11 +207,17 @@ def _claim_next(
                     if policy.rate is not None:
                         # Part of starting: the token is given back with the savepoint if the start loses its race.
                         window = store(using).take_start(head.task_name, head.running_key, policy.rate)
+                        if window.contended:
+                            # Undecided until the claims taking its tokens commit: nothing is deferred nor
+                            # recorded, the claim stops, and this runner looks again shortly.
+                            assert window.full_until is not None
+                            releases.note(window.full_until, store(using).clock())
+                            return None
                         decision = admission.admit(policy, replace(key, window_full_until=window.full_until))
                         started_at = window.taken_at
                     if decision.verdict is Verdict.START:
                         return _take([head], claimer, decision.slot or 0, using, start or started_at is not None,
-                                     started_at=started_at)
+                                     started_at=started_at, limit=_overridden(control, head.running_limit))
             except IntegrityError:
                 return []  # another runner took the slot between our look and our claim: the next claim looks again
         # Still under the locks taken on the key's owners: see the module docstring. What is
@@ -209,8 +225,9 @@ def _claim_next(
         # so that a deep backlog on one key costs one transaction, not one per invocation.
         blocked = [row_of(head), *store(using).registered_behind(head, PARK_BATCH)]
         if decision.verdict is Verdict.PARK:
-            apply_locked(blocked, change(Status.REROUTED, runner_id=claimer.runner.pk,
-                                         note="its key was busy: parked until it frees"), using=using)
+            note = ("its key is paused: parked until it resumes" if key.paused
+                    else "its key was busy: parked until it frees")
+            apply_locked(blocked, change(Status.REROUTED, runner_id=claimer.runner.pk, note=note), using=using)
         elif decision.verdict is Verdict.DEFER:
             assert decision.until is not None and policy.rate is not None
             _defer(blocked, decision.until, f"its key's rate window ({policy.rate}) was full", claimer, using)
@@ -221,22 +238,24 @@ def _claim_next(
 
 
 def _decide(
-    candidate: Invocation, policy: admission.Policy, claimer: Claimer, using: str
+    candidate: Invocation, policy: admission.Policy, claimer: Claimer, using: str,
+    control: admission.Control | None = None,
 ) -> tuple[admission.Decision, KeyState]:
     """Ask admission about ``candidate``'s slots, with its key's owners locked (what makes parking safe).
 
     Work of its key ahead of it goes first. If that work is parked although
     the key has room (its waker died), it is woken now, in this transaction.
     Return the decision and the key's state (a rate window is asked about later, when it would start).
+    ``control``: an operator's, in force on the key.
     """
     assert candidate.running_key is not None
     db = store(using)
-    limit = candidate.running_limit
+    limit = control.limit_for(candidate.running_limit) if control is not None else candidate.running_limit
     held = db.owned_slots(candidate.task_name, candidate.running_key, lock=True)
     ahead = db.waiting_in_key_order(candidate.task_name, candidate.running_key, limit, before=candidate)
-    key = KeyState(held=held, ahead=len(ahead), limit=limit)
+    key = KeyState(held=held, ahead=len(ahead), limit=limit, paused=control is not None and control.paused)
     decision = admission.admit(policy, key)
-    if (decision.verdict is not Verdict.START and admission.free_slots(limit, held)
+    if (decision.verdict is not Verdict.START and admission.room(key)
             and any(row.status == Status.REROUTED for row in ahead)):
         wake_next(candidate.task_name, candidate.running_key, using=using, runner=claimer.runner)
     return decision, key
@@ -248,14 +267,11 @@ def _defer(rows: list[LockedRow], until: datetime, why: str, claimer: Claimer, u
     Not a change of status: a deferred invocation waits in the queue as any
     invocation given a ``run_after`` does, holding no thread and no key.
     """
-    ids = [row.id for row in rows]
-    Invocation.objects.using(using).filter(pk__in=ids, status=Status.REGISTERED).update(run_after=until)
-    note = f"{why}: deferred until {until.isoformat(timespec='milliseconds')}"
-    store(using).insert_events([
-        (pk, Event.Kind.DEFERRED, Status.REGISTERED, Status.REGISTERED, claimer.runner.pk, claimer.thread, note)
-        for pk in ids
-    ])
-    releases.note(until)
+    apply_locked(rows, mark(Event.Kind.DEFERRED, {"run_after": until}, runner_id=claimer.runner.pk,
+                            thread=claimer.thread, note=f"{why}: deferred until "
+                                                        f"{until.isoformat(timespec='milliseconds')}"),
+                 using=using, only_from={Status.REGISTERED})
+    releases.note(until, store(using).clock())
 
 
 def _claim_head(claimer: Claimer, *, using: str, start: bool, room: int) -> list[Invocation] | None:
@@ -266,7 +282,7 @@ def _claim_head(claimer: Claimer, *, using: str, start: bool, room: int) -> list
     ``admission.FAST_PATH``, a lost race) or the store has no such step.
     """
     steps = store(using).steps
-    fast_tasks = admission.fast_tasks()
+    fast_tasks = registry.fast_tasks()
     if steps is None or not fast_tasks:
         return None
     # A savepoint only inside a caller's transaction: alone, the statement is its own transaction.
@@ -283,16 +299,25 @@ def _claim_head(claimer: Claimer, *, using: str, start: bool, room: int) -> list
     return found.invocations
 
 
+def _overridden(control: admission.Control | None, stored: int) -> int | None:
+    """Return the limit a start under ``control`` stores in place of the ``stored`` one, None to keep it."""
+    if control is None or control.limit is None or control.limit == stored:
+        return None
+    return control.limit
+
+
 def _take(
     candidates: list[Invocation], claimer: Claimer, slot: int, using: str, start: bool,
-    started_at: datetime | None = None,
+    started_at: datetime | None = None, limit: int | None = None,
 ) -> list[Invocation]:
-    made = claimer.claim(start=start, slot=slot, started_at=started_at)
+    made = claimer.claim(start=start, slot=slot, started_at=started_at, limit=limit)
     moved = set(apply_locked([row_of(c) for c in candidates], made, using=using, only_from={Status.REGISTERED}))
     taken = [c for c in candidates if c.pk in moved]
     for candidate in taken:
         candidate.status = made.to
         candidate.runner, candidate.runner_thread, candidate.slot = claimer.runner, claimer.thread, slot
+        if limit is not None:
+            candidate.running_limit = limit
         if start:
             candidate.attempts += 1
     return taken
@@ -300,7 +325,7 @@ def _take(
 
 def wake_next(
     task_name: str, running_key: str | None, *, using: str, runner: Runner | None = None,
-    claimer: Claimer | None = None, take: bool = False,
+    claimer: Claimer | None = None,
 ) -> Woken:
     """Give the slots a key has free to its next invocations, in key order.
 
@@ -314,44 +339,61 @@ def wake_next(
     nothing claimable is ahead of its place, which is its own (nothing at all
     for ``round_robin``, whose woken work joins the back). A key's chain is the
     critical path of a busy queue; handing it on keeps it moving through a busy
-    start instead of waiting for the next thread to come free. With ``take``,
-    a claimer handed nothing may be given the queue's next invocation instead,
-    where the store claims it in the same statement.
+    start instead of waiting for the next thread to come free. On PostgreSQL
+    the whole wake-up is one statement, for any limit, for a policy in
+    ``admission.FAST_PATH``; a hand-off there may lose a race for its slot to
+    another runner's claim (an IntegrityError that undoes the transaction:
+    the caller records again without a claimer, ``execute._record``).
     Call it in the transaction that frees a slot of the key.
     """
     if running_key is None:
         return Woken(None, [])
-    policy = admission.policy_of(task_name)
+    policy = registry.policy_of(task_name)
     db = store(using)
     woken_change = change(Status.REGISTERED, runner_id=runner.pk if runner is not None else None, note=WOKEN,
                           keep_place=not policy.round_robin)
-    if db.steps is not None and admission.wakes_in_one_statement(policy):
-        fast_tasks = admission.fast_tasks() if take and claimer is not None else []
+    if db.steps is not None and admission.in_fast_path(policy):
         done = db.steps.wake_next(
             task_name, running_key, woken=woken_change,
             handed=claimer.claim(via=(Status.REGISTERED,)) if claimer is not None else None,
-            queues=claimer.queues if claimer is not None else None, fast_tasks=fast_tasks,
-            claim=claimer.claim() if claimer is not None and fast_tasks else None,
+            queues=claimer.queues if claimer is not None else None,
         )
         if done.handed is not None and claimer is not None:
             done.handed.runner = claimer.runner
-        return done
+        if done.controlled:  # an operator's control on the key, which the statement leaves alone: decided here
+            return _wake(task_name, running_key, policy, woken_change, claimer, using)
+        if not done.missed:
+            return done
+        # Another waker of the key took some of the rows first: look again at what is left, as below.
+        rest = _wake(task_name, running_key, policy, woken_change, None, using)
+        return Woken(done.handed, done.woken + rest.woken)
+    return _wake(task_name, running_key, policy, woken_change, claimer, using)
+
+
+def _wake(
+    task_name: str, running_key: str, policy: admission.Policy, woken_change: Change, claimer: Claimer | None,
+    using: str,
+) -> Woken:
+    """``wake_next``'s general path: ask admission about the key's free slots, under the limit its next invocation
+    stored, and wake (or hand over) its next invocations."""
+    db = store(using)
     handed: Invocation | None = None
     woken: list[int] = []
     handing = claimer is not None
     # Another waker of the key (a slot freed at the same moment) may wake the same rows first: this
     # one's wake-up then waits for its commit, finds them woken, and looks again at what is left.
     for _ in range(_WAKE_ROUNDS):
-        held = db.owned_slots(task_name, running_key, lock=False)
-        if isinstance(policy.limit, int):
-            limit = policy.limit
-        else:  # a function's answer: the one the key's next invocation stored
-            first = db.waiting_in_key_order(task_name, running_key, 1)
-            limit = first[0].running_limit if first else 1
-        free = admission.free_slots(limit, held)
+        held, control = db.key_slots(task_name, running_key)  # its owners' slots, and an operator's control
+        overridden = control.limit if control is not None else None
+        line = db.waiting_in_key_order(task_name, running_key, overridden)
+        if not line:
+            break
+        # The one source of a key's limit: what its next invocation stored, unless an operator's override is in force.
+        limit = overridden or line[0].running_limit
+        free = admission.room(KeyState(held=held, limit=limit, paused=control is not None and control.paused))
         if not free:
             break
-        next_up = db.waiting_in_key_order(task_name, running_key, len(free))
+        next_up = line[:len(free)]
         parked = [row for row in next_up if row.status == Status.REROUTED]
         if (
             handing and claimer is not None
@@ -366,7 +408,8 @@ def wake_next(
                 # A savepoint: a claim of another of the key's invocations may take the slot first
                 # (it read the key before this transaction's changes); then this one is woken instead.
                 with transaction.atomic(using=using):
-                    handed = _hand_over(parked[0].id, policy, claimer, held, limit, free[0], using)
+                    handed = _hand_over(parked[0].id, admission.under(policy, control), claimer, held, limit,
+                                        free[0], using, control)
             except IntegrityError:
                 handed = None
             if handed is not None:
@@ -385,11 +428,14 @@ def wake_next(
 
 
 def _hand_over(
-    pk: int, policy: admission.Policy, claimer: Claimer, held: set[int], limit: int, slot: int, using: str
+    pk: int, policy: admission.Policy, claimer: Claimer, held: set[int], limit: int, slot: int, using: str,
+    control: admission.Control | None = None,
 ) -> Invocation | None:
     """Make parked invocation ``pk`` RUNNING in ``slot`` for ``claimer``; None if it is not parked any more, or its
     rate window is full."""
     db = store(using)
+    if not db.may_claim(claimer.runner.pk):
+        return None  # declared lost: it is woken instead, for a live runner
     # Claimers never lock parked rows, so this waits for nobody but a concurrent waker of the same key.
     handed = db.lock_invocation(pk, Status.REROUTED)
     if handed is None:
@@ -403,9 +449,12 @@ def _hand_over(
                 .verdict is not Verdict.START:
             return None
         started_at = window.taken_at
-    made = claimer.claim(slot=slot, via=(Status.REGISTERED,), started_at=started_at)
+    overridden = _overridden(control, handed.running_limit)
+    made = claimer.claim(slot=slot, via=(Status.REGISTERED,), started_at=started_at, limit=overridden)
     apply_locked([row_of(handed)], made, using=using)
     handed.status, handed.slot, handed.attempts = Status.RUNNING, slot, handed.attempts + 1
+    if overridden is not None:
+        handed.running_limit = overridden
     handed.runner, handed.runner_thread = claimer.runner, claimer.thread
     return handed
 
@@ -426,7 +475,7 @@ def record_and_claim(
     if not outcome.legal_from(Status.RUNNING):
         return None
     steps = store(using).steps
-    fast_tasks = admission.fast_tasks()
+    fast_tasks = registry.fast_tasks()
     if steps is None or not fast_tasks:
         # The same two steps in one transaction: a database locked as a whole (SQLite) takes its
         # write lock once instead of twice.
@@ -449,6 +498,27 @@ def record_and_claim(
     return moved, found.claimed.invocations
 
 
+def adopt(claimer: Claimer, *, using: str, besides: Collection[int] = ()) -> list[Invocation]:
+    """Return what ``claimer``'s thread owns, PENDING or RUNNING, but ``besides``: what it took and did not hear of.
+
+    A claim, a hand-off or a record-and-claim whose reply was lost committed
+    all the same: what it took is the thread's, in the state it asked for,
+    which is the step's success. Found again here, it is run as if the reply
+    had come (the RUNNING first, as a hand-off's is). A thread without a
+    number cannot tell its work from its runner's other threads': the runner's
+    sweep (``execute.give_back_unheld``) gives that back instead.
+    """
+    if claimer.thread is None:
+        return []
+    found = list(Invocation.objects.using(using)
+                 .filter(runner=claimer.runner, runner_thread=claimer.thread,
+                         status__in=[Status.RUNNING, Status.PENDING])
+                 .exclude(pk__in=list(besides)).order_by("pk"))
+    for invocation in found:
+        invocation.runner = claimer.runner
+    return sorted(found, key=lambda invocation: invocation.status != Status.RUNNING)
+
+
 def wake_orphans(*, using: str, runner: Runner | None = None) -> list[int]:
     """Wake parked invocations whose key has a slot that nobody holds or waits to take (their waker died)."""
     live = (
@@ -460,11 +530,16 @@ def wake_orphans(*, using: str, runner: Runner | None = None) -> list[int]:
         .annotate(taken=Count("pk"))
         .values("taken")
     )
+    controls = KeyControl.objects.using(using).in_force().filter(task_name=OuterRef("task_name"),
+                                                                 running_key=OuterRef("running_key"))
+    taken = Coalesce(Subquery(live), 0)
     keys = (
         Invocation.objects.using(using)
         .filter(status=Status.REROUTED)
-        # A key of one slot (the common case) is an orphan when nobody holds it or waits to take it.
-        .filter(Q(running_limit__gt=Coalesce(Subquery(live), 0)))
+        # A key of one slot (the common case) is an orphan when nobody holds it or waits to take it; a key an
+        # operator paused is no orphan, and one whose limit is overridden has the override's slots.
+        .filter(~Exists(controls.filter(paused=True)))
+        .filter(Q(running_limit__gt=taken) | Exists(controls.filter(until__gt=Now(), running_limit__gt=taken)))
         .values_list("task_name", "running_key")
         .distinct()
     )
@@ -473,7 +548,7 @@ def wake_orphans(*, using: str, runner: Runner | None = None) -> list[int]:
         with transaction.atomic(using=using):
             woken += wake_next(task_name, running_key, using=using, runner=runner).woken
     if woken:
-        logger.info("keyjobs: woke %d parked invocation(s) whose key was free", len(woken))
+        logger.info("woke %d parked invocation(s) whose key was free", len(woken), extra={"invocation_ids": woken})
     return woken
 
 

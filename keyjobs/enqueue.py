@@ -18,17 +18,17 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, connections, transaction
-from django.utils import timezone
 
-from . import admission, waits
+from . import admission
 from .admission import KeyState, Verdict
 from .conf import conf
+from .current import this_run
 from .exceptions import ArgumentError, KeyjobsError
-from .models import Event, Invocation
-from .status import Status, change
+from .models import Event, Invocation, Value
+from .status import Status, change, mark
 from .store import KeyAhead, Steps, store
-from .transitions import record
-from .values import check_arguments
+from .transitions import apply, record
+from .values import Memo, check_arguments, outline_arguments
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -62,7 +62,7 @@ def enqueue(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -
     # Outside the caller's transaction only: parking locks the key's rows until commit (see below).
     steps = store(using).steps
     if (steps is not None and invocation.running_key is not None and options.task.policy.park_blocked
-            and not connections[using].in_atomic_block):
+            and not connections[using].in_atomic_block and invocation.arguments_value_id is None):
         _insert_or_park(invocation, steps, using)
         return invocation
     _insert([invocation], conf.DATABASE)
@@ -130,10 +130,7 @@ def _register(invocation: Invocation, policy: admission.Policy) -> Invocation:
     its start (``admission.register``).
     """
     using = conf.DATABASE
-    if policy.debounce is not None:
-        now = timezone.now()
-        start = admission.debounced_start(policy, first=now, now=now)
-        invocation.run_after = start if invocation.run_after is None else max(invocation.run_after, start)  # type: ignore[type-var]
+    asked = invocation.run_after
     for _ in range(_REGISTRATION_ATTEMPTS):
         with transaction.atomic(using=using):
             existing = (
@@ -143,7 +140,10 @@ def _register(invocation: Invocation, policy: admission.Policy) -> Invocation:
                 .locked()
                 .first()
             )
-            decision = admission.register(policy, existing, now=timezone.now())
+            # Debounce's times are the database's clock, as created_at and the claim's "due" are; read after
+            # the lock, which may wait for another caller's commit.
+            now = store(using).clock() if policy.debounce is not None else None
+            decision = admission.register(policy, existing, now=now)
             if existing is not None and decision.verdict is Verdict.MERGE:
                 if decision.until is not None and not _debounce(existing, invocation, decision.until, using):
                     continue  # it left the waiting states before the lock (a database without row locks)
@@ -151,6 +151,9 @@ def _register(invocation: Invocation, policy: admission.Policy) -> Invocation:
                     record(existing, Event.Kind.REUSED, using=using)
                 existing.reused = True
                 return existing
+            start = admission.debounced_start(policy, first=now, now=now) if now is not None else None
+            if start is not None:
+                invocation.run_after = start if asked is None else max(asked, start)
             try:
                 # _insert takes a savepoint: losing the race at the constraint must not spoil the caller's transaction.
                 _insert([invocation], using)
@@ -166,23 +169,38 @@ def _register(invocation: Invocation, policy: admission.Policy) -> Invocation:
 def _debounce(existing: Invocation, call: Invocation, until: datetime, using: str) -> bool:
     """Merge ``call`` into the waiting, locked invocation ``existing``: its arguments, its start at ``until``.
 
-    Return False if ``existing`` is not waiting any more. The update checks
-    that itself, for a database without row locks (SQLite), where a claim
-    may have come between the look and this write.
+    The arguments bring their running key and the limit stored for it. A
+    parked invocation whose running key changes is registered again (keeping
+    its place): it was parked behind its old key's owners, who would wake it
+    there, and the claim decides it under its new key instead.
+
+    Return False if ``existing`` is not waiting any more: the status writer
+    checks that itself, for a database without row locks (SQLite), where a
+    claim may have come between the look and this write.
     """
-    merged = {"args": call.args, "kwargs": call.kwargs, "running_key": call.running_key, "run_after": until}
-    if not Invocation.objects.using(using).waiting().filter(pk=existing.pk).update(**merged):
+    merged = {"args": call.args, "kwargs": call.kwargs, "arguments_value_id": call.arguments_value_id,
+              "arguments_outline": call.arguments_outline, "running_key": call.running_key,
+              "running_limit": call.running_limit, "run_after": until}
+    note = f"merged a later call: its arguments, and its start at {until.isoformat(timespec='milliseconds')}"
+    _hold([call], using)
+    if not apply([existing.pk], mark(Event.Kind.DEBOUNCED, merged, note=note), using=using,
+                 only_from={existing.status}):
         return False
+    if existing.status == Status.REROUTED and call.running_key != existing.running_key:
+        apply([existing.pk], change(Status.REGISTERED, keep_place=True, note="its running key changed by a merge"),
+              using=using, only_from={Status.REROUTED})
+        existing.status = Status.REGISTERED
+        store(using).notify(existing.queue)
     for name, value in merged.items():
         setattr(existing, name, value)
-    record(existing, Event.Kind.DEBOUNCED, using=using,
-           note=f"merged a later call: its arguments, and its start at {until.isoformat(timespec='milliseconds')}")
     return True
 
 
 def enqueue_many(options: "Options", calls: Iterable[Any]) -> list[Invocation]:
     """Register many calls; each is an ``(args, kwargs)`` pair or a mapping of keyword arguments."""
     invocations = []
+    memo = Memo()  # a value passed to many calls is measured, written and hashed once
+    now = store(conf.DATABASE).clock() if isinstance(options.run_after, timedelta) else None  # once for them all
     for number, call in enumerate(calls):
         if isinstance(call, Mapping):
             args, kwargs = (), dict(call)
@@ -192,7 +210,7 @@ def enqueue_many(options: "Options", calls: Iterable[Any]) -> list[Invocation]:
             raise ArgumentError(
                 f"{options.task.name}.delay_many(): call {number} must be an (args, kwargs) pair or a dict of keyword arguments"
             )
-        invocations.append(_build(options, args, kwargs))
+        invocations.append(_build(options, args, kwargs, memo, now=now))
     if any(invocation.registration_key is not None for invocation in invocations):
         # Deduplication needs each call to see the ones before it.
         with transaction.atomic(using=conf.DATABASE):
@@ -248,6 +266,16 @@ def _insert(invocations: list[Invocation], using: str) -> None:
     savepoint: a failed insert leaves the caller's transaction usable.
     """
     connection = connections[using]
+    if any(invocation.arguments_value_id is not None for invocation in invocations):
+        # The values first, in the invocations' transaction: they commit or roll back together.
+        with transaction.atomic(using=using):
+            _hold(invocations, using)
+            _insert_rows_of(invocations, using, connection)
+        return
+    _insert_rows_of(invocations, using, connection)
+
+
+def _insert_rows_of(invocations: list[Invocation], using: str, connection: "BaseDatabaseWrapper") -> None:
     if not connection.features.can_return_rows_from_bulk_insert:
         with transaction.atomic(using=using):
             for invocation in invocations:
@@ -261,6 +289,16 @@ def _insert(invocations: list[Invocation], using: str) -> None:
         for start in range(0, len(invocations), size):
             batch = invocations[start : start + size]
             _adopt(batch, _insert_rows(connection, _rows(batch, connection), batch[0].queue), connection)
+
+
+def _hold(invocations: list[Invocation], using: str) -> None:
+    """Store the distinct out-of-line values of ``invocations`` (once a batch), kept from the prune until commit."""
+    held: dict[str, Value] = {}
+    for invocation in invocations:
+        if invocation.arguments_value_id is not None and invocation.arguments_value_id not in held:
+            held[invocation.arguments_value_id] = invocation.arguments_value  # type: ignore[assignment]
+    if held:
+        store(using).hold_values(list(held.values()))
 
 
 def _insert_rows(connection: "BaseDatabaseWrapper", rows: list[list[Any]], queue: str) -> list[tuple[Any, ...]]:
@@ -309,11 +347,15 @@ def _adopt(invocations: list[Invocation], rows: list[tuple[Any, ...]], connectio
         invocation._state.db = connection.alias
 
 
-def _build(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
+def _build(
+    options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any], memo: Memo | None = None,
+    now: datetime | None = None,
+) -> Invocation:
     task = options.task
     where = f"{task.name}.delay()"
     arguments = _bind(task, args, kwargs, where)
-    check_arguments(arguments, where=where)
+    if check_arguments(arguments, where=where, memo=memo) > conf.INLINE_VALUE_BYTES:
+        return _outlined(options, args, kwargs, where, arguments, memo, now)
     running_key, registration_key = task.keys_for(arguments)
     return Invocation(
         running_limit=task.policy.limit_for(arguments, where=where) if running_key is not None else 1,
@@ -324,10 +366,57 @@ def _build(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         kwargs=_plain(kwargs),
         running_key=running_key,
         registration_key=registration_key,
-        run_after=_when(options.run_after),
+        run_after=_when(options.run_after, now),
         **_cause_fields(options.cause),
-        parent_id=waits.parent_id(),
+        parent_id=_parent_id(options.cause),
     )
+
+
+def _outlined(options: "Options", args: tuple[Any, ...], kwargs: dict[str, Any], where: str,
+              arguments: dict[str, Any], memo: Memo | None, now: datetime | None) -> Invocation:
+    """Build a call whose arguments take more than ``KEYJOBS_INLINE_VALUE_BYTES``: its largest out of line."""
+    task = options.task
+    running_key, registration_key = task.keys_for(arguments)
+    outlined = outline_arguments(args, kwargs, keys=_key_places(task, args, kwargs), where=where, memo=memo)
+    invocation = Invocation(
+        running_limit=task.policy.limit_for(arguments, where=where) if running_key is not None else 1,
+        task_name=task.name,
+        queue=options.queue,
+        priority=options.priority,
+        args=_plain(outlined.args if outlined else args),
+        kwargs=_plain(outlined.kwargs if outlined else kwargs),
+        running_key=running_key,
+        registration_key=registration_key,
+        run_after=_when(options.run_after, now),
+        **_cause_fields(options.cause),
+        parent_id=_parent_id(options.cause),
+    )
+    if outlined is not None:
+        value = outlined.value
+        invocation.arguments_value = Value(digest=value.digest, data=value.data, size=value.size)
+        invocation.arguments_outline = outlined.outline
+    return invocation
+
+
+def _key_places(task: "TaskSpec", args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """Return where a call's key arguments are in its args and kwargs (they stay in the row), with their names."""
+    parameters = task.signature.parameters
+    names = task.policy.key_names(parameters)
+    if not names:
+        return {}
+    positional = [parameter.name for parameter in parameters.values()
+                  if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)]
+    rest = next((parameter.name for parameter in parameters.values() if parameter.kind is parameter.VAR_POSITIONAL), "")
+    extra = next((parameter.name for parameter in parameters.values() if parameter.kind is parameter.VAR_KEYWORD), "")
+    places = {("args", str(index)): positional[index] if index < len(positional) else rest for index in range(len(args))}
+    places.update({("kwargs", name): name if name in parameters else extra for name in kwargs})
+    return {place: name for place, name in places.items() if name in names}
+
+
+def _parent_id(cause: "Cause | None") -> int | None:
+    """Return the invocation whose run delays this call, if any: a tick's or a trigger's cause says why instead."""
+    run = this_run()
+    return run.invocation.pk if run is not None and cause is None else None
 
 
 def _cause_fields(cause: "Cause | None") -> dict[str, Any]:
@@ -358,7 +447,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _when(run_after: datetime | timedelta | None) -> datetime | None:
+def _when(run_after: datetime | timedelta | None, now: datetime | None) -> datetime | None:
+    """Return when a call asked to run: a delay counts from ``now``, else from the database's clock."""
     if isinstance(run_after, timedelta):
-        return timezone.now() + run_after
+        return (now if now is not None else store(conf.DATABASE).clock()) + run_after
     return run_after

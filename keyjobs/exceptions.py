@@ -61,6 +61,10 @@ class TimeLimitExceeded(KeyjobsError, TimeoutError):
     """A run took longer than its task's ``timeout``."""
 
 
+class RunnerDied(KeyjobsError):
+    """Its runner died while running it more times than its task's ``max_recoveries`` allow: it is not run again."""
+
+
 class InvocationCancelled(ResultUnavailable):
     """The invocation ended CANCELLED: cancelled before it started, or stopped while it ran."""
 
@@ -71,3 +75,29 @@ class Cancelled(KeyjobsError):
 
 class WaitRefused(KeyjobsError):
     """A wait inside a task that could never end: on its own invocation, in a cycle of waits, or in a transaction."""
+
+
+class WorkflowError(KeyjobsError):
+    """A workflow call (``keyjobs.workflows``) made where it cannot be recorded: outside a workflow, inside a step
+    or a transaction."""
+
+
+class WorkflowDiverged(WorkflowError):
+    """A workflow's replay asked, at some position, for another step than the one recorded there: its code changed
+    under it. It ends FAILED; ``wf.patched()`` is the way to change the code of a workflow in flight."""
+
+
+class WorkflowLimitExceeded(WorkflowError):
+    """A workflow passed its cap on steps (``KEYJOBS_WORKFLOW_MAX_STEPS``)."""
+
+
+class StepFailed(WorkflowError):
+    """A replayed step's stored exception, when its own class cannot be rebuilt from what was stored."""
+
+    def __init__(self, message: str, *, error_type: str = "") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class ValueMissing(KeyjobsError, LookupError):
+    """An invocation refers to a stored value (a large argument or result) whose row is gone (``keyjobs.values``)."""

@@ -9,31 +9,35 @@ belong to another runner (which recovered it while this one was cut off).
 
 import asyncio
 import logging
-import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
-from django.db import IntegrityError, connections, transaction
-from django.utils import timezone
+from django.db import IntegrityError, transaction
 
-from . import faults, registry, signals, triggers, values, waits
+from . import faults, firing, registry, signals, values, waits, workflows
 from .claim import Claimer, record_and_claim, wake_next
-from .current import running
-from .exceptions import ArgumentError, Cancelled, KeyjobsError, NotOwner, TimeLimitExceeded, dotted_path
-from .models import Event, Invocation, Runner
+from .current import Host, Run, running
+from .exceptions import (
+    ArgumentError,
+    Cancelled,
+    KeyjobsError,
+    NotOwner,
+    TimeLimitExceeded,
+    WorkflowDiverged,
+    dotted_path,
+)
+from .models import Event, Invocation, Runner, Value
 from .spec import TaskSpec
-from .status import FINAL, Status
+from .status import FINAL, NOW, Status
 from .store import store
 from .transitions import move, record
 
-logger = logging.getLogger("keyjobs.worker")
-
-T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 #: Seconds between an async run's looks at whether its cancel was requested.
 CANCEL_POLL = 0.2
@@ -46,57 +50,96 @@ class Outcome:
     note: str = ""
     #: The key's next invocation, handed to this runner thread when the outcome freed the key.
     handed: Invocation | None = None
+    #: What the run raised, for whoever is told of the outcome (``signals.invocation_finished``); None for a success.
+    exception: BaseException | None = None
+    #: A result too large for the row (``values``): stored with the outcome, which refers to it.
+    held: Value | None = None
+    #: The result itself, when it is ``held``: for the tasks it triggers.
+    returned: Any = None
+
+    def written(self) -> dict[str, Any]:
+        """Return what the outcome gives its triggers: the values it writes, with the result itself."""
+        return self.values if self.held is None else {**self.values, "return_value": self.returned}
 
 
 def start(invocation: Invocation, runner: Runner, *, using: str, thread: int | None = None) -> bool:
     """Mark a claimed invocation RUNNING; return False if ``runner`` no longer owns it."""
     try:
         moved = move([invocation.pk], Status.RUNNING, using=using, only_from={Status.PENDING}, owner=runner,
-                     runner_thread=thread)
+                     runner_thread=thread) or _started_already(invocation, runner, using=using, thread=thread)
     except NotOwner:
         return False
+    except Exception as exc:
+        # A refusal heard after the start landed is no refusal of it.
+        if faults.is_transient(exc) or not _started_already(invocation, runner, using=using, thread=thread):
+            raise
+        moved = True
     if moved:
         invocation.status = Status.RUNNING
         invocation.attempts += 1
     return bool(moved)
 
 
-def call(invocation: Invocation) -> Outcome:
-    """Call the invocation's function; return what to record. Never raises for the task's own errors."""
+def _started_already(invocation: Invocation, runner: Runner, *, using: str, thread: int | None) -> bool:
+    """Return whether ``invocation`` is RUNNING on this very thread: a start whose reply was lost, tried again."""
+    return Invocation.objects.using(using).filter(pk=invocation.pk, status=Status.RUNNING, runner=runner,
+                                                   runner_thread=thread).exists()
+
+
+def call(run: Run) -> Outcome:
+    """Call the run's function; return what to record. Never raises for what the task's code raises.
+
+    Whatever it raises, ``BaseException`` included (``sys.exit()``,
+    ``KeyboardInterrupt``, ``GeneratorExit``, an ``asyncio.CancelledError``),
+    ends the run FAILED (or RETRY) with its class path and traceback: the
+    thread goes on, and the invocation's key frees. A ``KeyboardInterrupt``
+    here can only come from the task's code: a signal reaches a runner's main
+    thread, which only waits (``Worker.install_signal_handlers``), never a
+    runner thread.
+    """
+    invocation = run.invocation
     task: TaskSpec | None = None
-    began = time.monotonic()
     try:
         task = registry.get(invocation.task_name)
         _check_stored_call(invocation)
         signals.invocation_started.send(sender=task, invocation=invocation)
-        token = running.set(invocation)
-        try:
-            if task.is_async:
-                value = async_to_sync(_call_async)(task, invocation)
-            else:
-                value = task.func(*invocation.args, **invocation.kwargs)
-        finally:
-            running.reset(token)
-        elapsed = time.monotonic() - began
-        if task.timeout is not None and elapsed > task.timeout:
-            raise TimeLimitExceeded(f"ran {elapsed:.1f}s, over its time limit of {task.timeout:g}s")
-        values.check_result(value, where=invocation.task_name)
-    except Exception as exc:
+        if run.workflow is not None:
+            value = run.workflow.run(task.func, invocation.args, invocation.kwargs)
+        elif task.is_async:
+            value = async_to_sync(_call_async)(task, run)
+        else:
+            value = task.func(*invocation.args, **invocation.kwargs)
+        worked = run.clock.worked()  # paused time is not counted
+        if task.timeout is not None and worked > task.timeout:
+            raise TimeLimitExceeded(f"ran {worked:.1f}s, over its time limit of {task.timeout:g}s")
+        large = values.outline_result(value, values.check_result(value, where=invocation.task_name))
+    except BaseException as exc:
+        if isinstance(exc, workflows.Suspended):
+            # Not an outcome: the workflow's run ends here, and it is recorded suspended (see _execute).
+            return Outcome(Status.PAUSED, note=exc.why, exception=exc)
         if isinstance(exc, Cancelled):
-            return Outcome(Status.CANCELLED, _failure(exc, traceback.format_exc()), "stopped for a cancel request")
+            return Outcome(Status.CANCELLED, _failure(exc, traceback.format_exc()), "stopped for a cancel request",
+                           exception=exc)
         return failed(invocation, task, exc, traceback.format_exc())
+    if large is not None:
+        return Outcome(Status.SUCCESS, {"return_value": None, "result_value_id": large.digest},
+                       held=Value(digest=large.digest, data=large.data, size=large.size), returned=value)
     return Outcome(Status.SUCCESS, {"return_value": value})
 
 
-def failed(invocation: Invocation, task: TaskSpec | None, exc: Exception, formatted: str, note: str = "") -> Outcome:
+def failed(
+    invocation: Invocation, task: TaskSpec | None, exc: BaseException, formatted: str, note: str = ""
+) -> Outcome:
     """Return the outcome of a run that raised ``exc``: RETRY while the task's retries allow, else FAILED."""
     failure = _failure(exc, formatted)
-    if task is not None and isinstance(exc, task.retry_for) and invocation.attempts <= task.max_retries:
+    # A diverged workflow would diverge again: its code, not the moment, is wrong.
+    if (task is not None and isinstance(exc, task.retry_for) and not isinstance(exc, WorkflowDiverged)
+            and invocation.attempts <= task.max_retries):
         delay = task.retry_delay(invocation.attempts)
-        failure["run_after"] = timezone.now() + timedelta(seconds=delay)
+        failure["run_after"] = NOW + timedelta(seconds=delay)  # the database's clock, when it is recorded
         return Outcome(Status.RETRY, failure, f"{note}{'; ' if note else ''}attempt {invocation.attempts} of "
-                                              f"{task.max_retries + 1} failed; next in {delay:.1f}s")
-    return Outcome(Status.FAILED, failure, note)
+                                              f"{task.max_retries + 1} failed; next in {delay:.1f}s", exception=exc)
+    return Outcome(Status.FAILED, failure, note, exception=exc)
 
 
 def _check_stored_call(invocation: Invocation) -> None:
@@ -108,35 +151,44 @@ def _check_stored_call(invocation: Invocation) -> None:
         raise ArgumentError(f"its stored kwargs are a JSON {type(invocation.kwargs).__name__}, not an object")
 
 
-async def _call_async(task: TaskSpec, invocation: Invocation) -> Any:
+async def _call_async(task: TaskSpec, run: Run) -> Any:
     # A coroutine can really be stopped, unlike a thread: at its time limit, and when its cancel is requested.
-    run = asyncio.ensure_future(asyncio.wait_for(task.func(*invocation.args, **invocation.kwargs), task.timeout))
-    watch = asyncio.ensure_future(_stop_when_cancelled(invocation, run))
+    invocation = run.invocation
+    work = asyncio.ensure_future(task.func(*invocation.args, **invocation.kwargs))
+    watch = asyncio.ensure_future(_watch(run, work, task.timeout))
     try:
-        return await run
-    except TimeoutError:
-        raise TimeLimitExceeded(f"cancelled at its time limit of {task.timeout:g}s") from None
+        return await work
     except asyncio.CancelledError:
-        if watch.done() and not watch.cancelled() and watch.result():
+        stopped = watch.result() if watch.done() and not watch.cancelled() else None
+        if stopped == _AT_LIMIT:
+            raise TimeLimitExceeded(f"cancelled at its time limit of {task.timeout:g}s") from None
+        if stopped == _FOR_CANCEL:
             raise Cancelled("cancelled while it ran: the coroutine was stopped") from None
         raise
     finally:
         watch.cancel()
 
 
-async def _stop_when_cancelled(invocation: Invocation, run: "asyncio.Future[Any]") -> bool:
-    """Cancel ``run`` once ``invocation``'s cancel is requested; return True if it did."""
-    requested = sync_to_async(_cancel_requested)
-    while not run.done():
-        await asyncio.sleep(CANCEL_POLL)
-        if await requested(invocation):
-            run.cancel()
-            return True
-    return False
+#: Why ``_watch`` stopped a coroutine.
+_AT_LIMIT, _FOR_CANCEL = "at its time limit", "for a cancel request"
 
 
-def _cancel_requested(invocation: Invocation) -> bool:
-    return Invocation.objects.using(invocation._state.db).filter(pk=invocation.pk, cancel_requested=True).exists()
+async def _watch(run: Run, work: "asyncio.Future[Any]", limit: float | None) -> str | None:
+    """Cancel ``work`` at the run's time limit (its working time, ``Run.clock``) or once its cancel is requested.
+
+    Return why it cancelled it, or None if ``work`` ended by itself.
+    """
+    requested = sync_to_async(lambda: run.cancel_requested)
+    while not work.done():
+        left = None if limit is None else limit - run.clock.worked()
+        if left is not None and left <= 0:
+            work.cancel()
+            return _AT_LIMIT
+        await asyncio.sleep(CANCEL_POLL if left is None else min(CANCEL_POLL, left))
+        if not work.done() and await requested():
+            work.cancel()
+            return _FOR_CANCEL
+    return None
 
 
 def _failure(exc: BaseException, formatted: str) -> dict[str, Any]:
@@ -174,16 +226,30 @@ def finish(
     """
     if claimer is not None and not claimer.goes_on():
         claimer = None
+    # Only what this attempt handed over, and only once its outermost transaction is over: a hand-off rolled
+    # back with its outcome (or kept from an earlier attempt) gave this thread nothing, and running it would run
+    # a call whose key is someone else's. One committed but not acknowledged is found again (``adopt``).
+    outcome.handed = None
     with store(using).writing():
-        return _finish(invocation, outcome, runner, using=using, thread=thread, claimer=claimer)
+        if outcome.held is None:
+            status, handed = _finish(invocation, outcome, runner, using=using, thread=thread, claimer=claimer)
+        else:
+            # A large result is stored in the outcome's transaction: both commit, or neither.
+            with transaction.atomic(using=using):
+                store(using).hold_values([outcome.held])
+                status, handed = _finish(invocation, outcome, runner, using=using, thread=thread, claimer=claimer)
+    outcome.handed = handed
+    return status
 
 
 def _finish(
     invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None, claimer: Claimer | None
-) -> Status | None:
+) -> tuple[Status | None, Invocation | None]:
+    """Record ``outcome``; return the status recorded (None if not this runner's any more) and what was handed."""
+    handed = None
     try:
         done = None
-        triggering = bool(triggers.triggered_by(invocation.task_name, outcome.status))
+        triggering = bool(firing.triggered_by(invocation.task_name, outcome.status))
         if (claimer is not None and invocation.running_key is None and outcome.status != Status.RETRY
                 and not triggering):
             # Nothing to release: where the database can, one statement records the outcome and
@@ -192,32 +258,71 @@ def _finish(
                                     claimer=claimer, using=using)
         if done is not None:
             moved, taken = done
-            outcome.handed = taken[0] if taken else None
+            handed = taken[0] if taken else None
         else:
-            moved, outcome = _record(invocation, outcome, runner, using=using, thread=thread, claimer=claimer,
-                                     triggering=triggering)
+            moved, outcome, handed = _record(invocation, outcome, runner, using=using, thread=thread,
+                                             claimer=claimer, triggering=triggering)
     except NotOwner:
-        return None
+        return None, None
     if not moved:
-        return None
+        recorded = _recorded_already(invocation, runner, using=using, thread=thread)
+        if recorded is None:
+            return None, None
+        if recorded != outcome.status:  # the first try's outcome landed, and its reply was lost
+            outcome = Outcome(recorded, note=outcome.note)
     invocation.status = outcome.status
     if outcome.status in FINAL:
         waits.finished(invocation, using=using)
-    signals.invocation_finished.send(sender=Invocation, invocation=invocation, status=outcome.status)
-    return outcome.status
+    signals.invocation_finished.send(sender=Invocation, invocation=invocation, status=outcome.status,
+                                     exception=outcome.exception)
+    return outcome.status, handed
+
+
+def _recorded_already(invocation: Invocation, runner: Runner, *, using: str, thread: int | None) -> Status | None:
+    """Return the outcome this thread recorded for ``invocation``, if that was its last change; else None.
+
+    A recording whose reply was lost is tried again, and finds the
+    invocation moved already: by itself (its own success, whatever the reply
+    said), or by someone else who took it (recovery).
+    """
+    row = Invocation.objects.using(using).filter(pk=invocation.pk, runner=runner).values_list("status").first()
+    if row is None or row[0] not in (*FINAL, Status.RETRY):
+        return None
+    last = (Event.objects.using(using).filter(invocation_id=invocation.pk, kind=Event.Kind.TRANSITION)
+            .order_by("-pk").values_list("from_status", "to_status", "runner_id", "runner_thread").first())
+    if last != (Status.RUNNING, row[0], runner.pk, thread):
+        return None
+    return Status(row[0])
 
 
 def _record(
     invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None, claimer: Claimer | None,
     triggering: bool = False,
-) -> tuple[list[int], Outcome]:
+) -> tuple[list[int], Outcome, Invocation | None]:
     """Record ``outcome``, release the key and enqueue what it triggers, in one transaction.
 
-    Return the ids moved and the outcome recorded.
+    Return the ids moved, the outcome recorded and the invocation handed to ``claimer``, if any.
     """
+    try:
+        return _record_once(invocation, outcome, runner, using=using, thread=thread, claimer=claimer,
+                            triggering=triggering)
+    except IntegrityError:
+        if claimer is None:
+            raise
+        # The key's hand-off to this thread (one statement on PostgreSQL) lost a race for its slot to another
+        # runner's claim: the whole transaction is undone. Record again, waking the key's next instead.
+        return _record_once(invocation, outcome, runner, using=using, thread=thread, claimer=None,
+                            triggering=triggering)
+
+
+def _record_once(
+    invocation: Invocation, outcome: Outcome, runner: Runner, *, using: str, thread: int | None, claimer: Claimer | None,
+    triggering: bool,
+) -> tuple[list[int], Outcome, Invocation | None]:
     # Without a key, a retry to guard or a trigger to fire there is only the outcome: one
     # statement where the database has it, no transaction around.
     needs_transaction = invocation.running_key is not None or outcome.status == Status.RETRY or triggering
+    handed = None
     with transaction.atomic(using=using) if needs_transaction else nullcontext():
         if outcome.status == Status.RETRY:
             try:
@@ -231,38 +336,16 @@ def _record(
             except IntegrityError:
                 # A duplicate registered while this one ran is waiting: it will make the same call.
                 outcome = Outcome(Status.FAILED, {k: v for k, v in outcome.values.items() if k != "run_after"},
-                                  "not retried: a waiting duplicate takes its place")
+                                  "not retried: a waiting duplicate takes its place", exception=outcome.exception)
         if outcome.status != Status.RETRY:
             moved = move([invocation.pk], outcome.status, using=using, only_from={Status.RUNNING}, owner=runner,
                          runner_thread=thread, values=outcome.values, note=outcome.note)
         if moved:
             # Only the run that moved the invocation fires: a retried recording finds it moved already.
-            triggers.fire(invocation, outcome.status, outcome.values, using=using)
-            outcome.handed = wake_next(invocation.task_name, invocation.running_key, using=using,
-                                       runner=runner, claimer=claimer, take=True).handed
-    return moved, outcome
-
-
-def durably(what: str, step: Callable[[], T], *, using: str, keep_trying: Callable[[], bool]) -> T | None:
-    """Run a database step until it succeeds, across connection losses; None once ``keep_trying()`` says stop.
-
-    Only what a retry can fix is retried (``faults.is_transient``): anything
-    else the database refuses is raised at once, for the caller to record.
-    """
-    pause = 0.1
-    while True:
-        try:
-            return step()
-        except Exception as exc:
-            if not faults.is_transient(exc):
-                raise
-            connections[using].close()
-            if not keep_trying():
-                logger.error("keyjobs: gave up %s: %s", what, exc)
-                return None
-            logger.warning("keyjobs: could not %s (%s); retrying in %.1fs", what, exc, pause)
-            time.sleep(pause)
-            pause = min(pause * 2, 5.0)
+            firing.fire(invocation, outcome.status, outcome.written(), using=using)
+            handed = wake_next(invocation.task_name, invocation.running_key, using=using,
+                               runner=runner, claimer=claimer).handed
+    return moved, outcome, handed
 
 
 def execute(
@@ -274,19 +357,37 @@ def execute(
     keep_trying: Callable[[], bool] = lambda: True,
     claimer: Claimer | None = None,
     handed: list[Invocation] | None = None,
-    lender: waits.Lender | None = None,
+    host: Host | None = None,
 ) -> Status | None:
-    """Start (unless the claim did), call and finish one claimed invocation.
+    """Start (unless the claim did), call and finish one claimed invocation: one ``Run``.
 
     Return the status recorded, or None if the invocation was taken away.
     With a ``claimer``, an invocation handed over when the key freed is appended
     to ``handed``, RUNNING: the caller runs it next. A step the database
     refuses for good ends the invocation FAILED with the reason, never the
-    thread. While the run waits on another invocation it is PAUSED, and
-    ``lender`` (the runner) may lend its thread slot (``keyjobs.waits``).
+    thread. The run is the run in progress (``keyjobs.current``) from its
+    start to its outcome, and ``host`` (the runner) is told when it begins and
+    ends; while the run waits on another invocation it is PAUSED, and ``host``
+    may lend its thread slot (``keyjobs.waits``).
     """
+    run = Run(invocation, runner, using, thread, host,
+              workflow=workflows.replay_for(invocation, runner, using=using, thread=thread))
+    if host is not None:
+        host.began(run)
     try:
-        started = invocation.status == Status.RUNNING or durably(
+        with running(run):
+            return _execute(run, keep_trying=keep_trying, claimer=claimer, handed=handed)
+    finally:
+        if host is not None:
+            host.ended(run)
+
+
+def _execute(
+    run: Run, *, keep_trying: Callable[[], bool], claimer: Claimer | None, handed: list[Invocation] | None
+) -> Status | None:
+    invocation, runner, using, thread = run.invocation, run.runner, run.using, run.thread
+    try:
+        started = invocation.status == Status.RUNNING or faults.retrying(
             f"start #{invocation.pk}", lambda: start(invocation, runner, using=using, thread=thread),
             using=using, keep_trying=keep_trying,
         )
@@ -301,21 +402,76 @@ def execute(
                     wake_next(invocation.task_name, invocation.running_key, using=using, runner=runner)
             return moved
 
-        moved = durably(f"record the refused start of #{invocation.pk}", fail_unstarted, using=using,
-                        keep_trying=keep_trying)
+        moved = faults.retrying(f"record the refused start of #{invocation.pk}", fail_unstarted, using=using,
+                                keep_trying=keep_trying)
         return Status.FAILED if moved else None
     if not started:
-        logger.warning("keyjobs: invocation #%s was taken from %s before it started", invocation.pk, runner)
+        logger.warning("invocation #%s was taken from %s before it started", invocation.pk, runner,
+                       extra=invocation.log_extra())
         return None
+    unreadable: Outcome | None = None
+    if invocation.arguments_value_id is not None:
+        try:
+            if faults.retrying(f"read the arguments of #{invocation.pk}", lambda: _read_arguments(invocation, using),
+                               using=using, keep_trying=keep_trying) is None:
+                return None  # given up: its runner stops, and recovery takes it up
+        except Exception as exc:
+            # The value is gone, or the database refuses to read it: a retry brings it back no more than a
+            # run would, so the run ends here, with why.
+            unreadable = failed(invocation, None, exc, traceback.format_exc())
     # The task's own code holds no connection of keyjobs': busy threads share a pool's connections.
     store(using).let_go()
-    with waits.running(invocation, runner, using=using, thread=thread, lender=lender):
-        outcome = call(invocation)
+    try:
+        # Its runner may hold it back first, PAUSED (a run recovered after a death runs alone), until its outcome
+        # is recorded: a death after its code returned is not its own.
+        with run.host.calls(run) if run.host is not None else nullcontext():
+            return _call_and_record(run, unreadable, keep_trying=keep_trying, claimer=claimer, handed=handed)
+    except NotOwner:
+        logger.warning("invocation #%s was taken from %s while it waited for its turn", invocation.pk, runner,
+                       extra=invocation.log_extra())
+        return None
+
+
+def _call_and_record(
+    run: Run, unreadable: Outcome | None, *, keep_trying: Callable[[], bool], claimer: Claimer | None,
+    handed: list[Invocation] | None,
+) -> Status | None:
+    invocation, runner, using, thread = run.invocation, run.runner, run.using, run.thread
+    outcome = call(run) if unreadable is None else unreadable
+    if run.workflow is not None and isinstance(outcome.exception, workflows.Suspended):
+        suspension, replay = outcome.exception, run.workflow
+        try:
+            suspended = faults.retrying(f"suspend #{invocation.pk}", lambda: replay.suspend(suspension),
+                                        using=using, keep_trying=keep_trying)
+        except Exception as exc:
+            outcome = _refused(exc, "its suspension", invocation)
+        else:
+            if not suspended:
+                logger.warning("workflow #%s was taken from %s while it ran; its suspension is discarded",
+                               invocation.pk, runner, extra=invocation.log_extra())
+            return Status.PAUSED if suspended else None
+    if invocation.status == Status.PAUSED:
+        # Its wait's resume was refused, and the run went on to its end: its outcome is recorded from RUNNING.
+        try:
+            waits.resume(run, "its run ended while it was paused")
+        except Exception:
+            logger.exception("could not take up #%s again to record its outcome", invocation.pk,
+                             extra=invocation.log_extra())
+            return None
+
+    def attempt() -> Status | None:
+        try:
+            return finish(invocation, outcome, runner, using=using, thread=thread, claimer=claimer)
+        except Exception:
+            # It may have committed, and what it handed this thread with it: the thread looks for that (``adopt``).
+            if claimer is not None:
+                claimer.in_doubt = True
+            raise
 
     def record() -> Status | None:
-        return durably(f"record the outcome of #{invocation.pk}",
-                       lambda: finish(invocation, outcome, runner, using=using, thread=thread, claimer=claimer),
-                       using=using, keep_trying=keep_trying)
+        # As long as the runner holds its work: once declared lost, its outcome is not its to record.
+        return faults.retrying(f"record the outcome of #{invocation.pk}", attempt, using=using,
+                               keep_trying=keep_trying)
 
     try:
         finished = record()
@@ -327,18 +483,24 @@ def execute(
     if outcome.handed is not None and handed is not None:
         handed.append(outcome.handed)
     if not finished:
-        logger.warning("keyjobs: invocation #%s was taken from %s while it ran; its outcome is discarded",
-                       invocation.pk, runner)
+        logger.warning("invocation #%s was taken from %s while it ran; its outcome is discarded",
+                       invocation.pk, runner, extra=invocation.log_extra())
     return finished
+
+
+def _read_arguments(invocation: Invocation, using: str) -> bool:
+    """Put an invocation's out-of-line arguments back in its ``args`` and ``kwargs``: the call as it was made."""
+    invocation.args, invocation.kwargs = invocation.call_arguments(using)
+    return True
 
 
 def _refused(exc: Exception, what: str, invocation: Invocation) -> Outcome:
     """Return the FAILED outcome that records the database's refusal (``exc``) to store ``what``."""
     reason = faults.reason(exc, what=what)
-    logger.error("keyjobs: the database refused %s of invocation #%s, which ends FAILED: %s", what, invocation.pk,
-                 reason, exc_info=exc)
+    logger.error("the database refused %s of invocation #%s, which ends FAILED: %s", what, invocation.pk,
+                 reason, exc_info=exc, extra=invocation.log_extra())
     return Outcome(Status.FAILED, {**_failure(exc, traceback.format_exc()), "error": reason},
-                   "the database refused to store " + what)
+                   "the database refused to store " + what, exception=exc)
 
 
 def give_back(invocations: list[Invocation], runner: Runner, *, using: str) -> list[int]:
@@ -350,3 +512,46 @@ def give_back(invocations: list[Invocation], runner: Runner, *, using: str) -> l
         for invocation in pending:
             wake_next(invocation.task_name, invocation.running_key, using=using, runner=runner)
     return moved
+
+
+#: The note of an invocation given back by the in-doubt sweep.
+UNHELD = "given back: its runner owned it, but no thread of it held it (a step's reply was lost)"
+
+
+def give_back_unheld(owned: Mapping[int, str], runner: Runner, *, using: str) -> list[int]:
+    """Give back what ``runner`` owns and none of its threads holds (id to status, as seen); return the ids moved.
+
+    The in-doubt sweep's step (``duties.GiveBackUnheld``): what a step whose
+    reply was lost took, and no thread took back. Each goes back to the queue
+    in a transaction of its own, if still as it was seen and ``runner``'s;
+    one whose cancel was requested is CANCELLED instead, and one whose
+    duplicate waits already is FAILED, as a dead runner's work would be.
+    """
+    given: list[int] = []
+    for pk, status in owned.items():
+        with transaction.atomic(using=using):
+            row = (Invocation.objects.using(using).filter(pk=pk)
+                   .values_list("task_name", "running_key", "cancel_requested").first())
+            if row is None:
+                continue
+            task_name, running_key, cancel_requested = row
+            common: dict[str, Any] = {"using": using, "only_from": {status}, "owner": runner}
+            if cancel_requested:
+                moved = move([pk], Status.CANCELLED, note=f"{UNHELD}; cancelled, as asked",
+                             values={"error": "Cancelled before it ran", "waiting_on": None}, **common)
+            else:
+                try:
+                    with transaction.atomic(using=using):  # a savepoint: the registration guard may refuse
+                        moved = move([pk], Status.REGISTERED, note=UNHELD,
+                                     values={"slot": 0, "run_after": None, "waiting_on": None}, **common)
+                except IntegrityError:
+                    moved = move([pk], Status.FAILED, note=f"{UNHELD}; a waiting duplicate runs instead",
+                                 values={"error": "given back unrun; a waiting duplicate runs instead",
+                                         "waiting_on": None}, **common)
+            if moved:
+                wake_next(task_name, running_key, using=using, runner=runner)
+            given += moved
+    if given:
+        logger.warning("%s gave back %d invocation(s) it owned and no thread of it held", runner, len(given),
+                       extra={"runner_id": runner.pk, "invocation_ids": given})
+    return given

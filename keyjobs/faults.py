@@ -12,8 +12,22 @@ Portable: psycopg is never imported; its errors are read through the
 ``sqlstate`` they carry, sqlite3's through ``sqlite_errorname``.
 """
 
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from django.db import connections
+
 from .exceptions import dotted_path
 from .values import storable_text
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The first and the longest pause between two tries of a step that ``retrying`` retries.
+FIRST_PAUSE, LONGEST_PAUSE = 0.1, 5.0
 
 #: SQLSTATEs a retry can get past (besides class 08, connection exceptions).
 TRANSIENT_SQLSTATES = frozenset({
@@ -59,6 +73,49 @@ def is_transient(exc: BaseException) -> bool:
     # Without a SQLSTATE, a driver's OperationalError or InterfaceError (PEP 249's names) never
     # reached the server's checks: the connection failed, or was closed under it.
     return any(kind.__name__ in ("OperationalError", "InterfaceError") for kind in type(exc).__mro__)
+
+
+def retrying(
+    what: str,
+    step: Callable[[], T],
+    *,
+    using: str,
+    keep_trying: Callable[[], bool] = lambda: True,
+    patience: float | None = None,
+    retry_for: Callable[[BaseException], bool] = is_transient,
+    wait: Callable[[float], object] = time.sleep,
+) -> T | None:
+    """Run the database step ``step`` until it succeeds; return what it returns, or None once it gives up.
+
+    The one retry loop of keyjobs. Only what ``retry_for`` accepts is retried
+    (by default what a retry can fix, ``is_transient``): anything else is
+    raised at once, for the caller to record. Between two tries the
+    connection of ``using`` is closed (the next try opens a fresh one) and the
+    pause grows from ``FIRST_PAUSE`` to ``LONGEST_PAUSE``, slept through
+    ``wait`` (an ``Event.wait`` makes it end early at a stop). It gives up,
+    with a log line, once ``keep_trying()`` says stop (the runner was declared
+    lost, or is stopping) or once ``patience`` seconds have passed since the
+    first failure (None: no limit), so every caller says how long it waits
+    while the database is away.
+    """
+    pause, began = FIRST_PAUSE, time.monotonic()
+    while True:
+        try:
+            return step()
+        except Exception as exc:
+            if not retry_for(exc):
+                raise
+            connections[using].close()
+            waited = time.monotonic() - began
+            if not keep_trying() or (patience is not None and waited + pause > patience):
+                logger.error("gave up trying to %s after %.1fs: %s", what, waited, exc)
+                return None
+            if is_transient(exc):
+                logger.warning("could not %s (%s); retrying in %.1fs", what, exc, pause)
+            else:
+                logger.error("could not %s; retrying in %.1fs", what, pause, exc_info=exc)
+            wait(pause)
+            pause = min(pause * 2, LONGEST_PAUSE)
 
 
 def reason(exc: BaseException, *, what: str = "the outcome") -> str:

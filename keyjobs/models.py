@@ -6,6 +6,8 @@ second owned invocation of a running key, and a second waiting invocation of a
 registration key.
 """
 
+import json
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -16,8 +18,9 @@ from django.utils.translation import gettext_lazy as _
 
 from .concurrency import key_label
 from .conf import conf
-from .exceptions import InvocationCancelled, InvocationDropped, InvocationFailed, InvocationNotFinished
+from .exceptions import InvocationCancelled, InvocationDropped, InvocationFailed, InvocationNotFinished, ValueMissing
 from .status import FINAL, OWNED, WAITING, Status
+from .values import restore_arguments
 
 
 class InvocationQuerySet(models.QuerySet["Invocation"]):
@@ -43,14 +46,65 @@ class InvocationQuerySet(models.QuerySet["Invocation"]):
         return self.filter(Q(run_after__isnull=True) | Q(run_after__lte=Now()))
 
 
+class ValueQuerySet(models.QuerySet["Value"]):
+    def unreferenced(self) -> "ValueQuerySet":
+        """Return the values no invocation refers to: those ``prunejobs`` deletes."""
+        return self.filter(~models.Exists(Invocation.objects.filter(arguments_value=models.OuterRef("pk"))),
+                           ~models.Exists(Invocation.objects.filter(result_value=models.OuterRef("pk"))))
+
+
+class Value(models.Model):
+    """A large argument or result, stored once by the digest of its JSON, out of the queue's rows (``keyjobs.values``).
+
+    Invocations refer to it by foreign keys that protect it: the database
+    refuses to delete a value an invocation still refers to. ``prunejobs``
+    deletes those no invocation refers to any more.
+    """
+
+    #: The SHA-256 of ``data`` (UTF-8), in hex: the same value passed to many calls is one row.
+    digest = models.CharField(max_length=64, primary_key=True)
+    #: The value as JSON text, exactly as written: key order included.
+    data = models.TextField()
+    #: Bytes of ``data`` in UTF-8.
+    size = models.PositiveBigIntegerField()
+    created_at = models.DateTimeField(db_default=Now())
+
+    objects = ValueQuerySet.as_manager()
+
+    def __str__(self) -> str:
+        return f"value {self.digest[:12]} ({self.size:,} bytes)"
+
+    def load(self) -> Any:
+        """Return the value, read from its JSON."""
+        return json.loads(self.data)
+
+
 class Invocation(models.Model):
     """One call of a task, from delay() to its final status."""
 
     task_name = models.CharField(_("task"), max_length=200)
     queue = models.CharField(max_length=100)
     priority = models.IntegerField(default=0, help_text=_("Higher runs first."))
+    #: How many runs wait on it: paused ones (``child.wait()``) and suspended workflows (``waiting_on``). Kept
+    #: by the store where a wait is recorded or ended (``Store.move``), in the same transaction.
+    waiters = models.PositiveIntegerField(
+        default=0, help_text=_("Paused runs and suspended workflows waiting on it: each raises its priority by one."),
+    )
+    #: The priority the queue is taken in (``store.portable.QUEUE_ORDER``, ``KEY_ORDER``): its own, raised by one
+    #: for each waiter, so that waited-on work goes first. A column, so that the claim reads it from an index.
+    effective_priority = models.GeneratedField(
+        expression=models.F("priority") + models.F("waiters"), output_field=models.IntegerField(), db_persist=True,
+        verbose_name=_("effective priority"),
+    )
     args = models.JSONField(default=list)
     kwargs = models.JSONField(default=dict)
+    # Arguments too large to keep in the row (``keyjobs.values``): their places in args and kwargs hold None, the
+    # outline says which places with each one's size and first characters, the value holds them.
+    arguments_value = models.ForeignKey(
+        Value, null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False,
+        help_text=_("Where its large arguments are stored."),
+    )
+    arguments_outline = models.JSONField(null=True, blank=True)
     running_key = models.CharField(
         max_length=255, null=True, blank=True, help_text=_("Owned invocations of one running key are limited.")
     )
@@ -69,7 +123,15 @@ class Invocation(models.Model):
     )
     runner_thread = models.PositiveSmallIntegerField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    recoveries = models.PositiveIntegerField(
+        default=0, help_text=_("Times it ran again because its runner died while running it (max_recoveries)."),
+    )
     return_value = models.JSONField(null=True, blank=True)
+    #: A result too large to keep in the row: ``return_value`` is then None.
+    result_value = models.ForeignKey(
+        Value, null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False,
+        help_text=_("Where its large result is stored."),
+    )
     error = models.TextField(blank=True)
     #: The dotted class path of the exception that failed the run, e.g. ``httpx.ConnectTimeout``.
     error_type = models.CharField(_("error type"), max_length=255, blank=True)
@@ -112,12 +174,23 @@ class Invocation(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="waited_on_by", db_index=False,
         help_text=_("While PAUSED: the invocation its run waits for."),
     )
+    # A suspended workflow (``keyjobs.workflows``): PAUSED with no owner, resumed by a runner once this time
+    # comes (a sleep's end, an event's deadline, now for an event sent) or what it waits on is final.
+    resume_at = models.DateTimeField(
+        _("resume at"), null=True, blank=True,
+        help_text=_("A suspended workflow is resumed at this time, or once what it waits on is final."),
+    )
 
     objects = InvocationQuerySet.as_manager()
 
     #: Set on the instance delay() returns: True when registration concurrency
     #: returned an existing waiting invocation instead of creating one.
     reused = False
+    #: Set on the children a workflow's delay() returns (``keyjobs.workflows``): what ``result`` raises while
+    #: the child is not final, instead of InvocationNotFinished: it suspends the workflow until it is.
+    unfinished: "Callable[[Invocation], BaseException] | None" = None
+    #: Set on a claim's candidate (``Store.claimable``): an operator's control is in force on its key.
+    controlled = False
 
     class Meta:
         constraints = [
@@ -151,12 +224,12 @@ class Invocation(models.Model):
             # The claim: registered work in order, for a worker of every queue and for one of
             # some. Not partial: SQLite can use a partial index only for a query whose terms
             # match its condition literally, and Django binds the status as a parameter.
-            models.Index("status", models.F("priority").desc(), "registered_at", "id", name="keyjobs_claim"),
-            models.Index("queue", "status", models.F("priority").desc(), "registered_at", "id",
+            models.Index("status", models.F("effective_priority").desc(), "registered_at", "id", name="keyjobs_claim"),
+            models.Index("queue", "status", models.F("effective_priority").desc(), "registered_at", "id",
                          name="keyjobs_claim_by_queue"),
             # Who is ahead of a candidate in its key, and whom a freed key wakes.
             models.Index(
-                "task_name", "running_key", models.F("priority").desc(), "id",
+                "task_name", "running_key", models.F("effective_priority").desc(), "id",
                 condition=Q(status__in=sorted(map(str, WAITING))) & Q(running_key__isnull=False),
                 name="keyjobs_waiting_by_key",
             ),
@@ -170,6 +243,13 @@ class Invocation(models.Model):
             # so that work delayed outside a run (most of it) costs no index entry.
             models.Index(fields=["parent"], condition=Q(parent__isnull=False), name="keyjobs_children"),
             models.Index(fields=["waiting_on"], condition=Q(waiting_on__isnull=False), name="keyjobs_waited_on"),
+            # Suspended workflows, by when they resume: a PAUSED invocation that no runner owns.
+            models.Index(fields=["resume_at"], condition=Q(status=Status.PAUSED) & Q(runner__isnull=True),
+                         name="keyjobs_suspended"),
+            # Which values are still referred to (prunejobs): only invocations with a large value are indexed.
+            models.Index(fields=["arguments_value"], condition=Q(arguments_value__isnull=False),
+                         name="keyjobs_arguments_value"),
+            models.Index(fields=["result_value"], condition=Q(result_value__isnull=False), name="keyjobs_result_value"),
         ]
 
     def __str__(self) -> str:
@@ -184,29 +264,26 @@ class Invocation(models.Model):
     def is_final(self) -> bool:
         return self.status in FINAL
 
+    def log_extra(self) -> dict[str, Any]:
+        """Return what a log record about it carries (``extra=``): ``invocation_id``, ``task`` and ``key``.
+
+        ``key`` is the running key as stored (canonical JSON, or None), the
+        value the guards and the admin's filters compare.
+        """
+        return {"invocation_id": self.pk, "task": self.task_name, "key": self.running_key}
+
     @property
     def result(self) -> Any:
-        """Return what the function returned; raise if it failed, was dropped or has not finished.
+        """Return what the function returned, as this instance last read it; it never waits.
 
-        Read inside a running task, an invocation not final yet is waited for first, pausing the
-        task (see ``wait()``).
+        Like ``django.tasks``' ``TaskResult.return_value``: InvocationFailed,
+        InvocationDropped or InvocationCancelled for those outcomes, and
+        InvocationNotFinished while it is not final. To wait for it, call
+        ``get_result()`` (or ``await aget_result()``); to read it again,
+        ``refresh_from_db()`` (``arefresh_from_db()``).
         """
-        if not self.is_final:
-            from .waits import in_a_run
-
-            if in_a_run():
-                self.wait()
-        return self.finished_result()
-
-    def get_result(self, timeout: float | None = None) -> Any:
-        """Wait until the invocation is final (at most ``timeout`` seconds), then return its result (see ``result``)."""
-        self.wait(timeout)
-        return self.finished_result()
-
-    def finished_result(self) -> Any:
-        """Return the result of a final invocation; raise if it failed, was dropped or has not finished."""
         if self.status == Status.SUCCESS:
-            return self.return_value
+            return self.stored_result()
         if self.status == Status.FAILED:
             raise InvocationFailed(
                 f"invocation #{self.pk} of {self.task_name} failed: {self.error}",
@@ -219,7 +296,50 @@ class Invocation(models.Model):
             )
         if self.status == Status.CANCELLED:
             raise InvocationCancelled(f"invocation #{self.pk} of {self.task_name} was cancelled: {self.error}")
-        raise InvocationNotFinished(f"invocation #{self.pk} of {self.task_name} is {self.status}, not finished")
+        if self.unfinished is not None:
+            raise self.unfinished(self)
+        raise InvocationNotFinished(
+            f"invocation #{self.pk} of {self.task_name} is {self.status}, not finished: .result does not wait; "
+            "get_result() waits for it (inside a task, pausing the run)"
+        )
+
+    def call_arguments(self, using: str | None = None) -> tuple[list[Any], dict[str, Any]]:
+        """Return the call's ``args`` and ``kwargs`` as it was made: its out-of-line arguments read back (a query).
+
+        ValueMissing if their stored value is gone.
+        """
+        if self.arguments_value_id is None:
+            return self.args, self.kwargs
+        data = (Value.objects.using(using or self._state.db).filter(pk=self.arguments_value_id)
+                .values_list("data", flat=True).first())
+        if data is None:
+            raise ValueMissing(
+                f"its arguments' stored value {self.arguments_value_id} is missing: deleted around keyjobs "
+                "(prunejobs never deletes a value an invocation refers to)"
+            )
+        return restore_arguments(self.args, self.kwargs, data)
+
+    def stored_result(self) -> Any:
+        """Return the stored return value, read from its out-of-line value if it has one (whatever the status)."""
+        if self.result_value_id is None:
+            return self.return_value
+        try:
+            return self.result_value.load()  # type: ignore[union-attr]
+        except Value.DoesNotExist:
+            raise ValueMissing(f"invocation #{self.pk} of {self.task_name}: its result's stored value "
+                               f"{self.result_value_id} is missing") from None
+
+    def get_result(self, timeout: float | None = None) -> Any:
+        """Wait until the invocation is final (at most ``timeout`` seconds), then return its result (see ``result``)."""
+        self.wait(timeout)
+        return self.result
+
+    async def aget_result(self, timeout: float | None = None) -> Any:
+        """Return ``get_result()`` from async code: outside a run, no thread is held while it waits."""
+        from .waits import await_final
+
+        await await_final(self, timeout)
+        return self.result
 
     def cancel(self, *, by: str = "") -> bool:
         """Cancel it: a waiting invocation ends CANCELLED; a running one is asked to stop. Return whether either applied.
@@ -263,6 +383,9 @@ class Event(models.Model):
         # An attempt failed and will be retried: the note is the exception's class path, a newline, its
         # traceback (the invocation's row keeps only the last failure's).
         ERROR = "ERROR", _("A failed attempt's error")
+        # Its outcome should have triggered a task (``on_status``) that could not be enqueued: the note says
+        # which, and why. The outcome stands.
+        TRIGGER_FAILED = "TRIGGER_FAILED", _("A trigger that could not be enqueued")
 
     invocation = models.ForeignKey(Invocation, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.TRANSITION)
@@ -278,7 +401,9 @@ class Event(models.Model):
         indexes = [models.Index(fields=["at"], name="keyjobs_event_at")]
 
     def __str__(self) -> str:
-        return f"#{self.invocation_id}: {self.from_status or '-'} -> {self.to_status}"
+        if self.kind != self.Kind.TRANSITION:
+            return f"#{self.invocation_id}: {self.get_kind_display()}"
+        return f"#{self.invocation_id}: {self.get_from_status_display() or 'Created'} → {self.get_to_status_display()}"
 
 
 class RateToken(models.Model):
@@ -304,6 +429,89 @@ class RateToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name}({key_label(self.running_key)}) token {self.number}"
+
+
+class KeyControlQuerySet(models.QuerySet["KeyControl"]):
+    def in_force(self) -> "KeyControlQuerySet":
+        """Return the controls that change anything now: a pause, or an override whose time has not come (database clock)."""
+        return self.filter(Q(paused=True) | Q(until__gt=Now()))
+
+
+class KeyControl(models.Model):
+    """An operator's hold on one key of a task: paused, or its running limit or rate overridden until a time.
+
+    Read by admission on every path that would start the key's work
+    (``admission.Control``); a key without a row (nearly all) costs no
+    statement. A paused key's work waits, parked, and is woken on resume; an
+    override applies until ``until`` (the database's clock), then the
+    declared limit and rate return by themselves.
+    """
+
+    task_name = models.CharField(_("task"), max_length=200)
+    running_key = models.CharField(max_length=255)
+    paused = models.BooleanField(default=False, help_text=_("No new starts; its work waits, parked, until resumed."))
+    running_limit = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text=_("Runs of the key at once until the override ends, instead of the declared."))
+    rate_count = models.PositiveIntegerField(null=True, blank=True)
+    rate_window = models.FloatField(null=True, blank=True, help_text=_("Seconds: at most rate_count starts in any."))
+    until = models.DateTimeField(null=True, blank=True, help_text=_("When the overrides end."))
+    changed_at = models.DateTimeField(db_default=Now())
+    changed_by = models.CharField(max_length=150, blank=True)
+
+    objects = KeyControlQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["task_name", "running_key"], name="keyjobs_one_control_per_key"),
+            models.CheckConstraint(
+                condition=Q(running_limit__isnull=True) | Q(running_limit__gte=1, running_limit__lte=32767),
+                name="keyjobs_control_limit_positive",
+            ),
+            # A rate is a count of starts in a window: both, or neither.
+            models.CheckConstraint(
+                condition=Q(rate_count__isnull=True, rate_window__isnull=True)
+                | Q(rate_count__gte=1, rate_window__gt=0, rate_window__isnull=False),  # a NULL compares to nothing
+                name="keyjobs_control_rate_whole",
+            ),
+            # An override without an end would outlive the reason for it.
+            models.CheckConstraint(
+                condition=Q(running_limit__isnull=True, rate_count__isnull=True) | Q(until__isnull=False),
+                name="keyjobs_control_override_ends",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}({key_label(self.running_key)})"
+
+
+class KeyAction(models.Model):
+    """What an operator did to a key (``keyjobs.control``): its history, naming who did it."""
+
+    class Kind(models.TextChoices):
+        # Its new starts stopped; its work waits.
+        PAUSED = "paused", _("paused")
+        # Starts again; the work that waited is woken.
+        RESUMED = "resumed", _("resumed")
+        # Its running limit or rate replaced until a time.
+        OVERRIDDEN = "overridden", _("overridden")
+        # The override ended by hand before its time.
+        RESTORED = "restored", _("restored")
+        # Everything waiting for it was cancelled.
+        CANCELLED = "cancelled", _("waiting work cancelled")
+
+    task_name = models.CharField(_("task"), max_length=200)
+    running_key = models.CharField(max_length=255)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    at = models.DateTimeField(db_default=Now())
+    by = models.CharField(max_length=150, help_text=_("The user who did it."))
+    note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["task_name", "running_key"], name="keyjobs_key_action_by_key")]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}({key_label(self.running_key)}) {self.kind} by {self.by}"
 
 
 class RunnerQuerySet(models.QuerySet["Runner"]):
@@ -452,3 +660,213 @@ class Schedule(models.Model):
     @property
     def is_declared(self) -> bool:
         return self.origin == self.Origin.CODE
+
+
+# -- statistics: what the rollup duty keeps (``keyjobs.rollup``) ----------------------------------------------
+
+#: The upper bounds, in milliseconds, of the duration and wait histograms' buckets; a last bucket holds the rest.
+#: Prometheus' ``le`` buckets of the metrics endpoint are these, in seconds.
+BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000)
+#: The counters of a rollup row, each the number of history events of its kind: see ``keyjobs.rollup``.
+COUNTERS = ("enqueued", "started", "succeeded", "failed", "retried", "cancelled", "dropped", "merged", "parked",
+            "deferred")
+
+
+#: The histogram columns of a rollup row, in bucket order.
+DURATION_BUCKETS = tuple(f"d_{bound}" for bound in (*BUCKETS_MS, "inf"))
+WAIT_BUCKETS = tuple(f"w_{bound}" for bound in (*BUCKETS_MS, "inf"))
+
+
+class Counts(models.Model):
+    """Counters and histograms of runs' durations and of waits (enqueue to first start); see ``keyjobs.rollup``."""
+
+    enqueued = models.PositiveIntegerField(default=0)
+    started = models.PositiveIntegerField(default=0)
+    succeeded = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    #: Attempts that failed and will be retried.
+    retried = models.PositiveIntegerField(default=0)
+    cancelled = models.PositiveIntegerField(default=0)
+    dropped = models.PositiveIntegerField(default=0)
+    #: Calls merged into a waiting invocation: deduplicated (REUSED) or debounced.
+    merged = models.PositiveIntegerField(default=0)
+    parked = models.PositiveIntegerField(default=0)
+    deferred = models.PositiveIntegerField(default=0)
+    #: Runs that ended (any outcome) and the sum of their durations; first starts and the sum of their waits since
+    #: the enqueue, and the longest.
+    runs = models.PositiveIntegerField(default=0)
+    duration_ms = models.BigIntegerField(default=0)
+    waits = models.PositiveIntegerField(default=0)
+    wait_ms = models.BigIntegerField(default=0)
+    wait_max_ms = models.BigIntegerField(default=0)
+    # The histograms, a column per bucket so that a window's rows add up in SQL: ``d_<bound>`` counts the runs
+    # that took at most <bound> ms (and more than the bound before it), ``w_<bound>`` the waits; ``_inf``, the rest.
+    for _bound in (*BUCKETS_MS, "inf"):
+        locals()[f"d_{_bound}"] = models.PositiveIntegerField(default=0)
+        locals()[f"w_{_bound}"] = models.PositiveIntegerField(default=0)
+    del _bound
+
+    class Meta:
+        abstract = True
+
+
+class TaskMinute(Counts):
+    """What happened to one task in one minute (the minute the history's event was recorded in)."""
+
+    task_name = models.CharField(max_length=200)
+    minute = models.DateTimeField()
+    #: Waiting and owned invocations of the task, as last sampled in that minute (None: not sampled).
+    waiting_now = models.PositiveIntegerField(null=True, blank=True)
+    owned_now = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["task_name", "minute"], name="keyjobs_one_row_per_task_minute")]
+        indexes = [models.Index(fields=["minute"], name="keyjobs_task_minute_at")]
+
+    def __str__(self) -> str:
+        return f"{self.task_name} at {self.minute:%Y-%m-%d %H:%M}"
+
+
+class KeyMinute(Counts):
+    """What happened to one key of a task in one minute."""
+
+    task_name = models.CharField(max_length=200)
+    key = models.CharField(max_length=255)
+    minute = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["task_name", "key", "minute"],
+                                               name="keyjobs_one_row_per_key_minute")]
+        indexes = [models.Index(fields=["minute"], name="keyjobs_key_minute_at")]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}({key_label(self.key)}) at {self.minute:%Y-%m-%d %H:%M}"
+
+
+class TaskTotal(Counts):
+    """Everything counted of one task since the rollup began: the metrics endpoint's counters, never pruned."""
+
+    task_name = models.CharField(max_length=200, unique=True)
+
+    def __str__(self) -> str:
+        return self.task_name
+
+
+class RollupMark(models.Model):
+    """How far the rollup has read a table by id, and the ids below it not seen yet (transactions still open)."""
+
+    #: The table read: ``events`` or ``invocations``.
+    name = models.CharField(max_length=32, primary_key=True)
+    last_id = models.BigIntegerField(default=0)
+    #: Ids at or below ``last_id`` not seen yet, each with when it was first missed (epoch seconds).
+    gaps = models.JSONField(default=dict)
+
+    def __str__(self) -> str:
+        return f"{self.name} read up to #{self.last_id}"
+
+
+class RunLog(models.Model):
+    """A record logged through ``logging`` while an invocation ran (``keyjobs.runlogs``), as it was stored."""
+
+    invocation = models.ForeignKey(Invocation, on_delete=models.CASCADE, related_name="logs")
+    #: When the record was made, by the clock of the process that ran the task.
+    at = models.DateTimeField()
+    #: The record's level number (``logging.INFO`` is 20).
+    level = models.PositiveSmallIntegerField()
+    logger = models.CharField(max_length=200)
+    message = models.TextField()
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["at"], name="keyjobs_runlog_at")]
+
+    def __str__(self) -> str:
+        return f"#{self.invocation_id} {self.logger}: {self.message[:60]}"
+
+
+class Step(models.Model):
+    """A step of a workflow (``keyjobs.workflows``): what its run did at one position, stored so that a replay reads it."""
+
+    class Kind(models.TextChoices):
+        # A child invocation: the workflow's delay() of a task (its value is the child's, read off it).
+        CHILD = "CHILD", _("Child task")
+        # wf.step(fn, ...): a function run inline, its return value (or exception) stored.
+        STEP = "STEP", _("Inline step")
+        # wf.now(), wf.uuid4(), wf.random(): a value taken once and read back on every replay.
+        NOW = "NOW", _("Time")
+        UUID = "UUID", _("UUID")
+        RANDOM = "RANDOM", _("Random number")
+        # wf.sleep(): due at ``due_at``.
+        SLEEP = "SLEEP", _("Sleep")
+        # wf.wait_for_event(): a message sent with wf.send(), or None once ``due_at`` passed.
+        EVENT = "EVENT", _("Event")
+        # wf.patched(): the code at this position is the patched one (a version marker).
+        VERSION = "VERSION", _("Version marker")
+
+    class State(models.TextChoices):
+        # Its value (or error) is stored: a replay reads it.
+        DONE = "DONE", _("Done")
+        # It raised: its exception is stored and raised again at the same position on every replay.
+        RAISED = "RAISED", _("Raised")
+        # A sleep not over yet, an event not received yet.
+        WAITING = "WAITING", _("Waiting")
+        # It failed (raised, or its child failed) and that ended the workflow's run: the next attempt runs it again.
+        ENDED_RUN = "ENDED_RUN", _("Failed the run")
+
+    workflow = models.ForeignKey(Invocation, on_delete=models.CASCADE, related_name="steps")
+    #: Its place in the workflow's run: a replay matches each call to the step recorded at its position.
+    position = models.PositiveIntegerField()
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    #: What was asked: the task or function's dotted path, the event's name, the marker's name.
+    name = models.CharField(max_length=200, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.DONE)
+    child = models.ForeignKey(Invocation, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    value = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    error_type = models.CharField(max_length=255, blank=True)
+    #: The exception's arguments, when JSON holds them: a replay raises it again from them.
+    error_args = models.JSONField(null=True, blank=True)
+    traceback = models.TextField(blank=True)
+    #: A sleep's end; an event's deadline (None: it waits for ever).
+    due_at = models.DateTimeField(null=True, blank=True)
+    #: Seconds an inline step's function ran.
+    duration = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(db_default=Now())
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["workflow", "position"]
+        constraints = [
+            # The final arbiter against recording a step twice, whatever two runs of a workflow do.
+            models.UniqueConstraint(fields=["workflow", "position"], name="keyjobs_one_step_per_position"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.workflow_id} step {self.position}: {self.get_kind_display()} {self.name}".rstrip()
+
+
+class Message(models.Model):
+    """A message sent to a workflow (``wf.send()``), kept until a ``wf.wait_for_event()`` of its name takes it."""
+
+    workflow = models.ForeignKey(Invocation, on_delete=models.CASCADE, related_name="messages")
+    name = models.CharField(max_length=200)
+    payload = models.JSONField(null=True, blank=True)
+    sent_at = models.DateTimeField(db_default=Now())
+    #: The step that took it; None while it waits to be taken.
+    step = models.OneToOneField(Step, null=True, blank=True, on_delete=models.SET_NULL, related_name="message")
+    #: The sender's name for this message (``send(..., idempotency_key=...)``): a send asked again with it finds
+    #: this message instead of making a second one. None: every send is a new message.
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["workflow", "name"], name="keyjobs_message_by_name")]
+        constraints = [
+            # The final arbiter of a send asked again (its reply lost, the caller retrying): one message per key.
+            models.UniqueConstraint(fields=["workflow", "idempotency_key"],
+                                    condition=Q(idempotency_key__isnull=False),
+                                    name="keyjobs_one_message_per_idempotency_key"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} to #{self.workflow_id}"

@@ -39,7 +39,7 @@ from .spec import Cause, Options, TaskSpec
 from .store import store
 from .timers import Timer, TimerError
 
-logger = logging.getLogger("keyjobs.worker")
+logger = logging.getLogger(__name__)
 
 #: Due schedules one transaction takes at most.
 BATCH = 100
@@ -184,8 +184,8 @@ def _prepare(schedule: Schedule, now: datetime) -> _Tick | None:
     if schedule.last_run is not None and tick_at <= schedule.last_run:
         return None  # already ran (its next run was set back by hand)
     if not schedule.catch_up and now - tick_at > timedelta(seconds=conf.SCHEDULE_GRACE):
-        logger.info("keyjobs: schedule %r skipped the tick of %s, missed while no runner ran", schedule.name,
-                    tick_at.isoformat())
+        logger.info("schedule %r skipped the tick of %s, missed while no runner ran", schedule.name,
+                    tick_at.isoformat(), extra={"schedule": schedule.name, "task": schedule.task_name})
         return None
     options = Options(spec, run_after=tick_at if early else None, cause=Cause(schedule_id=schedule.pk, tick=tick_at))
     try:
@@ -208,7 +208,8 @@ def _enqueue_alone(tick: _Tick) -> "Invocation | None":
 
 
 def _set_aside(schedule: Schedule, reason: str) -> None:
-    logger.error("keyjobs: schedule %r cannot run and is set aside until it is saved again: %s", schedule.name, reason)
+    logger.error("schedule %r cannot run and is set aside until it is saved again: %s", schedule.name, reason,
+                 extra={"schedule": schedule.name, "task": schedule.task_name})
     schedule.next_run, schedule.problem = None, reason[:2000]
 
 
@@ -241,13 +242,13 @@ def sync_declared(*, using: str) -> None:
                   "interval": spec.schedule.interval, "catch_up": spec.schedule_catch_up}
         row = existing.get(name)
         if row is not None and row.origin != Schedule.Origin.CODE:
-            logger.warning("keyjobs: the schedule declared on %s is not synced: a schedule of the admin has its name",
+            logger.warning("the schedule declared on %s is not synced: a schedule of the admin has its name",
                            name)
             continue
         if row is not None and not row.problem and all(getattr(row, field) == value for field, value in wanted.items()):
             continue
         if now is None:
-            now = _database_now(using)
+            now = store(using).clock()
         row = row or Schedule(name=name, origin=Schedule.Origin.CODE)
         for field, value in wanted.items():
             setattr(row, field, value)
@@ -257,12 +258,3 @@ def sync_declared(*, using: str) -> None:
                 row.save(using=using)
         except IntegrityError:
             pass  # another runner created it at the same moment
-
-
-def _database_now(using: str) -> datetime:
-    """Return the database's clock."""
-    db = store(using)
-    with db.cursor() as cursor:
-        cursor.execute(f"SELECT {db.now}", [])
-        found: datetime = db.read("created_at", cursor.fetchone()[0])
-    return found

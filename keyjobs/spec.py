@@ -8,17 +8,16 @@ specs, ``enqueue`` inserts calls of a spec, the runner calls its function.
 import functools
 import inspect
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .admission import Policy
 from .conf import conf
-from .exceptions import TaskDeclarationError, dotted_path
+from .exceptions import dotted_path
 
 if TYPE_CHECKING:
-    from .models import Invocation
     from .timers import Timer
     from .triggers import Trigger
 
@@ -48,6 +47,12 @@ class TaskSpec:
     triggers: tuple["Trigger", ...] = ()
     #: Stop a run at its ``timeout`` by killing the process that runs it (``runworker --processes``).
     kill_on_timeout: bool = False
+    #: Declared with ``@workflow``: its run is replayed from its recorded steps (``keyjobs.workflows``).
+    workflow: bool = False
+    #: Times a run whose runner died while running it is run again (``keyjobs.recovery``); one more death: FAILED.
+    max_recoveries: int = 3
+    #: The ``@task`` options it was built from (``keyjobs.options.build_spec``); None for a spec built by hand.
+    options: Mapping[str, Any] | None = field(default=None, repr=False)
 
     @property
     def func_path(self) -> str:
@@ -88,29 +93,15 @@ class Cause:
 
 
 class Options:
-    """A call's enqueue options over a spec: what ``enqueue`` takes, and what ``Task.using()`` returns."""
+    """A call's enqueue options over a spec: what ``enqueue`` takes, from every producer."""
 
     def __init__(
         self, task: TaskSpec, *, queue: str | None = None, priority: int | None = None,
         run_after: datetime | timedelta | None = None, cause: Cause | None = None,
     ) -> None:
-        if run_after is not None and not isinstance(run_after, (datetime, timedelta)):
-            raise TaskDeclarationError(f"{task.name}.using(): run_after must be a datetime or a timedelta")
         self.task = task
         self.queue = queue or task.queue
         self.priority = task.priority if priority is None else priority
         self.run_after = run_after
         #: Set by the producers that are not a caller: a schedule's tick, a trigger.
         self.cause = cause
-
-    def delay(self, *args: Any, **kwargs: Any) -> "Invocation":
-        """Register a call for a worker to run, in the caller's transaction, and return its invocation."""
-        from .enqueue import enqueue
-
-        return enqueue(self, args, kwargs)
-
-    def delay_many(self, calls: Iterable[Any]) -> list["Invocation"]:
-        """Register many calls at once: each an ``(args, kwargs)`` pair or a dict of keyword arguments."""
-        from .enqueue import enqueue_many
-
-        return enqueue_many(self, calls)

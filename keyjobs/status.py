@@ -21,18 +21,21 @@ class Status(models.TextChoices):
     # Created by delay(); waiting to be claimed by a runner.
     REGISTERED = "REGISTERED", _("Registered")
     # Its key was busy when it came up (or delay_many() created it behind an earlier invocation
-    # of its key); parked until the key frees, then registered again.
+    # of its key, or an operator paused its key); parked until the key frees, then registered again.
     REROUTED = "REROUTED", _("Rerouted")
     # Claimed by a runner, which now holds the key; about to execute.
     PENDING = "PENDING", _("Pending")
     # Executing in a runner thread; the key stays held until it ends.
     RUNNING = "RUNNING", _("Running")
-    # Inside its run, waiting for another invocation to end (``child.wait()``, ``child.result``): its runner
-    # thread is lent to other work meanwhile, and it keeps its key; RUNNING again once that one is final.
+    # Waiting, and keeping its key. Inside a task's run, for another invocation to end (``child.wait()``,
+    # ``child.get_result()``): its runner thread is lent to other work, and it is RUNNING again once that one
+    # is final. A workflow suspended (a child, ``wf.sleep()``, ``wf.wait_for_event()``) has no runner at all:
+    # a runner takes it up again when what it waits for comes (its ``resume_at``).
     PAUSED = "PAUSED", _("Paused")
     # Ended: the function returned; the result is stored.
     SUCCESS = "SUCCESS", _("Success")
-    # Ended: the function raised, its task could not be found, or its result was not JSON.
+    # Ended: the function raised, its task could not be found, its result could not be stored, its arguments
+    # could not be read, or its runner died with it more than max_recoveries times.
     FAILED = "FAILED", _("Failed")
     # Failed, and will be registered again for another attempt.
     RETRY = "RETRY", _("Retry")
@@ -45,7 +48,8 @@ class Status(models.TextChoices):
 
 #: Waiting to be picked up: the states the registration guard counts.
 WAITING = frozenset({Status.REGISTERED, Status.REROUTED, Status.RETRY})
-#: Owned by a runner: the states the running guard counts. A paused run is still its runner's, and holds its key.
+#: The states the running guard counts: they hold the key. A paused run is still its runner's; a suspended
+#: workflow (PAUSED, no runner) holds its key though no runner owns it.
 OWNED = frozenset({Status.PENDING, Status.RUNNING, Status.PAUSED})
 #: Nothing will change these any more.
 FINAL = frozenset({Status.SUCCESS, Status.FAILED, Status.CONCURRENCY_CONTROLLED_FINAL, Status.CANCELLED})
@@ -124,6 +128,13 @@ NOW = Now()
 #: Where a run is taken up again: entering RUNNING from here goes on with the same run, not a new attempt.
 RESUMABLE = frozenset({Status.PAUSED})
 
+#: What a final invocation registered again (``change(again=True)``, a retry by hand) no longer has: its
+#: last failure, its end, a requested start and a cancel request.
+CLEARED_AGAIN: Mapping[str, Any] = {"error": "", "error_type": "", "traceback": "", "finished_at": None,
+                                    "run_after": None, "cancel_requested": False,
+                                    # A run that used up its max_recoveries is given as many again.
+                                    "recoveries": 0}
+
 #: The history's notes for the two ways a freed key's next invocation goes on.
 WOKEN = "its key freed: its turn"
 HANDED = "handed over by the invocation that freed its key"
@@ -148,20 +159,25 @@ class Change:
     kind: str = field(default="TRANSITION")
     #: A paused run taken up again: legal only from a status of ``RESUMABLE``.
     resumed: bool = False
+    #: A final invocation registered again: legal only from a status of ``FINAL``, and required there.
+    again: bool = False
 
     @property
     def to(self) -> Status:
+        """The status it ends in (a ``mark()`` has none: it keeps the row's)."""
         return self.path[-1]
 
-    def steps(self) -> list[tuple[str | None, str]]:
-        """Return each step as (from, to); the first step's from is None: the row's own status."""
+    def steps(self) -> list[tuple[str | None, str | None]]:
+        """Return each step as (from, to); None is the row's own status (the first step's from, a mark's to)."""
+        if not self.path:
+            return [(None, None)]
         return [(None, self.path[0]), *pairwise(self.path)]
 
     def events(self, pk: int, from_status: str) -> list[EventRow]:
         """Return the history rows of this change for invocation ``pk``, which was in ``from_status``."""
         return [
-            (pk, self.kind, here if here is not None else from_status, there, self.runner_id, self.runner_thread,
-             self.note)
+            (pk, self.kind, here if here is not None else from_status, there if there is not None else from_status,
+             self.runner_id, self.runner_thread, self.note)
             for here, there in self.steps()
         ]
 
@@ -174,7 +190,7 @@ class Change:
         for here, there in pairwise([status, *self.path]):
             if not is_legal(here, there):
                 return here, there
-        if self.resumed and status not in RESUMABLE:
+        if (self.resumed and status not in RESUMABLE) or (self.path and self.again != (status in FINAL)):
             return status, self.to
         return None
 
@@ -191,6 +207,7 @@ def change(
     note: str = "",
     keep_place: bool = False,
     resumed: bool = False,
+    again: bool = False,
 ) -> Change:
     """Return the change to status ``to`` (through ``via``): the one definition of what entering a status writes.
 
@@ -200,7 +217,9 @@ def change(
       on, so neither the attempts nor ``started_at`` change;
     - a claim or a hand-off (``slot`` given) records the owner, its thread and the slot of the key it holds;
     - with ``keep_place``, entering REGISTERED leaves ``registered_at`` as it was: a woken invocation
-      takes its original place in the queue, not the back (``admission.Policy.round_robin`` says which).
+      takes its original place in the queue, not the back (``admission.Policy.round_robin`` says which);
+    - ``again``: a final invocation registered again (the only way back from ``FINAL``) clears what its last
+      run left (``CLEARED_AGAIN``).
 
     ``values`` adds what the caller writes with it (a result, an error); ``runner_id``
     (default the owner) and ``thread`` are recorded on the history rows.
@@ -208,7 +227,9 @@ def change(
     path = (*via, to)
     if resumed and path != (Status.RUNNING,):
         raise ValueError("only RUNNING is resumed, straight from where it paused")
-    written: dict[str, Any] = {"status": to}
+    if again and path != (Status.REGISTERED,):
+        raise ValueError("only REGISTERED is entered again, straight from a final status")
+    written: dict[str, Any] = {"status": to, **(CLEARED_AGAIN if again else {})}
     if slot is not None:
         written.update(runner_id=owner_id, runner_thread=thread, slot=slot)
     if Status.RUNNING in path and not resumed:
@@ -218,4 +239,18 @@ def change(
                 resumed and entered is Status.RUNNING):
             written[STAMPS[entered]] = NOW
     written.update(values or {})
-    return Change(path, written, runner_id if runner_id is not None else owner_id, thread, note, resumed=resumed)
+    return Change(path, written, runner_id if runner_id is not None else owner_id, thread, note, resumed=resumed,
+                  again=again)
+
+
+def mark(
+    kind: str, values: Mapping[str, Any], *, runner_id: int | None = None, thread: int | None = None, note: str = ""
+) -> Change:
+    """Return a change that keeps the status: ``values`` written with one history row of ``kind``.
+
+    A deferral, a debounce's merge, a cancel request: writes to a waiting or
+    running invocation that the status writer applies like any change (the
+    row locked and its status checked, the history row in the same
+    transaction), legal from any status the caller expects.
+    """
+    return Change((), dict(values), runner_id, thread, note, kind=kind)

@@ -33,6 +33,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -40,19 +41,20 @@ from typing import Protocol
 
 from django.core.management import execute_from_command_line
 from django.db import DatabaseError, connections
+from django.db.models import Q
 from django.db.models.functions import Now
 from django.utils import autoreload
 
 from . import faults, registry
 from .conf import conf
 from .exceptions import TaskNotFound, TimeLimitExceeded
-from .execute import durably, failed, finish
-from .models import Invocation, Runner
+from .execute import failed, finish
+from .models import Event, Invocation, Runner
 from .recovery import recover_dead_runner
 from .spec import TaskSpec
 from .status import Status
 
-logger = logging.getLogger("keyjobs.worker")
+logger = logging.getLogger(__name__)
 
 #: Seconds between two looks for runs past a hard time limit (a query of this host's running invocations).
 LIMIT_CHECK_INTERVAL = 0.25
@@ -116,8 +118,9 @@ class Supervisor:
         self.runner = Runner.objects.using(self.db).create(
             host=socket.gethostname(), pid=os.getpid(), threads=0, queues=",".join(self.queues)
         )
-        logger.info("keyjobs: %s supervises %d worker process(es) of %d thread(s) on %s", self.runner,
-                    self.processes, self.threads, ", ".join(self.queues) or "every queue")
+        logger.info("%s supervises %d worker process(es) of %d thread(s) on %s", self.runner,
+                    self.processes, self.threads, ", ".join(self.queues) or "every queue",
+                    extra={"runner_id": self.runner.pk})
         beat = limits = time.monotonic()
         try:
             while True:
@@ -138,16 +141,18 @@ class Supervisor:
                 except Exception as exc:
                     if not faults.is_transient(exc):
                         raise
-                    logger.warning("keyjobs: %s could not reach the database (%s); retrying", self.runner, exc)
+                    logger.warning("%s could not reach the database (%s); retrying", self.runner, exc,
+                                   extra={"runner_id": self.runner.pk})
                     connections[self.db].close()
         finally:
             self._kill_all()
             try:
                 Runner.objects.using(self.db).filter(pk=self.runner.pk).update(stopped_at=Now(), heartbeat_at=Now())
             except DatabaseError as exc:
-                logger.warning("keyjobs: could not mark %s stopped (%s); its lease will lapse", self.runner, exc)
+                logger.warning("could not mark %s stopped (%s); its lease will lapse", self.runner, exc,
+                               extra={"runner_id": self.runner.pk})
             connections[self.db].close()
-            logger.info("keyjobs: %s stopped", self.runner)
+            logger.info("%s stopped", self.runner, extra={"runner_id": self.runner.pk})
 
     def stop(self) -> None:
         """Stop the worker processes gracefully (they finish what they run); ``run()`` returns once they exited."""
@@ -163,10 +168,10 @@ class Supervisor:
         self._signals += 1
         name = signal.Signals(signum).name
         if self._signals > 1:
-            logger.warning("keyjobs: second %s: the worker processes exit at once", name)
+            logger.warning("second %s: the worker processes exit at once", name)
             self._forward(signum)
             return
-        logger.info("keyjobs: %s: the worker processes finish what they run, then stop (again to exit at once)",
+        logger.info("%s: the worker processes finish what they run, then stop (again to exit at once)",
                     name)
         self.stopping.set()
         self._forward(signum)
@@ -202,7 +207,7 @@ class Supervisor:
                                                      name=f"keyjobs-worker-{slot.number}", daemon=False)
                 slot.process.start()
                 slot.started, slot.killed = time.monotonic(), False
-                logger.info("keyjobs: %s started worker process %d (pid %s)", self.runner, slot.number,
+                logger.info("%s started worker process %d (pid %s)", self.runner, slot.number,
                             slot.process.pid)
 
     def _reap(self) -> None:
@@ -215,8 +220,11 @@ class Supervisor:
             slot.process = None
             code = process.exitcode
             lived = time.monotonic() - slot.started
+            recovered: list[int] = []
             if not slot.killed:
-                self._recover(process.pid, f"died (exit {_exit_text(code)})")
+                # Counted against its runs unless the pool was stopping: a second Ctrl-C is not their doing.
+                recovered = self._recover(process.pid, f"died (exit {_exit_text(code)})",
+                                          counted=not self.stopping.is_set())
             if self.stopping.is_set():
                 continue
             if code in (0, RECYCLED) or slot.killed:
@@ -225,14 +233,20 @@ class Supervisor:
                 slot.deaths = 0
                 slot.start_at = float("inf") if code == 0 and self.burst else time.monotonic()
                 continue
-            slot.deaths = 1 if lived >= HEALTHY_AFTER else slot.deaths + 1
+            # A process that died with work in it is no crash loop at start-up: what ran in it is to blame,
+            # and its recoveries are bounded (max_recoveries). The other keys need a process again soon.
+            slot.deaths = 1 if lived >= HEALTHY_AFTER or recovered else slot.deaths + 1
             pause = min(BACKOFF_FIRST * 2 ** (slot.deaths - 1), BACKOFF_MAX)
             slot.start_at = time.monotonic() + pause
-            logger.error("keyjobs: worker process %d (pid %s) exited %s after %.1fs; another starts in %.1fs",
+            logger.error("worker process %d (pid %s) exited %s after %.1fs; another starts in %.1fs",
                          slot.number, process.pid, _exit_text(code), lived, pause)
 
-    def _recover(self, pid: int | None, why: str) -> list[int]:
-        """Recover at once the work of this supervisor's runner rows of ``pid``, whose process is reaped."""
+    def _recover(self, pid: int | None, why: str, *, counted: bool = False) -> list[int]:
+        """Recover at once the work of this supervisor's runner rows of ``pid``, whose process is reaped.
+
+        ``counted``: the process died by itself, so the death counts toward the ``max_recoveries`` of
+        the runs it cut short; not when the supervisor killed it, knowing why.
+        """
         if pid is None:
             return []  # never started
         assert self.runner is not None
@@ -241,11 +255,15 @@ class Supervisor:
         def recover() -> list[int]:
             recovered: list[int] = []
             for runner_id in list(rows.values_list("pk", flat=True)):
-                recovered += recover_dead_runner(runner_id, using=self.db, by=self.runner, why=why)
+                recovered += recover_dead_runner(runner_id, using=self.db, by=self.runner, why=why,
+                                                 counted=counted)
                 Runner.objects.using(self.db).filter(pk=runner_id).update(stop_reason=f"its process {why}")
             return recovered
 
-        return durably(f"recover the work of pid {pid}", recover, using=self.db, keep_trying=lambda: True) or []
+        # While the database is away, a heartbeat interval at most: reaping, restarts and hard limits go on, and
+        # what is not recovered now is recovered once the dead runner's lease lapses, by any live runner.
+        return faults.retrying(f"recover the work of pid {pid}", recover, using=self.db,
+                               patience=conf.HEARTBEAT_INTERVAL) or []
 
     def _kill_all(self) -> None:
         """Leave no worker process behind (they were asked to stop first, unless run() failed)."""
@@ -277,6 +295,7 @@ class Supervisor:
             .annotate(now=Now())
             .values_list("pk", "task_name", "runner__pid", "started_at", "now")
         )
+        past: list[tuple[int, TaskSpec, Slot, datetime, float]] = []
         for pk, task_name, pid, started_at, now in running:
             spec = self._spec(task_name)
             if spec is None or not spec.kill_on_timeout or spec.timeout is None or started_at is None:
@@ -284,14 +303,46 @@ class Supervisor:
             elapsed = (now - started_at).total_seconds()
             slot = by_pid.get(pid)
             if elapsed >= spec.timeout and slot is not None and slot.process is not None and not slot.killed:
-                self._kill_for_limit(slot, pk, spec, elapsed)
+                past.append((pk, spec, slot, started_at, elapsed))
+        if not past:
+            return
+        # Past the limit since its start; but time spent paused (waiting on another invocation) does not count.
+        paused = self._paused({pk: started_at for pk, _, _, started_at, _ in past})
+        for pk, spec, slot, _, elapsed in past:
+            assert spec.timeout is not None
+            if elapsed - paused[pk] >= spec.timeout and not slot.killed:
+                self._kill_for_limit(slot, pk, spec, elapsed - paused[pk])
+
+    def _paused(self, started: dict[int, datetime]) -> dict[int, float]:
+        """Return the seconds each of these running invocations spent PAUSED since its start, from its history.
+
+        Read from the history's stamps, on the database's clock as ``started_at``. They are RUNNING:
+        every pause since their start has ended.
+        """
+        paused = dict.fromkeys(started, 0.0)
+        since: dict[int, datetime] = {}
+        history = (
+            Event.objects.using(self.db)
+            .filter(invocation_id__in=started, kind=Event.Kind.TRANSITION)
+            .filter(Q(to_status=Status.PAUSED) | Q(from_status=Status.PAUSED))
+            .order_by("pk").values_list("invocation_id", "from_status", "to_status", "at")
+        )
+        for pk, came, went, at in history:
+            if at < started[pk]:
+                continue  # an earlier attempt's
+            if went == Status.PAUSED:
+                since[pk] = at
+            elif came == Status.PAUSED and pk in since:
+                paused[pk] += (at - since.pop(pk)).total_seconds()
+        return paused
 
     def _kill_for_limit(self, slot: Slot, pk: int, spec: TaskSpec, elapsed: float) -> None:
         """Kill ``slot``'s process, record invocation ``pk`` stopped at its limit, and recover the process's other runs."""
         assert slot.process is not None and spec.timeout is not None
         process = slot.process
-        logger.warning("keyjobs: invocation #%s of %s ran %.1fs, past its hard time limit of %gs: killing worker "
-                       "process %d (pid %s)", pk, spec.name, elapsed, spec.timeout, slot.number, process.pid)
+        logger.warning("invocation #%s of %s worked %.1fs, past its hard time limit of %gs: killing worker "
+                       "process %d (pid %s)", pk, spec.name, elapsed, spec.timeout, slot.number, process.pid,
+                       extra={"invocation_id": pk, "task": spec.name})
         process.kill()
         process.join()  # reaped: nothing more can be written for it
         slot.killed = True
@@ -299,11 +350,12 @@ class Supervisor:
         if invocation.status == Status.RUNNING and invocation.runner is not None:
             exc = TimeLimitExceeded(f"stopped at its time limit of {spec.timeout:g}s: its process was killed")
             outcome = failed(invocation, spec, exc, "",
-                             note=f"killed at its time limit of {spec.timeout:g}s (ran {elapsed:.1f}s)")
+                             note=f"killed at its time limit of {spec.timeout:g}s (worked {elapsed:.1f}s)")
             owner = invocation.runner
-            durably(f"record #{pk} stopped at its time limit",
-                    lambda: finish(invocation, outcome, owner, using=self.db, thread=invocation.runner_thread),
-                    using=self.db, keep_trying=lambda: True)
+            # As for recovery, a heartbeat interval at most: unrecorded, it is recovered with its process's work.
+            faults.retrying(f"record #{pk} stopped at its time limit",
+                            lambda: finish(invocation, outcome, owner, using=self.db, thread=invocation.runner_thread),
+                            using=self.db, patience=conf.HEARTBEAT_INTERVAL)
         self._recover(process.pid, f"was killed: invocation #{pk} passed its hard time limit of {spec.timeout:g}s")
 
 
@@ -355,7 +407,7 @@ def serve(runner: Runnable, *, reload: bool) -> None:
     def stop_for_restart() -> None:
         exiting.set()
         if not done.is_set():
-            logger.info("keyjobs: stopping for a restart (up to %gs for what is running)", RELOAD_GRACE)
+            logger.info("stopping for a restart (up to %gs for what is running)", RELOAD_GRACE)
             runner.stop()
             done.wait(RELOAD_GRACE)
 
@@ -373,7 +425,7 @@ def watch_parent(runner: Stoppable, parent: int, interval: float = 1.0) -> threa
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(interval)
-        logger.error("keyjobs: the supervisor (pid %d) is gone: stopping", parent)
+        logger.error("the supervisor (pid %d) is gone: stopping", parent)
         runner.stop()
 
     thread = threading.Thread(target=watch, name="keyjobs-parent-watch", daemon=True)

@@ -82,3 +82,17 @@ async def async_with_context(context: TaskContext, value: int) -> list[int]:
 @task
 def not_json() -> object:
     return {1, 2}
+
+
+@task(takes_context=True)
+def context_id(context: TaskContext) -> str:
+    return context.task_result.id
+
+
+@task(takes_context=True)
+def taken_from_its_runner(context: TaskContext, thief_id: int) -> str:
+    """Give its own invocation to runner ``thief_id`` while it runs, as a recovery would: its outcome is discarded."""
+    from keyjobs.models import Invocation
+
+    Invocation.objects.filter(pk=context.task_result.id).update(runner_id=thief_id)
+    return context.task_result.id

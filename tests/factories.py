@@ -2,6 +2,7 @@ from datetime import datetime, timedelta
 
 import factory
 from django.contrib.auth.models import Permission
+from django.db.models import F
 from django.test import Client
 from django.utils import timezone
 
@@ -21,12 +22,19 @@ class RunnerFactory(factory.django.DjangoModelFactory):
 class InvocationFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = Invocation
+        skip_postgeneration_save = True
 
     task_name = "tests.jobs.add"
     queue = "default"
     args = factory.LazyFunction(lambda: [1, 2])
     kwargs = factory.LazyFunction(dict)
     status = Status.REGISTERED
+
+    @factory.post_generation
+    def counted(obj: Invocation, create: bool, extracted: object, **kwargs: object) -> None:
+        """Count a made-up wait on what it waits on, as the store counts a real one (``Invocation.waiters``)."""
+        if create and obj.waiting_on_id is not None:
+            Invocation.objects.using(obj._state.db).filter(pk=obj.waiting_on_id).update(waiters=F("waiters") + 1)
 
 
 class EventFactory(factory.django.DjangoModelFactory):
@@ -95,3 +103,37 @@ def staff(django_user_model: type, name: str, *codenames: str) -> Client:
     client = Client()
     client.force_login(user)
     return client
+
+
+def give_busy_window(count: int, *, now: datetime, minutes: int = 15, keys: int = 2_000) -> None:
+    """Write ``count`` finished runs over ``keys`` keys and 16 runner threads in the ``minutes`` before ``now``, in bulk,
+    one in ten parked first and one in fifty dropped instead: a timeline at scale."""
+    runners = [RunnerFactory() for _ in range(2)]
+    span = timedelta(minutes=minutes) / count
+    invocations = []
+    for number in range(count):
+        created = now - timedelta(minutes=minutes) + span * number
+        dropped = number % 50 == 0
+        invocations.append(Invocation(
+            task_name=f"tests.jobs.t{number % 3}", queue="default", running_key=f'{{"account_id":"a{number % keys}"}}',
+            status=Status.CONCURRENCY_CONTROLLED_FINAL if dropped else Status.SUCCESS, created_at=created,
+            runner=None if dropped else runners[number % 2], runner_thread=None if dropped else number % 8,
+            started_at=None if dropped else created + timedelta(milliseconds=5),
+            finished_at=created + timedelta(milliseconds=5 if dropped else 400)))
+    Invocation.objects.bulk_create(invocations, batch_size=2000)
+    events = []
+    for number, invocation in enumerate(invocations):
+        at = invocation.created_at
+        if number % 50 == 0:
+            events.append(Event(invocation=invocation, from_status=Status.REGISTERED,
+                                to_status=Status.CONCURRENCY_CONTROLLED_FINAL, at=at))
+            continue
+        if number % 10 == 3:
+            events.append(Event(invocation=invocation, from_status=Status.REGISTERED, to_status=Status.REROUTED,
+                                at=at + timedelta(milliseconds=1)))
+        for came, went, offset in [(Status.REGISTERED, Status.PENDING, 4), (Status.PENDING, Status.RUNNING, 5),
+                                   (Status.RUNNING, Status.SUCCESS, 400)]:
+            events.append(Event(invocation=invocation, from_status=came, to_status=went,
+                                at=at + timedelta(milliseconds=offset), runner=invocation.runner,
+                                runner_thread=invocation.runner_thread))
+    Event.objects.bulk_create(events, batch_size=5000)

@@ -1,6 +1,8 @@
 """Tasks the tests run, importable by worker processes as tests.jobs.*."""
 
+import logging
 import os
+import signal
 import time
 from datetime import timedelta
 
@@ -132,7 +134,9 @@ async def too_slow_async(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
+# The chaos runs kill workers at random, a kill a second: a run cut short is never its call's fault, and under load
+# one call can be cut short more often than a poison pill's limit (max_recoveries, 3 by default) allows.
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), max_recoveries=1_000)
 def record_span(account_id: str, number: int, hold: float, log: str) -> None:
     """Log this run's start and end as separate lines, so that a run killed midway still shows its start."""
     _log_span(log, account_id, number, hold)
@@ -168,6 +172,13 @@ rated_wide = TaskSpec(
     policy=Policy(running=Mode.KEYS, key_arguments=("account_id",), limit=4, rate=Rate(3, 1.0)),
 )
 registry.register(rated_wide)
+
+#: rated_wide's slots, with a window of a minute: a test may take its time between the starts that fill it.
+rated_per_minute = TaskSpec(
+    name="tests.jobs.rated_per_minute", func=_rated_wide,
+    policy=Policy(running=Mode.KEYS, key_arguments=("account_id",), limit=4, rate=Rate(3, 60.0)),
+)
+registry.register(rated_per_minute)
 
 
 @task(registration_concurrency=Mode.KEYS, key_arguments=("account_id",), debounce=0.3, debounce_max=1.0)
@@ -214,6 +225,41 @@ def reindex_account(account_id: str, op: str, result: str) -> list[str]:
 @task(trigger=on_status(sync_account, Status.FAILED))
 def report_sync_failure(account_id: str, error: str) -> str:
     return error
+
+
+# A source whose subscribers fail to enqueue (tests/test_triggers.py): the source's outcome stands.
+@task
+def close_account(account_id: str) -> str:
+    return f"closed {account_id}"
+
+
+def limit_of_a_down_service(account_id: str) -> int:
+    raise RuntimeError("the tier service is down")
+
+
+def limit_from_a_missing_table(account_id: str) -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:  # refused by the database: on PostgreSQL it aborts the transaction
+        cursor.execute("SELECT running_limit FROM keyjobs_no_such_table")
+    return 1
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=limit_of_a_down_service,
+      trigger=on_status(close_account, Status.SUCCESS))
+def archive_closed(account_id: str) -> str:
+    return account_id
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=limit_from_a_missing_table,
+      trigger=on_status(close_account, Status.SUCCESS))
+def bill_closed(account_id: str) -> str:
+    return account_id
+
+
+@task(trigger=on_status(close_account, Status.SUCCESS))
+def notify_closed(account_id: str, result: str) -> str:
+    return result
 
 
 @task(trigger=on_event("account.updated"))
@@ -264,6 +310,13 @@ def keyed_tiered(account_id: str, op: str) -> str:
     return f"{account_id}:{op}"
 
 
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=tier_limit,
+      registration_concurrency=Mode.TASK, debounce=0.05)
+def debounced_across_keys(account_id: str, op: str) -> str:
+    """One call of the task waits at a time, and runs serial per account: a merge can change its running key."""
+    return f"{account_id}:{op}"
+
+
 @task(running_concurrency=Mode.KEYS, key_arguments=("account_id",), running_limit=bad_tier_limit)
 def keyed_bad_tier(account_id: str) -> str:
     return account_id
@@ -308,13 +361,32 @@ def fan_out(levels: int, width: int = 4) -> int:
     if levels == 0:
         return 1
     children = [fan_out.delay(levels - 1, width) for _ in range(width)]
-    return 1 + sum(child.result for child in children)
+    return 1 + sum(child.get_result() for child in children)
 
 
 @task
 def wait_for_child(seconds: float, marker: str, timeout: float | None = None) -> str:
     """Delay sleep_then_return(seconds, marker) and return its result, waiting at most ``timeout`` seconds."""
     return str(sleep_then_return.delay(seconds, marker).get_result(timeout=timeout))
+
+
+@task
+def peek_at_child(seconds: float, marker: str) -> str:
+    """Read the result of a child not final yet: ``.result`` does not wait, so the run is never PAUSED."""
+    from keyjobs import InvocationNotFinished
+
+    child = sleep_then_return.delay(seconds, marker)
+    try:
+        return str(child.result)
+    except InvocationNotFinished:
+        return "not finished"
+
+
+@task
+async def await_child(seconds: float, marker: str) -> str:
+    """Delay sleep_then_return(seconds, marker) from async code and await its result: the run is PAUSED meanwhile."""
+    child = await sleep_then_return.adelay(seconds, marker)
+    return str(await child.aget_result(timeout=60))
 
 
 @task
@@ -345,4 +417,110 @@ def wait_on_own_key(account_id: str, nested: bool = False) -> str:
     """Wait on an invocation of its own key: it could only start once this one, holding the key, ended."""
     if nested:
         return "nested"
-    return str(wait_on_own_key.delay(account_id, nested=True).result)
+    return str(wait_on_own_key.delay(account_id, nested=True).get_result())
+
+
+class Halt(BaseException):
+    """A BaseException of the task's own, as some libraries define one."""
+
+
+def _raise_base(kind: str) -> None:
+    import sys
+
+    if kind == "SystemExit":
+        sys.exit(3)
+    if kind == "KeyboardInterrupt":
+        raise KeyboardInterrupt("pressed inside the task")
+    if kind == "GeneratorExit":
+        raise GeneratorExit("closed")
+    raise Halt("halted")
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
+def raise_base(account_id: str, kind: str) -> None:
+    """Raise a BaseException that is not an Exception: ``kind`` is its class name, or Halt."""
+    _raise_base(kind)
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
+async def raise_base_async(account_id: str, kind: str) -> None:
+    _raise_base(kind)
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
+def chatty(account_id: str, count: int, secret: str = "") -> int:
+    """Log ``count`` lines at INFO, and a warning with ``secret`` in it if given (tests/test_runlogs.py)."""
+    log = logging.getLogger("tests.jobs.chatty")
+    for number in range(count):
+        log.info("line %d of %d for %s", number + 1, count, account_id)
+    if secret:
+        log.warning("calling the provider with token=%s", secret)
+    return count
+
+
+@task(max_retries=2, retry_backoff=0.01)
+def echo(*args: object, **kwargs: object) -> object:
+    """Return the call as its run saw it (tests/test_values.py); whatever it raises is retried twice."""
+    return {"args": list(args), "kwargs": kwargs}
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
+def keyed_echo(account_id: object, payload: object = None, *rest: object, **extra: object) -> object:
+    """Return the call as its run saw it, by parameter (tests/test_values.py)."""
+    return {"account_id": account_id, "payload": payload, "rest": list(rest), "extra": extra}
+
+
+@task
+def text_of(size: int) -> str:
+    """Return ``size`` characters (tests/test_values.py)."""
+    return "x" * size
+
+
+@task(running_concurrency=Mode.KEYS, key_arguments=("account_id",))
+def poison_pill(account_id: str, log: str) -> None:
+    """Kill the process running it, as a segfault or an out-of-memory kill would; each attempt adds a line to ``log``."""
+    with open(log, "a") as attempts:
+        attempts.write("attempt\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task(timeout=1, kill_on_timeout=True)
+def patient_parent(wait: float, marker: str) -> str:
+    """Work 0.3 s, wait ``wait`` seconds on a child, work 0.3 s more: 0.6 s of work under limits of 1 s."""
+    time.sleep(0.3)
+    sleep_then_return.delay(wait, marker).wait(timeout=60)
+    time.sleep(0.3)
+    return marker
+
+
+@task(timeout=1)
+async def patient_parent_async(wait: float, marker: str) -> str:
+    """``patient_parent`` as a coroutine, which its limit cancels: 0.6 s of work, a long wait, under a limit of 1 s."""
+    import asyncio
+
+    await asyncio.sleep(0.3)
+    child = await sleep_then_return.adelay(wait, marker)
+    await child.aget_result(timeout=60)
+    await asyncio.sleep(0.3)
+    return marker
+
+
+@task
+def until_told(marker: str) -> str:
+    """Create ``marker``.started, then return once ``marker``.go exists (at most a minute): a run a test ends."""
+    open(marker + ".started", "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(marker + ".go") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return marker
+
+
+@task
+def wait_on(pk: int, timeout: float) -> str:
+    """Wait on invocation ``pk`` for ``timeout`` seconds at most; return its final status, or that it timed out."""
+    from keyjobs.models import Invocation
+
+    try:
+        return Invocation.objects.get(pk=pk).wait(timeout=timeout)
+    except TimeoutError:
+        return "timed out"

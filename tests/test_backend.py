@@ -2,7 +2,6 @@
 
 import asyncio
 import dataclasses
-import inspect
 import pickle
 import threading
 from datetime import datetime, timedelta
@@ -11,7 +10,7 @@ from typing import Any
 import django
 import pytest
 
-from keyjobs import declare
+from keyjobs.options import OPTIONS as TASK_OPTIONS
 from keyjobs.status import FINAL, OWNED, Status
 
 # Deselected before Django 6.1 (tests/conftest.py), where a check refuses the backend (tests/test_checks.py).
@@ -65,10 +64,10 @@ def test_a_task_declared_both_ways_gets_the_same_policy():
     assert django_jobs.refresh_once.spec.policy.registration == jobs.once_per_key.spec.policy.registration
 
 
-@pytest.mark.parametrize("option", sorted(set(declare._OPTIONS) - {"queue", "priority", "name"}))
+@pytest.mark.parametrize("option", sorted(set(TASK_OPTIONS) - {"queue", "priority", "name"}))
 def test_every_keyjobs_task_option_is_accepted_through_the_django_decorator(option):
-    # Read off @keyjobs.task's own signature: an option added there is accepted here with no change.
-    default = inspect.signature(declare.Task.__init__).parameters[option].default
+    # Read off keyjobs.options' one declaration: an option added there is accepted here with no change.
+    default = TASK_OPTIONS[option].default
     declared = task(**{option: default})(django_jobs.add.func)
     assert declared.options == {option: default}
     assert option in OPTIONS
@@ -137,6 +136,16 @@ def test_a_queue_missing_from_queues_is_refused_naming_the_task_and_queues():
         django_jobs.add.using(queue_name="nightly")
     with pytest.raises(InvalidTask, match="Queue 'nightly' is not valid"):
         task(queue_name="nightly")(django_jobs.add.func)
+
+
+@pytest.mark.django_db
+def test_enqueue_refuses_a_queue_that_the_settings_no_longer_list():
+    nightly = django_jobs.add.using(queue_name="reports")
+    narrower = {"default": {"BACKEND": "keyjobs.backend.KeyjobsBackend", "QUEUES": ["default"]}}
+    with (override_settings(TASKS=narrower),
+          pytest.raises(InvalidTask, match=r"tests\.django_jobs\.add: Queue 'reports' is not valid")):
+        nightly.enqueue(1)
+    assert not Invocation.objects.exists()
 
 
 @pytest.mark.parametrize("priority", [-101, 101, 3.1, True])
@@ -392,9 +401,13 @@ def test_async_tasks_run_on_the_worker():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_failure_records_its_class_path_and_traceback():
+def test_a_failure_records_its_class_path_and_traceback(caplog):
     result = django_jobs.fail.enqueue("broken")
-    run_burst()
+    with caplog.at_level("ERROR", logger="django.tasks"):
+        run_burst()
+    # Django's own log line of a failed task carries the exception, as its own backends send it.
+    [logged] = [record for record in caplog.records if record.name == "django.tasks" and result.id in record.getMessage()]
+    assert logged.exc_info is not None and logged.exc_info[0] is ValueError and "broken" in str(logged.exc_info[1])
     result.refresh()
     assert result.status == TaskResultStatus.FAILED and result.finished_at is not None
     assert len(result.errors) == 1 and result.errors[0].exception_class is ValueError
@@ -547,4 +560,16 @@ def test_a_task_finished_receiver_that_raises_leaves_the_outcome_as_recorded(cap
     finally:
         task_finished.disconnect(broken)
     assert django_jobs.add.get_result(result.id).return_value == 4
-    assert "a task_finished receiver" in caplog.text
+    (record,) = [r for r in caplog.records if "a task_finished receiver" in r.getMessage()]
+    invocation = Invocation.objects.get(pk=int(result.id))
+    assert record.name == "keyjobs.backend" and not record.getMessage().startswith("keyjobs:")
+    assert (record.invocation_id, record.task, record.key) == (invocation.pk, invocation.task_name,
+                                                               invocation.running_key)
+
+
+@pytest.mark.django_db
+def test_settings_change_the_options_of_a_task_declared_through_django(settings):
+    settings.KEYJOBS_TASK_OPTIONS = {django_jobs.sync_account.module_path: {"running_limit": 2}}
+    result = django_jobs.sync_account.enqueue("acme", "x")
+    assert django_jobs.sync_account.keyjobs_spec.policy.limit == 2
+    assert Invocation.objects.get(pk=int(result.id)).running_limit == 2

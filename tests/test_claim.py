@@ -151,16 +151,8 @@ def test_a_new_invocation_behind_an_orphan_wakes_it_and_waits_its_turn(runner):
     assert statuses(orphan, newer) == [Status.PENDING, Status.REROUTED]
 
 
-@pytest.fixture
-def two_slots():
-    """A task of two slots per key (``running_limit=2``)."""
-    return jobs.keyed_two_slots.spec
-
-
-def test_a_claim_respects_a_key_limit_above_one(runner, two_slots):
-    from keyjobs.spec import Options
-
-    calls = [Options(two_slots).delay("acme", op) for op in "abc"]
+def test_a_claim_respects_a_key_limit_above_one(runner):
+    calls = [jobs.keyed_two_slots.delay("acme", op) for op in "abc"]
     first, second = claim_one(runner), claim_one(runner)
     assert [first.pk, second.pk] == [calls[0].pk, calls[1].pk]
     assert {first.slot, second.slot} == {0, 1}

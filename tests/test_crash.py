@@ -51,6 +51,7 @@ def chaos_env(**settings: str) -> dict[str, str]:
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
 @pytest.mark.postgres
+@pytest.mark.restarts_postgres
 def test_chaos_kills_and_a_database_restart_lose_nothing_and_never_overlap_a_key(tmp_path):
     env = chaos_env(**FAST_LEASE)
     # Keyed work is serial, so each key's chain (10 x 0.4 s) is a floor on the run's length however
@@ -67,6 +68,7 @@ def test_chaos_kills_and_a_database_restart_lose_nothing_and_never_overlap_a_key
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
 @pytest.mark.postgres
+@pytest.mark.restarts_postgres
 def test_database_restarts_while_outcomes_are_recorded_leave_every_invocation_final_by_its_own_runner(tmp_path):
     # No kills, and a lease longer than the restarts: nothing is recovered, so an outcome that
     # its runner did not retry until it landed stays unfinished, and fails this test.

@@ -10,6 +10,8 @@ from django.utils import timezone
 from keyjobs import Mode, TaskDeclarationError, task
 from keyjobs.claim import claim
 from keyjobs.models import Event, Invocation
+from keyjobs.status import Status
+from keyjobs.store import store
 from keyjobs.worker import Worker
 from tests import jobs
 from tests.factories import RunnerFactory
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.django_db
 
 def test_a_call_meeting_a_waiting_invocation_merges_into_it_with_the_latest_arguments() -> None:
     first = jobs.debounced.delay("acme", "created")
-    before = timezone.now()
+    before = store("default").clock()  # debounce counts on the database's clock
     second = jobs.debounced.delay("acme", "renamed")
 
     assert second.pk == first.pk and second.reused
@@ -42,7 +44,7 @@ def test_its_start_never_moves_past_debounce_max_after_the_first_call() -> None:
 
 
 def test_a_first_call_waits_its_debounce() -> None:
-    before = timezone.now()
+    before = store("default").clock()  # debounce counts on the database's clock
     invocation = jobs.debounced.delay("acme", "created")
     assert invocation.run_after >= before + timedelta(seconds=0.3)
     assert claim(RunnerFactory(), using="default") == []  # not due yet
@@ -128,3 +130,24 @@ def test_a_runner_cannot_start_an_invocation_a_caller_is_merging_into_until_it_c
         thread.join(10)
     [claimed] = claim(runner, using="default", start=True)
     assert claimed.pk == waiting.pk
+
+
+def test_a_merge_that_changes_a_parked_invocations_running_key_registers_it_under_its_new_key() -> None:
+    task = jobs.debounced_across_keys
+    runner = RunnerFactory()
+    first = task.delay("acme", "a")
+    Invocation.objects.filter(pk=first.pk).update(run_after=None)
+    assert [inv.pk for inv in claim(runner, using="default", start=True)] == [first.pk]  # acme's key is held
+    parked = task.delay("acme", "b")
+    Invocation.objects.filter(pk=parked.pk).update(run_after=None)
+    assert claim(runner, using="default") == []
+    assert Invocation.objects.get(pk=parked.pk).status == Status.REROUTED  # behind acme's run
+
+    merged = task.delay("gold-1", "c")
+
+    assert merged.pk == parked.pk
+    found = Invocation.objects.get(pk=parked.pk)
+    assert (found.status, found.running_key, found.running_limit, found.args) == (
+        Status.REGISTERED, '{"account_id":"gold-1"}', 2, ["gold-1", "c"])
+    Invocation.objects.filter(pk=parked.pk).update(run_after=None)
+    assert [inv.pk for inv in claim(runner, using="default")] == [parked.pk]  # gold-1's key is free

@@ -1,6 +1,13 @@
+import asyncio
+from datetime import timedelta
+
 import pytest
+from asgiref.sync import sync_to_async
+from django.core.exceptions import SynchronousOnlyOperation
+from django.db import connections
 
 from keyjobs import ConcurrencyControlType, Mode, Task, TaskDeclarationError, registry, task
+from keyjobs.models import Invocation
 from tests import jobs
 
 
@@ -112,6 +119,60 @@ def test_using_overrides_queue_and_priority():
         jobs.add.using(priority=1.5)
 
 
+def test_using_returns_the_task_with_those_options_for_its_calls():
+    urgent = jobs.add.using(queue="urgent", priority=5)
+    later = urgent.using(priority=1, run_after=timedelta(hours=1))
+    assert isinstance(later, Task) and later.spec is jobs.add.spec and later(2, b=3) == 5
+    assert (later.queue, later.priority, later.run_after) == ("urgent", 1, timedelta(hours=1))
+    assert (jobs.add.queue, jobs.add.priority, jobs.add.run_after) == ("default", 0, None)
+
+
+def test_a_run_after_that_is_no_time_is_refused_by_using():
+    with pytest.raises(TaskDeclarationError, match=r"tests\.jobs\.add\.using\(\): run_after must be a datetime"):
+        jobs.add.using(run_after="tomorrow")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_async_code_delays_with_adelay_and_is_told_so_by_delay():
+    async def go() -> tuple[list[tuple[str, list[int]]], str]:
+        one = await jobs.add.using(queue="async").adelay(1, b=2)
+        many = await jobs.add.adelay_many([((3,), {}), {"a": 4}])
+        try:
+            jobs.add.delay(5)
+        except SynchronousOnlyOperation as exc:
+            refused = str(exc)
+        await sync_to_async(connections.close_all)()  # the thread that inserted them
+        return [(each.queue, each.args) for each in (one, *many)], refused
+
+    made, refused = asyncio.run(go())
+    assert made == [("async", [1]), ("default", [3]), ("default", [])]
+    assert refused == ("tests.jobs.add.delay() queries the database, which async code may not do directly: "
+                       "await tests.jobs.add.adelay(...) instead")
+    assert Invocation.objects.count() == 3
+
+
 def test_the_tasks_modules_of_installed_apps_are_discovered_at_start_up():
     # demo_project is an installed app; nothing in the tests imports its tasks module first.
     assert "demo_project.tasks.call_keyed" in registry.all_tasks()
+
+
+def test_a_task_found_while_another_thread_imports_its_module_runs_once_the_module_is_whole():
+    """A runner thread importing a task's module (a look-up of a task no one imported) registers the task before
+    the module ends; another thread that finds it meanwhile waits for the module, instead of calling a function
+    whose helpers do not exist yet (a NameError)."""
+    import sys
+    import threading
+
+    name = "tests.late_module.uses_a_helper_defined_below"
+    importing = threading.Thread(target=registry.get, args=(name,))
+    importing.start()
+    try:
+        for _ in range(500):
+            module = sys.modules.get("tests.late_module")
+            if module is not None and module.registered.is_set():
+                break
+            importing.join(0.01)
+        assert module is not None and module.registered.is_set()
+        assert registry.get(name).func() == "the whole module"
+    finally:
+        importing.join(10)

@@ -492,3 +492,20 @@ def test_enqueue_without_a_provider_says_how_to_start_one() -> None:
 
     with override_settings(PROVIDER_URL=url), pytest.raises(CommandError, match=r"start it with `python -m demo_project\.provider`"):
         call_command("enqueue", "B", stderr=io.StringIO())
+
+
+@pytest.mark.sqlite
+def test_the_demo_takes_task_options_from_the_environment(tmp_path: Path) -> None:
+    # Not about a database: once, in the SQLite half. django-environ reads JSON; the checks refuse what cannot apply.
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "demo_project.settings",
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}"}
+    show = "from demo_project.tasks import call_keyed; print(call_keyed.running_limit)"
+
+    def manage(options: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, env={**env, "KEYJOBS_TASK_OPTIONS": options})
+
+    shown = manage('{"demo_project.tasks.call_keyed": {"running_limit": 2}}', "shell", "-c", show)
+    assert (shown.returncode, shown.stdout.splitlines()[-1]) == (0, "2"), shown.stderr
+    refused = manage('{"demo_project.tasks.call_keyed": {"running_limit": 0}}', "check")
+    assert refused.returncode == 1 and "keyjobs.E008" in refused.stderr and "call_keyed" in refused.stderr

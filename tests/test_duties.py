@@ -1,6 +1,9 @@
 """The timed duties: each runs at its interval, on the database's clock, and one failing spares the others."""
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import pytest
@@ -9,9 +12,20 @@ from django.utils import timezone
 
 from keyjobs import Status
 from keyjobs.claim import releases
-from keyjobs.duties import Duties, Duty, duties_of, every_heartbeat, every_poll, release_deferred, until_release
+from keyjobs.current import Clock, Run
+from keyjobs.duties import (
+    Duties,
+    Duty,
+    GiveBackUnheld,
+    duties_of,
+    every_heartbeat,
+    every_poll,
+    release_deferred,
+    until_release,
+)
+from keyjobs.execute import UNHELD
 from keyjobs.models import Event, Invocation, Runner
-from keyjobs.worker import Run, Worker
+from keyjobs.worker import Worker
 from tests import jobs
 from tests.factories import InvocationFactory, RunnerFactory
 from tests.waiting import wait_for
@@ -28,6 +42,41 @@ def worker() -> Worker:
     return worker
 
 
+@dataclass
+class BareHost:
+    """A host of duties that is not a Worker: the duties need only ``DutyHost``."""
+
+    runner: Runner
+    using: str = "default"
+    lease: float = 6.0
+    poll_interval: float = 0.05
+    supervisor: int | None = None
+    running: dict[int, Run] = field(default_factory=dict)
+    lost: bool = False
+    renewals: list[float] = field(default_factory=list)
+    held: set[int] = field(default_factory=set)
+
+    def renewed(self, at: float) -> None:
+        self.renewals.append(at)
+
+    @contextmanager
+    def holding(self) -> Iterator[set[int]]:
+        yield set(self.held)
+
+    def declared_lost(self) -> None:
+        self.lost = True
+
+
+def test_the_duties_run_on_any_duty_host() -> None:
+    host = BareHost(RunnerFactory())
+    asked = time.monotonic()
+    Duties(host).run_due()
+    assert len(host.renewals) == 1 and host.renewals[0] >= asked and not host.lost
+    Runner.objects.filter(pk=host.runner.pk).update(stopped_at=Now(), lost=True)
+    Duties(host).run_due()
+    assert host.lost
+
+
 def test_a_runner_has_its_duties_each_with_an_interval(worker, settings):
     settings.KEYJOBS_HEARTBEAT_INTERVAL = 2.0
     duties = {duty.name: duty.interval(worker) for duty in duties_of(worker)}
@@ -36,8 +85,10 @@ def test_a_runner_has_its_duties_each_with_an_interval(worker, settings):
         "heartbeat": 2.0,
         "recover lost runners": 2.0,
         "wake orphaned parked invocations": 2.0,
+        "give back what no thread holds": 2.0,
         "promote due retries": 0.05,
         "flag overdue runs": 2.0,
+        "roll up statistics": 2.0,
         # At once when the runner starts; then until the next schedule's tick (tests/test_schedules.py).
         "enqueue due schedule ticks": 0.0,
     }
@@ -112,7 +163,7 @@ def test_an_orphaned_parked_invocation_is_woken(worker):
 
 def test_a_run_past_its_limit_is_flagged_once(worker):
     running = InvocationFactory(status=Status.RUNNING, runner=worker.runner, task_name=jobs.too_slow.name)
-    worker.running[0] = Run(running, began=time.monotonic() - 10, limit=0.05)
+    worker.running[0] = Run(running, worker.runner, "default", 0, clock=Clock(began=time.monotonic() - 10))
     every = Duties(worker)
     every.run_due()
     for duty in every.duties:
@@ -121,19 +172,59 @@ def test_a_run_past_its_limit_is_flagged_once(worker):
     assert Event.objects.filter(invocation=running, kind=Event.Kind.OVERDUE).count() == 1
 
 
+def test_a_run_past_its_limit_only_by_the_time_it_was_paused_is_not_flagged(worker):
+    running = InvocationFactory(status=Status.RUNNING, runner=worker.runner, task_name=jobs.too_slow.name)
+    clock = Clock(began=time.monotonic() - 10)
+    clock.pause(at=clock.began)  # paused as it began, 10 s ago, and still: it has worked no time at all
+    worker.running[0] = Run(running, worker.runner, "default", 0, clock=clock)
+    Duties(worker).run_due()
+    assert not Event.objects.filter(invocation=running, kind=Event.Kind.OVERDUE).exists()
+
+
 def test_retries_are_looked_for_as_often_as_an_idle_runner_polls(worker):
     assert every_poll(worker) == worker.poll_interval
 
 
 def test_deferred_work_brings_the_release_duty_forward_and_wakes_the_pool_when_due(worker) -> None:
     releases.take_due()
-    releases.note(timezone.now() + timedelta(seconds=0.3))
+    releases.note(timezone.now() + timedelta(seconds=0.3), timezone.now())
     assert until_release(worker) <= 0.31
     wait_for(lambda: release_deferred(worker) >= 1, timeout=5, what="the deferred work due")
 def test_a_hard_limited_run_of_an_unsupervised_runner_is_flagged_as_not_killed(worker):
     # Without runworker --processes nothing can kill it: the flag says so, rather than nothing happening.
     running = InvocationFactory(status=Status.RUNNING, runner=worker.runner, task_name=jobs.hard_limited.name)
-    worker.running[0] = Run(running, began=time.monotonic() - 10, limit=1.0)
+    worker.running[0] = Run(running, worker.runner, "default", 0, clock=Clock(began=time.monotonic() - 10))
     Duties(worker).run_due()
     overdue = Event.objects.get(invocation=running, kind=Event.Kind.OVERDUE)
     assert "NOT killed: only a runner started with runworker --processes" in overdue.note
+
+
+def test_what_a_runner_owns_and_no_thread_of_it_holds_goes_back_after_a_lease(settings):
+    # A claim whose reply was lost: owned by a live runner, RUNNING, and no thread of it runs it.
+    host = BareHost(RunnerFactory(), lease=0.3)
+    held = InvocationFactory(status=Status.RUNNING, runner=host.runner, runner_thread=0, task_name=jobs.add.name)
+    forgotten = InvocationFactory(status=Status.RUNNING, runner=host.runner, runner_thread=1, task_name=jobs.add.name)
+    host.held = {held.pk}
+    sweep = GiveBackUnheld()
+    assert sweep.run(host) == 0  # seen once: its thread may be about to hear of it
+    time.sleep(0.35)
+    assert sweep.run(host) == 1
+    forgotten.refresh_from_db()
+    assert forgotten.status == Status.REGISTERED
+    assert Event.objects.filter(invocation=forgotten, to_status=Status.REGISTERED, note=UNHELD).exists()
+    held.refresh_from_db()
+    assert held.status == Status.RUNNING
+
+
+def test_what_a_thread_holds_again_is_not_given_back(settings):
+    host = BareHost(RunnerFactory(), lease=0.3)
+    taken_back = InvocationFactory(status=Status.PENDING, runner=host.runner, runner_thread=0, task_name=jobs.add.name)
+    sweep = GiveBackUnheld()
+    assert sweep.run(host) == 0
+    host.held = {taken_back.pk}  # its thread took it back (claim.adopt) before the lease passed
+    time.sleep(0.35)
+    assert sweep.run(host) == 0
+    host.held = set()
+    assert sweep.run(host) == 0  # unheld again: a new lease begins
+    taken_back.refresh_from_db()
+    assert taken_back.status == Status.PENDING

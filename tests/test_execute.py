@@ -1,7 +1,7 @@
 from datetime import timedelta
 
 import pytest
-from django.db import IntegrityError
+from django.db import DatabaseError, IntegrityError, connections
 from django.utils import timezone
 
 from keyjobs import Mode, Status, task
@@ -41,6 +41,19 @@ def test_an_exception_is_recorded_with_its_traceback(runner):
     assert status == Status.FAILED
     assert invocation.error == "ValueError: <b>kaput</b>"
     assert 'raise ValueError(message)' in invocation.traceback
+
+
+BASE_EXCEPTIONS = {"SystemExit": "builtins.SystemExit", "KeyboardInterrupt": "builtins.KeyboardInterrupt",
+                   "GeneratorExit": "builtins.GeneratorExit", "Halt": "tests.jobs.Halt"}
+
+
+@pytest.mark.parametrize("function", [jobs.raise_base, jobs.raise_base_async], ids=["sync", "async"])
+@pytest.mark.parametrize("kind", list(BASE_EXCEPTIONS))
+def test_a_base_exception_from_the_task_fails_the_run_with_its_class_path_and_traceback(runner, kind, function):
+    status, invocation = run_one(function, "acme", kind, runner=runner)
+    assert (status, invocation.error_type) == (Status.FAILED, BASE_EXCEPTIONS[kind])
+    assert "_raise_base" in invocation.traceback
+    assert invocation.running_key is not None and not Invocation.objects.owned().exists(), "its key is free"
 
 
 def test_an_async_function_is_awaited(runner):
@@ -237,7 +250,7 @@ def test_an_outcome_the_database_refuses_ends_failed_with_the_reason_and_is_not_
     import keyjobs.execute
 
     # As if the check before writing had a gap: the write itself is refused (by json.dumps, or by PostgreSQL).
-    monkeypatch.setattr(keyjobs.execute.values, "check_result", lambda value, where: None)
+    monkeypatch.setattr(keyjobs.execute.values, "check_result", lambda value, where: 0)
     returns.delay("acme", what)
     follower = returns.delay("acme", "nul")
     [claimed] = claim(runner, using="default")
@@ -263,23 +276,38 @@ def test_a_refused_start_ends_the_invocation_failed(runner, monkeypatch):
     assert invocation.status == Status.FAILED and invocation.error.startswith("the database refused to store its start")
 
 
-def test_durably_retries_what_a_retry_can_fix_and_raises_the_rest_at_once(tmp_path):
-    import sqlite3
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("result", ["small", "large"])
+def test_a_hand_off_rolled_back_with_its_outcome_is_never_run(runner, result):
+    from keyjobs import values
+    from keyjobs.claim import Claimer
+    from keyjobs.execute import Outcome, finish
+    from keyjobs.models import Value
 
-    from keyjobs.execute import durably
-    from tests.test_faults import sqlite_errors
+    jobs.keyed.delay("acme", "a")
+    second = jobs.keyed.delay("acme", "b")
+    [first] = claim(runner, using="default", start=True, thread=4)
+    assert claim(runner, using="default") == []  # b is parked
+    outcome = Outcome(Status.SUCCESS, {"return_value": "a"})
+    if result == "large":
+        # Stored in an outer transaction around the outcome's own: the hand-off commits with it, or not at all.
+        report = "x" * 20_000
+        large = values.outline_result(report, values.check_result(report, where="a test"))
+        assert large is not None
+        outcome = Outcome(Status.SUCCESS, {"return_value": None, "result_value_id": large.digest},
+                          held=Value(digest=large.digest, data=large.data, size=large.size), returned=report)
+    database = connections["default"]
+    commit = database._commit
 
-    busy, missing = sqlite_errors(tmp_path / "db.sqlite3")
-    calls = []
+    def lost_at_commit():
+        # The connection drops as the outcome's transaction commits: the server rolls it back.
+        database._commit = commit
+        database.connection.close()
+        return commit()
 
-    def step(error):
-        calls.append(error)
-        if len(calls) == 1:
-            raise error
-        return "landed"
-
-    assert durably("test", lambda: step(busy), using="default", keep_trying=lambda: True) == "landed"
-    calls.clear()
-    with pytest.raises(sqlite3.OperationalError):
-        durably("test", lambda: step(missing), using="default", keep_trying=lambda: True)
-    assert calls == [missing]
+    database._commit = lost_at_commit
+    with pytest.raises(DatabaseError):
+        finish(first, outcome, runner, using="default", thread=4, claimer=Claimer(runner, 4, None))
+    database.close()
+    assert statuses(first, second) == [Status.RUNNING, Status.REROUTED]  # all rolled back: b was handed nothing
+    assert outcome.handed is None  # so the thread runs nothing: b's key is not its own

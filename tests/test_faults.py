@@ -1,6 +1,7 @@
 """keyjobs.faults: errors raised by the real databases, classified as a retry can fix them or not."""
 
 import sqlite3
+import time
 
 import pytest
 from django.db import DatabaseError, IntegrityError, connection, transaction
@@ -132,3 +133,38 @@ def test_sqlite_errors_as_django_raises_them_are_classified_by_their_cause(tmp_p
 def test_what_is_not_a_database_error_is_not_transient():
     assert not faults.is_transient(ValueError("Exceeds the limit (4300 digits) for integer string conversion"))
     assert not faults.is_transient(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"))
+
+
+def test_retrying_retries_what_a_retry_can_fix_and_raises_the_rest_at_once(tmp_path):
+    busy, missing = sqlite_errors(tmp_path / "db.sqlite3")
+    calls = []
+
+    def step(error):
+        calls.append(error)
+        if len(calls) == 1:
+            raise error
+        return "landed"
+
+    assert faults.retrying("test", lambda: step(busy), using="default", wait=lambda pause: None) == "landed"
+    calls.clear()
+    with pytest.raises(sqlite3.OperationalError):
+        faults.retrying("test", lambda: step(missing), using="default", wait=lambda pause: None)
+    assert calls == [missing]
+
+
+def test_retrying_gives_up_when_told_to_or_past_its_patience(tmp_path, caplog):
+    busy, _ = sqlite_errors(tmp_path / "db.sqlite3")
+    pauses = []
+
+    def never():
+        raise busy
+
+    tries = iter([True, True, False])
+    assert faults.retrying("stop when told", never, using="default", keep_trying=lambda: next(tries),
+                           wait=pauses.append) is None
+    assert pauses == [0.1, 0.2]  # growing pauses, then it was told to stop
+    pauses.clear()
+    assert faults.retrying("wait a little", never, using="default", patience=0.25,
+                           wait=lambda pause: (pauses.append(pause), time.sleep(pause))) is None
+    assert pauses == [0.1]  # 0.1 s slept; another 0.2 s would pass its patience
+    assert "gave up trying to wait a little" in caplog.text

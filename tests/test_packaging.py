@@ -7,6 +7,7 @@ The wheel is built by pip from a copy of the tracked files, so that the build
 leaves nothing in the checkout and sees nothing git does not track.
 """
 
+import re
 import shutil
 import subprocess
 import sys
@@ -67,3 +68,37 @@ def test_the_wheel_holds_nothing_but_the_package(wheel: zipfile.ZipFile) -> None
                if not name.startswith(("keyjobs/", "keyjobs-")) or "__pycache__" in name or name.endswith(".pyc")]
 
     assert not outside, "the demo, the tests and compiled files stay out of the wheel"
+
+
+def metadata(wheel: zipfile.ZipFile) -> str:
+    [name] = [name for name in wheel.namelist() if name.endswith(".dist-info/METADATA")]
+    return wheel.read(name).decode()
+
+
+def test_the_wheel_holds_the_license_and_the_typed_marker(wheel: zipfile.ZipFile) -> None:
+    names = wheel.namelist()
+
+    assert "keyjobs/py.typed" in names, "without py.typed, mypy ignores keyjobs' annotations in a project"
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names), names
+    assert "License-Expression: MIT" in metadata(wheel)
+
+
+def test_the_wheels_version_is_keyjobs_version(wheel: zipfile.ZipFile) -> None:
+    import keyjobs
+
+    assert f"\nVersion: {keyjobs.__version__}\n" in metadata(wheel)
+
+
+def test_the_classifiers_name_the_stacks_ci_runs(wheel: zipfile.ZipFile) -> None:
+    """The Makefile's default stack and .ci/run's second one: Django and Python, each with its classifier."""
+    makefile = (ROOT / "Makefile").read_text()
+    primary_django = re.search(r"^DJANGO\s+\?=\s+(\S+)", makefile, re.M).group(1)  # type: ignore[union-attr]
+    primary_python = ".".join((ROOT / ".python-version").read_text().strip().split(".")[:2])
+    [(second_django, second_python)] = re.findall(r"\bDJANGO=(\S+) PY=(\d+\.\d+)", (ROOT / ".ci" / "run").read_text())
+    classifiers = {line.removeprefix("Classifier: ") for line in metadata(wheel).splitlines() if line.startswith("Classifier: ")}
+
+    for django in (primary_django, second_django):
+        assert f"Framework :: Django :: {django}" in classifiers
+    for python in (primary_python, second_python):
+        assert f"Programming Language :: Python :: {python}" in classifiers
+    assert "Typing :: Typed" in classifiers

@@ -9,13 +9,16 @@ from django.db import connections, transaction
 
 from keyjobs import Mode, Status, TaskDeclarationError, task
 from keyjobs.admission import KeyState, Policy, Rate, Verdict, admit, in_fast_path
+from keyjobs.claim import _defer as claim_step
 from keyjobs.claim import claim
+from keyjobs.enqueue import enqueue_many
 from keyjobs.models import Event, Invocation, RateToken, Runner
 from keyjobs.spec import Options
 from keyjobs.store import store
 from keyjobs.worker import Worker
 from tests import jobs
 from tests.factories import RunnerFactory
+from tests.fault_injection import Step, every_fault
 from tests.waiting import wait_for
 
 LATER = datetime(2030, 1, 1)
@@ -205,7 +208,7 @@ def test_two_worker_processes_racing_never_exceed_the_rate_of_a_key(worker_proce
     workers = [worker_process("--threads", "4") for _ in range(2)]
     wait_for(lambda: Runner.objects.active().count() == 2, timeout=60, what="both workers started")
     accounts, per_account = 3, 10
-    invocations = Options(jobs.rated_wide).delay_many(
+    invocations = enqueue_many(Options(jobs.rated_wide),
         [((f"account-{a}", n, str(log)), {}) for n in range(per_account) for a in range(accounts)])
     wait_for(lambda: Invocation.objects.finished().count() == len(invocations), timeout=120,
              what="every run final")
@@ -219,3 +222,23 @@ def test_two_worker_processes_racing_never_exceed_the_rate_of_a_key(worker_proce
         assert most_starts_in_a_window(starts, 1.0) <= 3, f"account-{a} started more than 3 times in a second"
     pids = {line.split()[3] for line in log.read_text().splitlines()}
     assert len(pids) == 2, "both worker processes took work"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deferral_that_failed_or_lost_its_reply_is_written_once_when_the_claim_comes_again() -> None:
+    runner = RunnerFactory()
+    keys = iter(range(1000))
+
+    def a_full_window() -> Invocation:
+        key = f"acme{next(keys)}"
+        calls = enqueue_many(Options(jobs.rated_per_minute), [((key, n), {}) for n in range(4)])
+        for thread in range(3):
+            claim(runner, using="default", thread=thread, start=True)
+        return calls[3]
+
+    deferred = every_fault(Step("deferral", (claim_step,)), a_full_window,
+                           lambda invocation: claim(runner, using="default", thread=3, start=True))
+    for invocation in deferred:
+        invocation.refresh_from_db()
+        assert invocation.status == Status.REGISTERED and invocation.run_after is not None
+        assert Event.objects.filter(invocation=invocation, kind=Event.Kind.DEFERRED).count() == 1

@@ -1,3 +1,5 @@
+from datetime import timedelta
+
 import pytest
 
 from keyjobs import Status, TaskDeclarationError, task
@@ -67,6 +69,23 @@ def test_a_retry_gives_way_to_a_duplicate_registered_while_it_ran():
 def test_backoff_grows_exponentially_within_jitter():
     delays = [jobs.flaky.spec.retry_delay(attempt) for attempt in (1, 2, 3)]
     assert 0.005 <= delays[0] <= 0.01 and 0.01 <= delays[1] <= 0.02 and 0.02 <= delays[2] <= 0.04
+
+
+@task(max_retries=1, retry_for=(ConnectionError,), retry_backoff=3600, retry_backoff_max=0.2)
+def capped_backoff() -> None:
+    raise ConnectionError("provider down")
+
+
+@pytest.mark.django_db
+def test_a_retry_waits_no_longer_than_retry_backoff_max():
+    runner = RunnerFactory()
+    invocation = capped_backoff.delay()
+    [claimed] = claim(runner, using="default")
+    assert execute(claimed, runner, using="default") == Status.RETRY
+    invocation.refresh_from_db()
+    failed_at = Event.objects.get(invocation=invocation, to_status=Status.RETRY).at
+    # Its cap of 0.2 s, not the half hour or more its backoff alone would give.
+    assert invocation.run_after - failed_at < timedelta(seconds=5)
 
 
 @pytest.mark.parametrize(

@@ -234,6 +234,136 @@ def test_a_freed_slot_wakes_as_many_as_are_free():
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(("now", "woken"), [(1, 2), (3, 1)], ids=["lowered", "raised"])
+def test_a_freed_key_wakes_by_the_limit_its_invocations_stored_not_the_tasks_current_one(settings, now, woken):
+    # Stored at delay(): 2 slots. A deploy then changes the task's running_limit; the invocations already
+    # made keep theirs, and the wake-up gives their key the slots they stored.
+    runner = RunnerFactory()
+    calls = jobs.keyed_two_slots.delay_many([(("acme", op), {}) for op in "abcde"])
+    settings.KEYJOBS_TASK_OPTIONS = {jobs.keyed_two_slots.name: {"running_limit": now}}
+    first, second = claim_one(runner), claim_one(runner)
+    assert {first.slot, second.slot} == {0, 1}
+    # Owners that end without waking (as a runner that died would): one, or both.
+    ended = [first, second] if woken == 2 else [first]
+    Invocation.objects.filter(pk__in=[inv.pk for inv in ended]).update(status=Status.SUCCESS)
+    with transaction.atomic():
+        done = wake_next(jobs.keyed_two_slots.name, first.running_key, using="default")
+    assert sorted(done.woken) == [inv.pk for inv in calls[2:2 + woken]]
+    assert statuses(*calls[2 + woken:]) == [Status.REROUTED] * (3 - woken)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_owners_ending_at_once_each_wake_a_parked_invocation_of_their_key():
+    # Each waker sees the other owner still running (its end is not committed): one free slot each, the
+    # same first parked invocation. The second waits for the first's commit, finds that one woken, and
+    # looks again: the key's second parked invocation goes on too.
+    import threading
+
+    from django.db import connection, connections
+
+    runner = RunnerFactory()
+    of_key = {"task_name": jobs.keyed_two_slots.name, "running_key": '{"account_id":"acme"}', "running_limit": 2}
+    owners = [InvocationFactory(**of_key, status=Status.RUNNING, runner=runner, slot=slot) for slot in (0, 1)]
+    parked = [InvocationFactory(**of_key, status=Status.REROUTED) for _ in range(3)]
+    first_woke, second_waits = threading.Event(), threading.Event()
+    found = {}
+
+    def end(owner, name, before_commit):
+        try:
+            with transaction.atomic():
+                Invocation.objects.filter(pk=owner.pk).update(status=Status.SUCCESS)
+                found[name] = wake_next(owner.task_name, owner.running_key, using="default").woken
+                before_commit()
+        finally:
+            connections.close_all()
+
+    def first_commits_once_the_second_waits():
+        first_woke.set()
+        second_waits.wait(30)
+
+    def waiting_on_a_lock():
+        # Read outside any transaction: pg_stat_activity is a snapshot taken once per transaction.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                           "AND datname = current_database()")
+            return cursor.fetchone()[0]
+
+    first = threading.Thread(target=end, args=(owners[0], "first", first_commits_once_the_second_waits))
+    first.start()
+    assert first_woke.wait(30)
+    second = threading.Thread(target=end, args=(owners[1], "second", lambda: None))
+    second.start()
+    wait_for(lambda: waiting_on_a_lock() > 0, timeout=30, what="the second waker to wait on the first")
+    second_waits.set()
+    first.join(60)
+    second.join(60)
+    assert found["first"] == [parked[0].pk]
+    assert found["second"] == [parked[1].pk]
+    assert statuses(*parked) == [Status.REGISTERED, Status.REGISTERED, Status.REROUTED]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_hand_off_that_loses_its_slot_to_another_claim_records_the_outcome_and_wakes_instead():
+    # The outcome frees slot 2 of a key of three; slot 1 is free too, and the hand-off takes the lowest.
+    # Another runner claims the key's registered call into slot 1 meanwhile: the hand-off loses at the
+    # unique index, and the outcome is recorded all the same, the parked call woken instead of handed.
+    import threading
+    from datetime import timedelta
+
+    from django.db import connection, connections
+    from django.utils import timezone
+
+    from keyjobs.claim import Claimer
+    from keyjobs.execute import Outcome, finish
+
+    runner, other = RunnerFactory(), RunnerFactory()
+    of_key = {"task_name": jobs.record_span_three.name, "running_key": '{"account_id":"acme"}', "running_limit": 3,
+              "queue": "default"}
+    InvocationFactory(**of_key, status=Status.RUNNING, runner=other, slot=0)
+    ours = InvocationFactory(**of_key, status=Status.RUNNING, runner=runner, slot=2)
+    parked = InvocationFactory(**of_key, status=Status.REROUTED, registered_at=timezone.now() - timedelta(minutes=1))
+    registered = InvocationFactory(**of_key, status=Status.REGISTERED)
+    claimed, go_on = threading.Event(), threading.Event()
+    found = {}
+
+    def claim_slot_one():
+        try:
+            with transaction.atomic():
+                Invocation.objects.filter(pk=registered.pk).update(status=Status.RUNNING, slot=1, runner=other)
+                claimed.set()
+                go_on.wait(30)
+        finally:
+            connections.close_all()
+
+    def record_ours():
+        try:
+            found["status"] = finish(ours, Outcome(Status.SUCCESS), runner, using="default", thread=0,
+                                     claimer=Claimer(runner, 0, None))
+        finally:
+            connections.close_all()
+
+    def waiting_on_a_lock():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                           "AND datname = current_database()")
+            return cursor.fetchone()[0]
+
+    claiming = threading.Thread(target=claim_slot_one)
+    claiming.start()
+    assert claimed.wait(30)
+    recording = threading.Thread(target=record_ours)
+    recording.start()
+    wait_for(lambda: waiting_on_a_lock() > 0, timeout=30, what="the hand-off to wait on the other claim")
+    go_on.set()
+    claiming.join(60)
+    recording.join(60)
+    assert found["status"] == Status.SUCCESS
+    assert statuses(ours, parked, registered) == [Status.SUCCESS, Status.REGISTERED, Status.RUNNING]
+
+
+@pytest.mark.django_db
 def test_a_woken_invocation_keeps_its_place_in_the_queue():
     runner = RunnerFactory()
     hot = jobs.keyed.delay_many([(("hot", op), {}) for op in "ab"])

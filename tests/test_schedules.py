@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from django.db import IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models.functions import Now
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -20,6 +20,7 @@ from keyjobs.timers import Timer
 from keyjobs.worker import Worker
 from tests import jobs
 from tests.factories import InvocationFactory, staff
+from tests.fault_injection import failing_once
 from tests.waiting import at_once, wait_for
 
 pytestmark = pytest.mark.django_db
@@ -233,7 +234,8 @@ def test_a_row_that_cannot_run_is_set_aside_without_stopping_the_others(fields, 
     assert tick(using="default").enqueued == 1
     broken.refresh_from_db()
     assert broken.next_run is None and reason in broken.problem
-    assert reason in caplog.text
+    (record,) = [r for r in caplog.records if reason in r.getMessage()]
+    assert (record.name, record.schedule, record.task) == ("keyjobs.schedules", "broken", broken.task_name)
     assert Invocation.objects.get().cause_schedule_id == fine.pk
     assert tick(using="default").enqueued == 0  # set aside: not looked at again
 
@@ -349,6 +351,19 @@ def test_the_admin_form_names_what_cannot_run(admin_client, fields, message):
     assert response.status_code == 200 and message in response.content.decode()
 
 
+def test_the_admin_form_offers_the_registered_tasks_to_choose_from(admin_client):
+    page = admin_client.get(reverse("admin:keyjobs_schedule_add")).content.decode()
+    field = page.split('<select name="task_name"')[1].split("</select>")[0]
+    assert '<option value="tests.jobs.add">tests.jobs.add</option>' in field
+    assert '<option value="tests.jobs.keyed">tests.jobs.keyed</option>' in field
+
+
+def test_the_admin_form_keeps_offering_a_schedules_task_that_is_gone(admin_client):
+    schedule = make_schedule(task_name="tests.jobs.long_gone")
+    page = admin_client.get(reverse("admin:keyjobs_schedule_change", args=[schedule.pk])).content.decode()
+    assert '<option value="tests.jobs.long_gone" selected>' in page
+
+
 def test_a_schedule_added_in_the_admin_is_planned_and_described(admin_client):
     response = admin_client.post(reverse("admin:keyjobs_schedule_add"), {
         "name": "nightly", "task_name": "tests.jobs.add", "kwargs": '{"a": 1}', "cron": "0 2 * * *",
@@ -419,3 +434,19 @@ def test_a_tick_of_a_task_with_a_key_waits_like_any_invocation():
     tick(using="default")
     assert Invocation.objects.get().running_key is not None
     assert jobs.keyed.running_concurrency.name == "KEYS"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("refused", [r'^\s*UPDATE "keyjobs_schedule"', r'INSERT INTO "keyjobs_invocation"'],
+                         ids=["moving next_run", "enqueueing the tick"])
+def test_a_tick_and_its_next_run_move_together_or_not_at_all(refused):
+    """One transaction: a tick whose schedule cannot move on leaves no invocation, and the reverse; the next tick runs it."""
+    schedule = make_schedule()
+    due = schedule.next_run
+    with failing_once(refused) as faulted, pytest.raises(DataError):
+        tick(using="default")
+    assert faulted, "the statement was never reached"
+    schedule.refresh_from_db()
+    assert (Invocation.objects.count(), schedule.next_run) == (0, due)
+    assert tick(using="default").enqueued == 1
+    assert Invocation.objects.get().cause_tick == due

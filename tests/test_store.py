@@ -12,6 +12,7 @@ from keyjobs.claim import Claimer, claim
 from keyjobs.exceptions import NotOwner
 from keyjobs.models import Event, Invocation
 from keyjobs.store import store
+from keyjobs.store.portable import KEY_ORDER, QUEUE_ORDER
 from keyjobs.transitions import move
 from tests import jobs
 from tests.factories import InvocationFactory, RunnerFactory
@@ -69,6 +70,38 @@ def test_the_one_statement_claim_stops_at_a_key_that_needs_a_decision():
     assert ([inv.pk for inv in taken], stopped) == ([plain.pk], True)
     assert Invocation.objects.get(pk=blocked.pk).status == Status.REGISTERED
     assert Invocation.objects.get(pk=after.pk).status == Status.REGISTERED
+
+
+@pytest.mark.parametrize(("order", "columns"), [(QUEUE_ORDER, ("priority", "registered_at", "id")),
+                                                (KEY_ORDER, ("priority", "id"))])
+def test_an_orders_comparison_finds_what_its_sort_puts_ahead_and_behind(order, columns):
+    now = timezone.now()
+    for priority, seconds in [(0, 0), (5, 1), (0, 1), (5, 0), (0, 0), (-1, 2)]:
+        InvocationFactory(priority=priority, registered_at=now + timedelta(seconds=seconds))
+    sort = [("-" if direction else "") + column for column, direction in order]
+
+    def found(place, behind=False):
+        prepared = [Invocation._meta.get_field(column).get_db_prep_value(value, connection)
+                    for column, value in zip(columns, place, strict=False)]
+        condition, params = store("default").ahead(order, prepared, behind=behind)
+        return list(Invocation.objects.extra(where=[condition], params=params).order_by(*sort).values_list(*columns))
+
+    listed = list(Invocation.objects.order_by(*sort).values_list(*columns))
+    for at, place in enumerate(listed):
+        assert (found(place), found(place, behind=True)) == (listed[:at], listed[at + 1:]), place
+    # The first columns only: the place after every row equal to it in those.
+    assert len(found([0])) == 5
+
+
+@postgres_only
+def test_the_one_statement_claim_starts_a_keys_call_of_higher_priority_first():
+    runner = RunnerFactory()
+    earlier = jobs.keyed.delay("acme", "earlier")
+    urgent = jobs.keyed.using(priority=5).delay("acme", "urgent")
+    taken, stopped = store("default").steps.claim_head(
+        None, 10, fast_tasks=[jobs.keyed.name], claim=Claimer(runner, 0, None).claim(start=False))
+    assert ([inv.pk for inv in taken], stopped) == ([urgent.pk], True)
+    assert Invocation.objects.get(pk=earlier.pk).status == Status.REGISTERED
 
 
 @postgres_only

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -104,3 +105,77 @@ def test_a_worker_process_is_replaced_after_max_tasks_per_child(worker_process):
     assert Invocation.objects.filter(status=Status.SUCCESS).count() == len(invocations)
     ran = [Invocation.objects.filter(runner=worker).count() for worker in children()]
     assert ran == [2, 2, 1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_killing_a_pool_ends_its_worker_processes_too(worker_process, tmp_path):
+    """What a failed test's teardown does: no worker process of the pool is left running, holding the output."""
+    marker = str(tmp_path / "slow")
+    jobs.sleep_then_return.delay(600, marker)
+    pool = worker_process("--processes", "1", "--threads", "1", env={"KEYJOBS_LEASE": "600"})
+    wait_for(lambda: os.path.exists(marker + ".started"), timeout=60, what="the run to start")
+    [worker] = children()
+    killing = threading.Thread(target=pool.kill)
+    killing.start()
+    killing.join(30)
+    assert not killing.is_alive(), "kill() waited for the orphaned worker's output"
+    wait_for(lambda: not alive(worker.pid), timeout=10, what="the worker process to end")
+
+
+def test_a_poison_pill_ends_failed_after_max_recoveries_and_the_other_keys_are_served(worker_process, tmp_path):
+    log = tmp_path / "attempts"
+    pill = jobs.poison_pill.delay("pill", str(log))
+    # Calls of four other keys made after it, long enough to share the pill's process when it dies.
+    others = [jobs.keyed.delay(f"other-{n}", "sync", hold=0.5) for n in range(4)]
+    pool = worker_process("--processes", "1", "--threads", "2", env={"KEYJOBS_LEASE": "600"})
+    assert pill.wait(timeout=120) == Status.FAILED
+    for other in others:
+        assert other.wait(timeout=120) == Status.SUCCESS
+        # A process-mate is run again, and alone: a second death would have been its own.
+        assert Invocation.objects.get(pk=other.pk).recoveries <= 1, [
+            (e.at.time(), e.from_status, e.to_status, e.runner_id, e.runner_thread, e.note)
+            for e in Event.objects.filter(invocation__in=[pill, *others]).order_by("pk")]
+    pill.refresh_from_db()
+    assert log.read_text().count("attempt") == 4 == pill.attempts  # max_recoveries (3) + 1, no more
+    assert pill.recoveries == 3 and pill.error_type == "keyjobs.exceptions.RunnerDied"
+    assert pill.error.startswith("Its runner died 4 times while running it, past its max_recoveries of 3: ")
+    assert pill.error.count("died (exit on signal SIGKILL)") == 4
+    wait_for(lambda: len(children()) == 5, timeout=60, what="each dead process replaced")
+    pool.signal(signal.SIGTERM)
+    pool.wait(timeout=30)
+
+
+def test_a_parent_paused_past_its_hard_limit_is_not_killed_nor_are_its_process_mates(worker_process, tmp_path):
+    # 0.6 s of work and a wait of 2.5 s on a child, under a hard limit of 1 s: the pause does not count.
+    parent = jobs.patient_parent.delay(2.5, str(tmp_path / "child"))
+    mate = jobs.sleep_then_return.delay(3.0, str(tmp_path / "mate"))
+    pool = worker_process("--processes", "1", "--threads", "2", env={"KEYJOBS_LEASE": "600"})
+    assert parent.wait(timeout=90) == Status.SUCCESS
+    assert mate.wait(timeout=90) == Status.SUCCESS
+    assert Invocation.objects.get(parent=parent).status == Status.SUCCESS
+    assert not Event.objects.filter(kind=Event.Kind.OVERDUE).exists()
+    assert set(Invocation.objects.values_list("attempts", flat=True)) == {1}
+    assert len(children()) == 1, "no worker process was killed"
+    pool.signal(signal.SIGTERM)
+    pool.wait(timeout=30)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_recovering_a_dead_process_work_gives_up_after_a_heartbeat_while_the_database_is_away(settings):
+    # Reaping, restarts and hard limits go on; the lease's recovery takes the dead runner's work later.
+    from keyjobs.supervisor import Supervisor
+    from tests.factories import RunnerFactory
+    from tests.fault_injection import while_the_database_is_away
+
+    settings.KEYJOBS_HEARTBEAT_INTERVAL = 0.3
+    supervisor = Supervisor(processes=1)
+    supervisor.runner = RunnerFactory()
+    how, what = while_the_database_is_away(lambda: supervisor._recover(12345, "died"), within=5)
+    assert (how, what) == ("returned", [])

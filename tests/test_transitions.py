@@ -1,11 +1,12 @@
 import pytest
+from django.utils import timezone
 
 from keyjobs import InvalidTransition, Status
 from keyjobs.exceptions import NotOwner
 from keyjobs.models import Event
-from keyjobs.status import FINAL, TRANSITIONS
+from keyjobs.status import FINAL, TRANSITIONS, change
 from keyjobs.status import Status as S
-from keyjobs.transitions import move
+from keyjobs.transitions import apply, move
 from tests.factories import InvocationFactory, RunnerFactory
 
 pytestmark = pytest.mark.django_db
@@ -60,3 +61,20 @@ def test_entering_running_and_final_statuses_stamps_the_time():
     move([invocation.pk], S.SUCCESS, using="default")
     invocation.refresh_from_db()
     assert invocation.started_at <= invocation.finished_at
+
+
+def test_a_final_invocation_goes_back_to_registered_only_as_a_retry_that_clears_its_last_run():
+    failed = InvocationFactory(status=S.FAILED, error="boom", error_type="builtins.ValueError", traceback="...",
+                               finished_at=timezone.now(), run_after=timezone.now(), cancel_requested=True)
+    with pytest.raises(InvalidTransition):
+        apply([failed.pk], change(S.REGISTERED), using="default")
+    apply([failed.pk], change(S.REGISTERED, again=True), using="default")
+    failed.refresh_from_db()
+    assert (failed.status, failed.error, failed.error_type, failed.traceback, failed.finished_at, failed.run_after,
+            failed.cancel_requested) == (S.REGISTERED, "", "", "", None, None, False)
+
+
+def test_only_a_final_invocation_is_registered_again():
+    parked = InvocationFactory(status=S.REROUTED)
+    with pytest.raises(InvalidTransition):
+        apply([parked.pk], change(S.REGISTERED, again=True), using="default")

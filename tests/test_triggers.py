@@ -5,8 +5,8 @@ from django.db import IntegrityError, transaction
 
 from keyjobs import ArgumentError, Status, TaskDeclarationError, emit, on_event, on_status, task
 from keyjobs.execute import Outcome, finish
-from keyjobs.models import Invocation
-from keyjobs.triggers import fire
+from keyjobs.firing import fire
+from keyjobs.models import Event, Invocation
 from keyjobs.worker import Worker
 from tests import jobs
 from tests.factories import RunnerFactory
@@ -76,7 +76,9 @@ def test_a_recording_retried_after_it_landed_triggers_nothing_more():
     outcome = Outcome(Status.SUCCESS, {"return_value": "synced acme"})
     assert finish(synced, outcome, runner, using="default") == Status.SUCCESS
     synced.status = Status.RUNNING  # as the retrying thread still believes
-    assert finish(synced, Outcome(Status.SUCCESS, {"return_value": "synced acme"}), runner, using="default") is None
+    # Found recorded by this very thread: its own success, and nothing is written or fired again.
+    assert finish(synced, Outcome(Status.SUCCESS, {"return_value": "synced acme"}), runner, using="default") \
+        == Status.SUCCESS
     fire(synced, Status.SUCCESS, {"return_value": "synced acme"}, using="default")  # even fired again by hand
     assert Invocation.objects.filter(task_name="tests.jobs.reindex_account").count() == 1
 
@@ -88,6 +90,24 @@ def test_the_database_refuses_a_second_trigger_of_one_outcome():
     second = jobs.reindex_account.delay("acme", "sync", "x")
     with pytest.raises(IntegrityError), transaction.atomic():
         Invocation.objects.filter(pk=second.pk).update(cause_invocation=synced, cause_status=Status.SUCCESS)
+
+
+def test_a_subscriber_that_cannot_be_enqueued_leaves_the_outcome_and_the_other_subscribers_alone(caplog):
+    """A subscriber's running_limit that raises, or a query of it that the database refuses, fails that subscriber only."""
+    closed = jobs.close_account.delay("acme")
+    run_all()
+    closed.refresh_from_db()
+    assert (closed.status, closed.return_value) == (Status.SUCCESS, "closed acme")
+    notified = Invocation.objects.get(task_name=jobs.notify_closed.name)
+    assert (notified.status, notified.cause_invocation_id) == (Status.SUCCESS, closed.pk)
+    assert not Invocation.objects.filter(task_name__in=[jobs.archive_closed.name, jobs.bill_closed.name]).exists()
+    failures = list(Event.objects.filter(invocation=closed, kind=Event.Kind.TRIGGER_FAILED).order_by("id"))
+    assert [(event.from_status, event.to_status) for event in failures] == [(Status.SUCCESS, Status.SUCCESS)] * 2
+    assert failures[0].note.startswith(f"could not trigger {jobs.archive_closed.name}: builtins.RuntimeError: the tier service")
+    assert failures[1].note.startswith(f"could not trigger {jobs.bill_closed.name}: ")
+    assert "keyjobs_no_such_table" in failures[1].note
+    logged = [record for record in caplog.records if "could not trigger" in record.getMessage()]
+    assert len(logged) == 2 and all(record.exc_info for record in logged)
 
 
 def test_on_status_must_name_a_task():

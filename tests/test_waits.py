@@ -1,5 +1,6 @@
 """Waits on another invocation: the waiting run is PAUSED, lends its thread, and goes on; refused waits fail clearly."""
 
+import asyncio
 import signal
 import threading
 from datetime import timedelta
@@ -7,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
 from django.utils import timezone
 
 from keyjobs import Status
@@ -171,6 +174,60 @@ def test_a_wait_outside_a_task_polls_until_its_timeout_without_pausing_anything(
     assert not Event.objects.filter(to_status=Status.PAUSED).exists()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_reading_a_childs_result_inside_a_task_does_not_wait_for_it(tmp_path: Path) -> None:
+    parent = jobs.peek_at_child.delay(0.3, str(tmp_path / "child"))
+    Worker(threads=1, burst=True).run()
+    parent.refresh_from_db()
+    assert parent.result == "not finished" and Status.PAUSED not in path_of(parent)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_async_task_awaiting_its_childs_result_is_paused_meanwhile(tmp_path: Path) -> None:
+    marker = str(tmp_path / "child")
+    parent = jobs.await_child.delay(0.2, marker)
+    Worker(threads=1, burst=True).run()  # one thread: the child runs on the thread the paused parent lends
+    parent.refresh_from_db()
+    child = Invocation.objects.get(parent=parent)
+    assert (parent.result, child.result) == (marker, marker)
+    assert path_of(parent) == [Status.REGISTERED, Status.PENDING, Status.RUNNING, Status.PAUSED, Status.RUNNING,
+                               Status.SUCCESS]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_async_code_awaits_a_result_without_holding_a_thread() -> None:
+    async def go() -> tuple[list[str], Any]:
+        invocation = await jobs.add.adelay(2, b=3)
+        done: list[str] = []
+
+        async def waiter() -> Any:
+            try:
+                return await invocation.aget_result(timeout=0.6)
+            except TimeoutError:
+                done.append("waiter timed out")
+                raise
+
+        async def other() -> None:
+            # Django's one thread for sync code is free while the waiter waits: this query is not queued behind it.
+            await sync_to_async(Invocation.objects.count)()
+            done.append("other query")
+
+        waiting = asyncio.ensure_future(waiter())
+        await asyncio.sleep(0.1)
+        await other()
+        with pytest.raises(TimeoutError, match=f"#{invocation.pk} of tests.jobs.add is still REGISTERED"):
+            await waiting
+        runner = threading.Thread(target=Worker(threads=1, burst=True).run)
+        runner.start()
+        value = await invocation.aget_result(timeout=30)
+        await sync_to_async(runner.join)(30)
+        await invocation.arefresh_from_db()
+        await sync_to_async(connections.close_all)()  # the thread that ran the queries
+        return done, (value, invocation.status)
+
+    assert asyncio.run(go()) == (["other query", "waiter timed out"], (5, Status.SUCCESS))
+
+
 @pytest.mark.django_db
 def test_delay_outside_a_run_has_no_parent() -> None:
     assert jobs.add.delay(1, 2).parent_id is None
@@ -205,3 +262,36 @@ def test_a_stopping_worker_runs_what_its_paused_run_waits_for_then_stops(tmp_pat
     parent.refresh_from_db()
     assert (parent.status, parent.return_value) == (Status.SUCCESS, marker)
     assert Runner.objects.get(pk=worker.runner.pk).stopped_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("parent_task", [jobs.patient_parent, jobs.patient_parent_async], ids=["sync", "async"])
+def test_paused_time_counts_toward_no_time_limit(tmp_path: Path, parent_task: Any) -> None:
+    # 0.6 s of work and a wait of 2.5 s under limits of 1 s: neither the soft limit, nor OVERDUE, nor (async) the
+    # cancel at the limit counts the wait.
+    parent = parent_task.delay(2.5, str(tmp_path / "child"))
+    Worker(threads=1, burst=True).run()  # one thread: the child runs on the thread the paused parent lends
+    parent.refresh_from_db()
+    assert parent.status == Status.SUCCESS, parent.error
+    assert Status.PAUSED in path_of(parent)
+    assert not Event.objects.filter(invocation=parent, kind=Event.Kind.OVERDUE).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pause_that_cannot_be_recorded_gives_up_after_a_lease(settings):
+    # While the database is away for longer than its lease, the runner's work is recovered by others: the run
+    # ends (NotOwner) instead of retrying for ever.
+    from keyjobs.current import Run
+    from keyjobs.exceptions import NotOwner
+    from keyjobs.waits import _move
+    from tests.fault_injection import while_the_database_is_away
+
+    settings.KEYJOBS_LEASE = 0.5
+    runner = RunnerFactory()
+    invocation = jobs.add.delay(1)
+    Invocation.objects.filter(pk=invocation.pk).update(status=Status.RUNNING, runner=runner, runner_thread=0)
+    run = Run(invocation, runner, "default", 0)
+    pause = change(Status.PAUSED, runner_id=runner.pk, thread=0, note="waits")
+    how, what = while_the_database_is_away(lambda: _move(run, pause, Status.RUNNING), within=5)
+    assert how == "raised" and isinstance(what, NotOwner), (how, what)
+    assert "for over a lease" in str(what)

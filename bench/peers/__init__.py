@@ -4,10 +4,10 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from bench.harness import ProviderProcess, Recorder, exit_on_sigterm, say, table
+from bench.harness import ProviderProcess, Recorder, exit_on_sigterm, say, table, wait_for_postgres
 from bench.workloads import ORDERS, by_name, sizes
 
-METRICS = ("keyed", "drain", "latency", "enqueue")
+METRICS = ("keyed", "drain", "latency", "enqueue", "webapp")
 
 
 def run_peer(
@@ -33,7 +33,16 @@ def run_peer(
     only = set(args.only.split(","))
     size = sizes(args.quick)
     say(banner)
-    runner = bench()
+    for attempt in (1, 2):
+        try:
+            runner = bench()
+            break
+        except Exception as exc:
+            # PostgreSQL may have been restarted under the set-up by another suite on this machine.
+            say(f"  {system}: could not set up ({type(exc).__name__}: {exc})")
+            if attempt == 2 or not wait_for_postgres():
+                raise
+    runner.quick = args.quick
     results = Recorder(args.json)
     try:
         for metric in METRICS:
@@ -45,6 +54,11 @@ def run_peer(
                         with ProviderProcess() as provider:
                             runner.keyed(by_name(args.workloads, quick=args.quick), tuple(args.orders.split(",")),
                                          provider, results)
+                    elif metric == "webapp":
+                        # Issue 22's rows, one enqueue per call from a client process: for a peer that can run them.
+                        if hasattr(runner, "webapp"):
+                            with ProviderProcess() as provider:
+                                runner.webapp(args.quick, provider, results)
                     else:
                         results.add(*getattr(runner, metric)(size))
                     break

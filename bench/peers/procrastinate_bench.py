@@ -13,6 +13,7 @@ from typing import Any
 
 from bench.harness import (
     POSTGRES_URL,
+    Connection,
     ProviderProcess,
     Recorder,
     Result,
@@ -36,7 +37,6 @@ class Bench:
     def __init__(self) -> None:
         self.dsn = recreate_postgres(DATABASE).replace("postgres://", "postgresql://", 1)
         os.environ["BENCH_PROCRASTINATE_DSN"] = self.dsn
-        import psycopg
 
         from bench.peers import procrastinate_app
 
@@ -44,10 +44,10 @@ class Bench:
         self.module = procrastinate_app
         self.app.open()
         self.app.schema_manager.apply_schema()
-        self._db = psycopg.connect(self.dsn, autocommit=True)
+        self.db = Connection(self.dsn)
 
     def close(self) -> None:
-        self._db.close()
+        self.db.close()
         self.app.close()
 
     def reconnect(self) -> None:
@@ -55,36 +55,18 @@ class Bench:
         self.close()
         self.app.open()
 
-    @property
-    def db(self) -> Any:
-        """The bench's own connection, opened again if the server restarted (another suite may do that)."""
-        import psycopg
-
-        if self._db.closed or self._db.broken:
-            self._db = psycopg.connect(self.dsn, autocommit=True)
-        return self._db
-
-    def scalar(self, query: str, *params: Any) -> Any:
-        import psycopg
-
-        try:
-            return self.db.execute(query, params).fetchone()[0]  # type: ignore[index]
-        except psycopg.OperationalError:
-            self._db.close()
-            return self.db.execute(query, params).fetchone()[0]  # type: ignore[index]
-
     def clear(self) -> None:
         self.db.execute("TRUNCATE procrastinate_events, procrastinate_periodic_defers, procrastinate_jobs")
 
     def done(self) -> int:
-        return int(self.scalar("SELECT count(*) FROM procrastinate_jobs WHERE status IN ('succeeded', 'failed')"))
+        return int(self.db.scalar("SELECT count(*) FROM procrastinate_jobs WHERE status IN ('succeeded', 'failed')"))
 
     def span(self) -> tuple[float | None, int]:
         """Seconds from the first start to the last end (events, database clock); jobs that failed."""
         first, last = self.db.execute(
             "SELECT min(at) FILTER (WHERE type = 'started'), max(at) FILTER (WHERE type IN ('succeeded', 'failed')) "
             "FROM procrastinate_events").fetchone()  # type: ignore[misc]
-        failed = int(self.scalar("SELECT count(*) FROM procrastinate_jobs WHERE status = 'failed'"))
+        failed = int(self.db.scalar("SELECT count(*) FROM procrastinate_jobs WHERE status = 'failed'"))
         return (None if first is None or last is None else (last - first).total_seconds()), failed
 
     def worker(self, concurrency: int, provider_url: str = "", name: str = "procrastinate") -> Any:
@@ -95,7 +77,7 @@ class Bench:
                             "BENCH_POOL_SIZE": str(concurrency + 8)},
         )
         try:
-            wait_until(lambda: self.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            wait_until(lambda: self.db.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                                            "AND query ILIKE 'LISTEN%%' AND pid <> pg_backend_pid()") >= 1,
                        timeout=60, what="the procrastinate worker listening", processes=[process])
         except BaseException:

@@ -65,6 +65,16 @@ ACTIONS = {
                "merged into the refresh already waiting", lambda account: [refresh(account)]),
         Action("sync-unsafe", "sync all four, no key", tasks.call_unsafe,
                "no concurrency control: the four calls overlap and collide", _calls(tasks.call_unsafe, *OPS)),
+        Action("sync-retrying", "sync all four, retrying", tasks.call_retrying,
+               "no key: a call that collides is tried again, up to 3 more times",
+               _calls(tasks.call_retrying, *OPS)),
+        Action("sync-report", "sync and report", tasks.sync_report,
+               "one run that waits on four calls of the account, made one at a time",
+               lambda account: [tasks.sync_report.delay(account_id=account.name)]),
+        Action("onboard", "onboard (a workflow)", tasks.onboard,
+               "a durable workflow: its profile fetched, a 2 s pause that holds no thread, then a sync; "
+               "each step runs once, and a killed runner's workflow resumes where it stopped",
+               lambda account: [tasks.onboard.delay(account_id=account.name)]),
     )
 }
 
@@ -74,4 +84,5 @@ STAMPS = {
     tasks.call_keyed_drop.name: "last_synced_at",
     tasks.call_unsafe.name: "last_synced_at",
     tasks.refresh_once.name: "last_refreshed_at",
+    tasks.call_retrying.name: "last_synced_at",
 }

@@ -33,6 +33,9 @@ class Window(NamedTuple):
     taken_at: datetime | None
     #: If the window was full: when its first token frees.
     full_until: datetime | None
+    #: Whether every token was being taken by claims not committed yet: nobody knows yet whether the window is full,
+    #: and ``full_until`` is only when to look again.
+    contended: bool = False
 
 
 class Claimed(NamedTuple):
@@ -57,6 +60,10 @@ class Woken(NamedTuple):
     handed: Invocation | None
     #: Parked invocations registered again.
     woken: list[int]
+    #: Whether parked invocations it meant to wake were taken first by another waker of the key: look again.
+    missed: bool = False
+    #: The key has an operator's control in force, which the one statement does not decide: it did nothing.
+    controlled: bool = False
 
 
 class Steps(Protocol):
@@ -81,7 +88,7 @@ class Steps(Protocol):
         """Claim the head of the queue with ``claim``, up to the first invocation that needs deciding.
 
         That is an invocation of a task not in ``fast_tasks``, or of a running
-        key that is held or has work ahead of it.
+        key that is held, has work ahead of it or an operator's control in force.
         """
 
     def record_and_claim(
@@ -95,13 +102,15 @@ class Steps(Protocol):
 
     def wake_next(
         self, task_name: str, running_key: str, *, woken: Change, handed: Change | None,
-        queues: Sequence[str] | None, fast_tasks: Sequence[str], claim: Change | None,
+        queues: Sequence[str] | None,
     ) -> Woken:
-        """Wake a one-slot key's first parked invocation (see ``claim.wake_next``).
+        """Wake the parked invocations among a key's next ones, one for each free slot (see ``claim.wake_next``).
 
-        With ``handed``, hand it to the freeing thread instead if nothing else
-        waits in ``queues``; with ``claim``, a thread handed nothing claims the
-        queue's head in the same statement.
+        The key's limit is the one its next invocation stored. With
+        ``handed``, the first goes to the freeing thread instead if it is
+        parked and nothing claimable in ``queues`` is ahead of it. A key with
+        an operator's control in force is left alone (``Woken.controlled``):
+        the general path decides it.
         """
 
     def insert_or_park(
@@ -121,5 +130,6 @@ class KeyAhead(NamedTuple):
 
     task_name: str
     running_key: str
+    #: Its priority: a row not yet inserted has no waiters, so this is its effective priority too.
     priority: int
     limit: int

@@ -15,34 +15,51 @@ PostgreSQL can.
 
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from django.db import IntegrityError, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 from django.db.models.functions import Now
 from django.db.models.sql.subqueries import UpdateQuery
 
-from ..models import Event, Invocation, RateToken
+from ..admission import Control, Rate
+from ..models import Event, Invocation, KeyControl, RateToken, Runner, Value
 from ..status import OWNED, WAITING, Change, EventRow, Status
-from .interface import LockedRow, Steps, WaitingRow, Window
-
-if TYPE_CHECKING:
-    from ..admission import Rate
+from .interface import KeyAhead, LockedRow, Steps, WaitingRow, Window
 
 #: Field types whose get_db_prep_save() returns a str, an int or None unchanged.
 _PLAIN_TYPES = frozenset({"CharField", "TextField", "IntegerField", "PositiveIntegerField",
                           "PositiveSmallIntegerField", "SmallIntegerField", "BigIntegerField", "BigAutoField",
                           "AutoField", "ForeignKey"})
 
+#: Compiled expressions a connection keeps: the few that come back on every call, not each retry's own delay.
+EXPRESSIONS_KEPT = 64
+
 #: Event rows per INSERT: 7 parameters each, within SQLite's 32,766 and PostgreSQL's 65,535.
 EVENT_BATCH = 2000
 
-#: The queue's order: by priority, then by when each invocation (last) entered the queue.
-QUEUE_ORDER = (("priority", " DESC"), ("registered_at", ""), ("id", ""))
-#: The order of one key's invocations: by priority, then in the order they were enqueued.
-KEY_ORDER = (("priority", " DESC"), ("id", ""))
+#: The queue's order: by effective priority (its own, raised by one for each run waiting on it: waited-on work goes
+#: first), then by when each invocation (last) entered the queue.
+QUEUE_ORDER = (("effective_priority", " DESC"), ("registered_at", ""), ("id", ""))
+#: The order of one key's invocations: by effective priority, then in the order they were enqueued.
+KEY_ORDER = (("effective_priority", " DESC"), ("id", ""))
+
+
+def place(invocation: Invocation, order: Sequence[tuple[str, str]]) -> list[Any]:
+    """Return ``invocation``'s place in ``order``: its values of the order's columns (``Store.ahead()`` takes it)."""
+    return [getattr(invocation, column) for column, _ in order]
+
+
+@dataclass(frozen=True)
+class Expression:
+    """An SQL expression (with its parameters) where ``Store.ahead()`` would otherwise take a value."""
+
+    sql: str
+    params: tuple[Any, ...] = ()
 
 #: SQLite's write turn within this process, per database file.
 _writers: dict[str, threading.RLock] = {}
@@ -95,6 +112,9 @@ class Store:
         #: status of a row it takes cannot change meanwhile.
         self.lock_share = (" FOR SHARE SKIP LOCKED" if features.has_select_for_update_skip_locked
                            else " FOR SHARE" if features.has_select_for_update else "")
+        #: How a claim locks its runner's row until it commits (``may_claim_sql``): the weakest lock a recovery's
+        #: FOR UPDATE waits for, which neither a heartbeat nor the runner's other claims wait for.
+        self.lock_runner = (" FOR KEY SHARE" if no_key else " FOR SHARE" if features.has_select_for_update else "")
         self.due = f"({quote('run_after')} IS NULL OR {quote('run_after')} <= {self.now})"
         # The statuses as literals, exactly as the partial indexes' conditions spell them: a
         # database uses a partial index only where it can prove the query implies its condition,
@@ -113,11 +133,21 @@ class Store:
         self._orders: dict[tuple[str, ...], list[int]] = {}
         self._inserts: dict[tuple[Any, ...], str] = {}
         self._retries_due: str | None = None
+        self.controls = quote(KeyControl._meta.db_table)
+        #: Whether the invocation of the outer query has an operator's control in force on its key: a column of the
+        #: claim's candidates, so that a key without one costs no statement.
+        self._controlled = self.control_in_force(f"{self.invocations}.{quote('task_name')}",
+                                                 f"{self.invocations}.{quote('running_key')}")
+        self._key_control: str | None = None
 
     def order(self, order: Sequence[tuple[str, str]], table: str | None = None) -> str:
         """Return an ORDER BY list of ``order``'s columns, of ``table`` if given."""
         prefix = f"{table}." if table else ""
-        return ", ".join(f"{prefix}{self.quote(column)}{direction}" for column, direction in order)
+        return ", ".join(f"{prefix}{self.order_column(column)}{direction}" for column, direction in order)
+
+    def order_column(self, column: str) -> str:
+        """Return a column of an order as the statements name it."""
+        return self.quote(column)
 
     def one_of(self, column: str, values: Sequence[Any], *, negate: bool = False) -> tuple[str, list[Any]]:
         """Return a condition that ``column`` is (``negate``: is not) one of ``values``, and its parameters."""
@@ -193,6 +223,22 @@ class Store:
             order = self._orders[columns] = [columns.index(field.column) for field in self.fields]
         return order
 
+    def may_claim_sql(self) -> str:
+        """The condition that runner ``%s`` may take work: it has not stopped, nor been declared lost.
+
+        Its row stays locked until the claim commits: a recovery, which locks
+        the row to declare the runner lost, either comes after the claim and
+        finds what it took, or before it, and the claim takes nothing. (SQLite
+        writes one transaction at a time.)
+        """
+        q = self.quote
+        return (f"EXISTS (SELECT 1 FROM {q(Runner._meta.db_table)} WHERE {q('id')} = %s "
+                f"AND {q('stopped_at')} IS NULL{self.lock_runner})")
+
+    def may_claim(self, runner_id: int) -> bool:
+        """Return whether runner ``runner_id`` may take work (``may_claim_sql``); call it in the claim's transaction."""
+        return bool(self._rows(f"SELECT {self.may_claim_sql()}", [runner_id])[0][0])
+
     def claimable(self, queues: Sequence[str] | None, limit: int) -> list[Invocation]:
         """Lock (skipping locked ones) and return the first ``limit`` claimable invocations, in claim order.
 
@@ -201,8 +247,48 @@ class Store:
         just freed goes behind the work already waiting, so that a key with a
         deep backlog takes its turn with the others instead of holding a
         runner thread for as long as its backlog lasts.
+
+        Each is marked ``controlled`` if an operator's control is in force on
+        its key (``KeyControl``), read in the same statement.
         """
-        return self._invocations(self._rows(*self.claimable_sql(self.columns, queues, limit)))
+        rows = self._rows(*self.claimable_sql(f"{self.columns}, {self._controlled}", queues, limit))
+        found = self._invocations(row[:-1] for row in rows)
+        for invocation, row in zip(found, rows, strict=True):
+            invocation.controlled = bool(row[-1])
+        return found
+
+    def control_in_force(self, task_name: str, running_key: str) -> str:
+        """Return the condition that the key these SQL expressions name has a control in force: paused, or an
+        override whose time has not come (the database's clock)."""
+        q = self.quote
+        return (f"EXISTS (SELECT 1 FROM {self.controls} AS kc WHERE kc.{q('task_name')} = {task_name} "
+                f"AND kc.{q('running_key')} = {running_key} AND (kc.{q('paused')} OR kc.{q('until')} > {self.now}))")
+
+    def key_control(self, task_name: str, running_key: str) -> Control | None:
+        """Return the operator's control in force on a key (``KeyControl``), None if there is none."""
+        rows = self._rows(self.key_control_sql(), [task_name, running_key])
+        return control_of(rows[0]) if rows else None
+
+    def key_slots(self, task_name: str, running_key: str) -> tuple[set[int], Control | None]:
+        """Return the slots a key's owners hold (unlocked) and the control in force on it, in one statement."""
+        q = self.quote
+        controlled = self.key_control_sql()
+        sql = (f"SELECT o.{q('slot')}, kc.* FROM (SELECT 1 AS one) AS one "
+               f"LEFT JOIN ({controlled}) AS kc ON 1 = 1 LEFT JOIN ({self.owned_slots_sql()}) AS o ON 1 = 1")
+        rows = self._rows(sql, [task_name, running_key, task_name, running_key])
+        held = {row[0] for row in rows if row[0] is not None}
+        return held, control_of(rows[0][1:]) if rows and rows[0][1] is not None else None
+
+    def key_control_sql(self) -> str:
+        """Return ``key_control``'s query: its parameters, the task and the key."""
+        if self._key_control is None:
+            q = self.quote
+            self._key_control = (
+                f"SELECT {q('paused')} AS paused, CASE WHEN {q('until')} > {self.now} THEN 1 ELSE 0 END AS live, "
+                f"{q('running_limit')} AS lim, {q('rate_count')} AS rate_count, {q('rate_window')} AS rate_window "
+                f"FROM {self.controls} WHERE {q('task_name')} = %s AND {q('running_key')} = %s "
+                f"AND ({q('paused')} OR {q('until')} > {self.now})")
+        return self._key_control
 
     def claimable_exists(self, queues: Sequence[str] | None, *, ahead_of: int | None = None) -> bool:
         """Return whether anything is waiting to be claimed from ``queues`` (all when empty).
@@ -212,20 +298,36 @@ class Store:
         ahead = None
         if ahead_of is not None:
             q = self.quote
-            priority, registered_at = (f"(SELECT {q(column)} FROM {self.invocations} WHERE {q('id')} = %s)"
-                                       for column in ("priority", "registered_at"))
-            condition = self.ahead_in_queue(priority, registered_at, "%s")
-            ahead = (condition, [ahead_of] * condition.count("%s"))  # each expression may be read more than once
+            ahead = self.ahead(QUEUE_ORDER, [
+                *(Expression(f"(SELECT {q(column)} FROM {self.invocations} WHERE {q('id')} = %s)", (ahead_of,))
+                  for column, _ in QUEUE_ORDER[:-1]), ahead_of])
         return bool(self._rows(*self.claimable_sql("1", queues, 1, lock=False, ordered=False, ahead=ahead)))
 
-    def ahead_in_queue(self, priority: str, registered_at: str, pk: str) -> str:
-        """Return the condition that a row is ahead, in ``QUEUE_ORDER``, of the place these expressions give.
+    def ahead(
+        self, order: Sequence[tuple[str, str]], place: Sequence[Any], *, behind: bool = False
+    ) -> tuple[str, list[Any]]:
+        """Return the condition (and its parameters) that a row is ahead of ``place`` in ``order`` (``behind``: after it).
 
-        A store may read each expression any number of times.
+        The one rendering of ``QUEUE_ORDER`` and ``KEY_ORDER`` as a comparison.
+        ``place`` holds a value or an ``Expression`` for each of the order's
+        first columns; given fewer than all, it is the place after every row
+        equal to it in those (where a row not yet inserted goes, its id the
+        largest). Here, nested comparisons (each value read more than once);
+        a store may render it as one row comparison instead.
         """
-        q = self.quote
-        return (f"({q('priority')} > {priority} OR {q('priority')} = {priority} AND ({q('registered_at')} < "
-                f"{registered_at} OR {q('registered_at')} = {registered_at} AND {q('id')} < {pk}))")
+        condition, params = "", []
+        for number, ((column, direction), value) in reversed(list(enumerate(zip(order[:len(place)], place, strict=True)))):
+            sql, value_params = (value.sql, list(value.params)) if isinstance(value, Expression) else ("%s", [value])
+            after = (direction == " DESC") != behind
+            strict = behind or len(place) == len(order) or number < len(place) - 1
+            operator = (">" if after else "<") + ("" if strict else "=")
+            column = self.order_column(column)
+            if not condition:
+                condition, params = f"{column} {operator} {sql}", value_params
+            else:
+                condition = f"({column} {operator} {sql} OR {column} = {sql} AND {condition})"
+                params = [*value_params, *value_params, *params]
+        return condition, params
 
     def claimable_sql(
         self, columns: str, queues: Sequence[str] | None, limit: int, *, lock: bool = True, ordered: bool = True,
@@ -284,9 +386,10 @@ class Store:
                 f"AND {q('running_key')} = %s AND {self.is_owned} ORDER BY {q('slot')}{self.lock if lock else ''}")
 
     def waiting_in_key_order(
-        self, task_name: str, running_key: str, limit: int, *, before: Invocation | None = None
+        self, task_name: str, running_key: str, limit: int | None, *, before: Invocation | None = None
     ) -> list[WaitingRow]:
-        """Return a key's first due waiting invocations, in key order.
+        """Return a key's first due waiting invocations, in key order: ``limit`` of them, or (None) as many as the
+        first one's stored ``running_limit`` (all a key's wake-up may need, in one look).
 
         With ``before``, only those ahead of that invocation.
         """
@@ -294,18 +397,26 @@ class Store:
         where = f"{q('task_name')} = %s AND {q('running_key')} = %s AND {self.is_waiting} AND {self.due}"
         params: list[Any] = [task_name, running_key]
         if before is not None:
-            where += (f" AND {q('id')} <> %s AND ({q('priority')} > %s OR ({q('priority')} = %s AND {q('id')} < %s))")
-            params += [before.pk, before.priority, before.priority, before.pk]
+            ahead, ahead_params = self.ahead(KEY_ORDER, place(before, KEY_ORDER))
+            where += f" AND {ahead}"
+            params += ahead_params
+        if limit is None:
+            # COALESCE: with nothing waiting, SQLite refuses a LIMIT of NULL.
+            count = (f"COALESCE((SELECT {q('running_limit')} FROM {self.invocations} WHERE {where} "
+                     f"ORDER BY {self.key_order} LIMIT 1), 0)")
+            params += params
+        else:
+            count = str(int(limit))
         sql = (f"SELECT {q('id')}, {q('status')}, {q('queue')}, {q('running_limit')} FROM {self.invocations} WHERE {where} "
-               f"ORDER BY {self.key_order} LIMIT {int(limit)}")
+               f"ORDER BY {self.key_order} LIMIT {count}")
         return [WaitingRow(*row) for row in self._rows(sql, params)]
 
-    def busy_ahead_sql(self) -> str:
-        """Lock (shared) and count, up to ``limit``, a key's owners and due unparked invocations of ``priority`` or above.
+    def busy_ahead_sql(self, ahead: KeyAhead) -> tuple[str, list[Any]]:
+        """Lock (shared) and list, up to its limit, the key's owners and the due unparked invocations ahead of ``ahead``.
 
         What a new invocation of the key would find taking the key's slots
-        ahead of it (``Steps.insert_or_park`` runs it); its parameters: the
-        task, the key, the priority and the limit. Parked ones are not
+        ahead of it (``Steps.insert_or_park`` runs it): ahead in key order of
+        a row not yet inserted. Parked ones are not
         counted, since an orphan (its waker died) would wait for the timed
         duty, where a registered invocation's claim wakes it at once. The
         share lock keeps each row counted from changing status until the
@@ -314,19 +425,20 @@ class Store:
         always safe (a registered invocation is claimed, never lost).
         """
         q = self.quote
+        in_line, in_line_params = self.ahead(KEY_ORDER, [ahead.priority])
         return (f"SELECT {q('id')} FROM {self.invocations} WHERE {q('task_name')} = %s AND {q('running_key')} = %s "
                 f"AND ({self.is_owned} OR ({q('status')} IN ({literal(Status.REGISTERED)}, {literal(Status.RETRY)}) "
-                f"AND {self.due} AND {q('priority')} >= %s)) LIMIT %s{self.lock_share}")
+                f"AND {self.due} AND {in_line})) LIMIT %s{self.lock_share}"), [
+            ahead.task_name, ahead.running_key, *in_line_params, ahead.limit]
 
     def registered_behind(self, head: Invocation, limit: int) -> list[LockedRow]:
         """Lock (skipping locked ones) the due registered invocations after ``head`` in its key, in key order."""
         q = self.quote
+        behind, behind_params = self.ahead(KEY_ORDER, place(head, KEY_ORDER), behind=True)
         sql = (f"SELECT {q('id')}, {q('status')}, {q('runner_id')} FROM {self.invocations} "
                f"WHERE {q('task_name')} = %s AND {q('running_key')} = %s AND {self.is_registered} AND {self.due} "
-               f"AND ({q('priority')} < %s OR ({q('priority')} = %s AND {q('id')} > %s)) "
-               f"ORDER BY {self.key_order} LIMIT {int(limit)}{self.lock_skip}")
-        params = [head.task_name, head.running_key, head.priority, head.priority, head.pk]
-        return [LockedRow(*row) for row in self._rows(sql, params)]
+               f"AND {behind} ORDER BY {self.key_order} LIMIT {int(limit)}{self.lock_skip}")
+        return [LockedRow(*row) for row in self._rows(sql, [head.task_name, head.running_key, *behind_params])]
 
     # -- rate windows ------------------------------------------------------
 
@@ -353,7 +465,7 @@ class Store:
                 [RateToken(task_name=task_name, running_key=running_key, number=number)
                  for number in range(rate.count)], ignore_conflicts=True)
         if oldest is None:  # every token is being taken by a claim not yet committed: look again shortly
-            return Window(None, self.clock() + timedelta(seconds=min(rate.window, 0.05)))
+            return Window(None, self.clock() + timedelta(seconds=min(rate.window, 0.05)), contended=True)
         return Window(None, self.read("started_at", oldest) + timedelta(seconds=rate.window))
 
     def _take_start_sql(self, window: float) -> tuple[str, list[Any]]:
@@ -380,9 +492,39 @@ class Store:
     def move(self, rows: Sequence[LockedRow], change: Change) -> None:
         """Apply ``change`` to locked invocations ``rows`` and insert its history rows."""
         events = [event for row in rows for event in change.events(row.id, row.status)]
-        for sql, params in (self._update([row.id for row in rows], change.values), self._insert_events(events)):
-            with self.cursor() as cursor:
+        ids = [row.id for row in rows]
+        statements = [self._update(ids, change.values), self._insert_events(events)]
+        with self.cursor() as cursor:
+            for sql, params in self.counting_waiters(ids, change, statements):
                 cursor.execute(sql, params)
+
+    def counting_waiters(
+        self, ids: Sequence[int], change: Change, statements: list[tuple[str, list[Any]]]
+    ) -> list[tuple[str, list[Any]]]:
+        """Return ``statements`` (that write ``change`` to locked rows ``ids``), with the count of waiters kept.
+
+        The one place ``Invocation.waiters`` is written: a change that writes
+        ``waiting_on`` (a wait that starts, ends, or is recovered or cancelled
+        with its run) takes its rows off the count of what they waited on
+        before, and adds them to the count of what they wait on now, in the
+        change's transaction. Relative updates under each counted row's lock,
+        so that waits starting and ending at once add up.
+        """
+        if "waiting_on" not in change.values:
+            return statements
+        q, inv = self.quote, self.invocations
+        marks = ", ".join(["%s"] * len(ids))
+        # Before the change: each row's old wait, read while its lock is held.
+        before = (f"UPDATE {inv} SET {q('waiters')} = {q('waiters')} - (SELECT count(*) FROM {inv} AS w "
+                  f"WHERE w.{q('waiting_on_id')} = {inv}.{q('id')} AND w.{q('id')} IN ({marks})) "
+                  f"WHERE {q('id')} IN (SELECT {q('waiting_on_id')} FROM {inv} WHERE {q('id')} IN ({marks}))",
+                  [*ids, *ids])
+        waited = change.values["waiting_on"]
+        waited = waited.pk if isinstance(waited, Model) else waited
+        if waited is None:
+            return [before, *statements]
+        after = (f"UPDATE {inv} SET {q('waiters')} = {q('waiters')} + %s WHERE {q('id')} = %s", [len(ids), waited])
+        return [before, *statements, after]
 
     def insert_events(self, events: Sequence[EventRow]) -> None:
         """Insert history rows that go with no status change here (an invocation created parked)."""
@@ -420,15 +562,20 @@ class Store:
         if known is not None and known[0] is value:
             return known[1]
         cache_key = repr(value)
-        if cache_key not in self._expressions:
+        compiled = self._expressions.get(cache_key)
+        if compiled is None:
             resolved = value.resolve_expression(self.update_query, allow_joins=False, for_save=True)
             sql, params = self.compiler.compile(resolved)
             # Unqualified, as SET may name the row's own columns: valid whatever alias the statement
             # gives the table (the one-statement steps alias it to stay short).
-            self._expressions[cache_key] = (sql.replace(f"{self.invocations}.", ""), list(params))
-        # Kept with the object itself, so that its id cannot be reused by another while cached.
-        self._expressions_by_id[id(value)] = (value, self._expressions[cache_key])
-        return self._expressions[cache_key]
+            compiled = (sql.replace(f"{self.invocations}.", ""), list(params))
+            if len(self._expressions) >= EXPRESSIONS_KEPT:
+                return compiled  # one of many (a retry's delay after the clock): compiled each time, never kept
+            self._expressions[cache_key] = compiled
+        if len(self._expressions_by_id) < EXPRESSIONS_KEPT:
+            # Kept with the object itself, so that its id cannot be reused by another while cached.
+            self._expressions_by_id[id(value)] = (value, compiled)
+        return compiled
 
     def _insert_events(self, rows: Sequence[EventRow]) -> tuple[str, list[Any]]:
         # In order, in one statement: the ids follow the rows. The database stamps their time.
@@ -472,6 +619,58 @@ class Store:
     def listen(self, on_wake: Callable[[str], None], stop: threading.Event) -> threading.Thread | None:
         """Call ``on_wake(queue)`` for every wake-up until ``stop`` is set; None where the database has none."""
         return None
+
+    # -- large values, out of the queue's rows (``keyjobs.values``) -----------------------------------------
+
+    def hold_values(self, values: Sequence[Value]) -> None:
+        """Store ``values`` that are not stored yet, and keep all of them from ``prune_values`` until commit.
+
+        Call it in the transaction that inserts the invocations referring to
+        them, before inserting them. Here (SQLite), the transaction holds the
+        database's write lock from its start (``IMMEDIATE``): no prune comes
+        between this and the commit.
+        """
+        Value.objects.using(self.connection.alias).bulk_create(values, ignore_conflicts=True)
+
+    def checking_references_at_once(self) -> None:
+        """Have this transaction's foreign keys checked at each statement's end, not at its commit.
+
+        SQLite checks them at each statement already.
+        """
+
+    def prune_values(self, batch: int) -> int:
+        """Delete at most ``batch`` values no invocation refers to, in one transaction; return how many.
+
+        A value being held by a ``delay()`` (``hold_values``) is skipped (a
+        row lock on PostgreSQL; the write lock here); the foreign keys refuse
+        the rest, so an invocation never points at nothing. On PostgreSQL a
+        ``delay()`` that commits its reference after the batch's statement
+        began is not seen by it (read committed) and its foreign key refuses
+        the whole batch: checked at the statement (``checking_references_at_once``),
+        not at the commit, the batch's values are then deleted one statement
+        each, and the one referred to since is left.
+        """
+        alias = self.connection.alias
+        unreferenced = Value.objects.using(alias).unreferenced()
+        with transaction.atomic(using=alias):
+            self.checking_references_at_once()
+            chosen = unreferenced.select_for_update(skip_locked=True).values("pk")[:batch]
+            try:
+                with transaction.atomic(using=alias):  # a savepoint: a refusal leaves the locks taken
+                    return unreferenced.filter(pk__in=chosen)._raw_delete(alias)
+            except IntegrityError:
+                deleted = 0
+                for pk in [row["pk"] for row in chosen]:
+                    with suppress(IntegrityError), transaction.atomic(using=alias):
+                        deleted += unreferenced.filter(pk=pk)._raw_delete(alias)
+                return deleted
+
+
+def control_of(row: Sequence[Any]) -> Control:
+    """Return the control a row of ``Store.key_control`` reads: (paused, the override in force, limit, rate)."""
+    paused, live, limit, count, window = row
+    return Control(paused=bool(paused), limit=limit if live else None,
+                   rate=Rate(count, window) if live and count is not None else None)
 
 
 def literal(status: str | None) -> str:

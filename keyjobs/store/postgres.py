@@ -11,16 +11,17 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import psycopg
-from django.db import connections
+from django.db import connections, transaction
 from django.db.backends.postgresql.base import ServerBindingCursor
 
+from .. import faults
 from ..conf import conf
-from ..models import Invocation
+from ..models import Invocation, KeyControl, Value
 from ..status import STAMPS, Change, Status
 from .interface import Claimed, KeyAhead, LockedRow, Recorded, Woken
-from .portable import QUEUE_ORDER, Store, literal
+from .portable import KEY_ORDER, QUEUE_ORDER, Expression, Store, literal
 
-logger = logging.getLogger("keyjobs.worker")
+logger = logging.getLogger(__name__)
 
 #: Runs of one statement on a connection after which psycopg prepares it (psycopg's own default).
 PREPARE_THRESHOLD = 5
@@ -45,16 +46,55 @@ class PostgresStore(Store):
         self._columns_of: dict[str, list[str]] = {}
         self._recorded_sql: dict[tuple[Any, ...], str] = {}
         self._queue_orders: dict[str, str] = {}
+        self._insert_or_park_columns: dict[tuple[Any, ...], tuple[list[tuple[str, str]], str, str]] = {}
         self.steps = self
 
-    def ahead_in_queue(self, priority: str, registered_at: str, pk: str) -> str:
-        # One row comparison (the priority negated: it runs the other way), the columns unquoted (all
-        # lower case): it is part of the wake-up, which must stay within psycopg's 4 kB.
-        return f"(-priority, registered_at, id) < (-{priority}, {registered_at}, {pk})"
+    def order_column(self, column: str) -> str:
+        # Unquoted (the orders' columns are all lower case): the orders are part of the wake-up and the
+        # claim, which must stay within psycopg's 4 kB.
+        return column
+
+    def ahead(
+        self, order: Sequence[tuple[str, str]], place: Sequence[Any], *, behind: bool = False
+    ) -> tuple[str, list[Any]]:
+        # One row comparison, each value read once: a descending column (a number) negated on both sides,
+        # since a row comparison runs one way.
+        columns: list[str] = []
+        values: list[str] = []
+        params: list[Any] = []
+        for (column, direction), value in zip(order[:len(place)], place, strict=True):
+            negated = direction == " DESC"
+            column = self.order_column(column)
+            columns.append(f"-{column}" if negated else column)
+            if isinstance(value, Expression):
+                values.append(f"-{value.sql}" if negated else value.sql)
+                params += value.params
+            else:
+                values.append("%s")
+                params.append(-value if negated else value)
+        whole = len(place) == len(order)
+        operator = ">" if behind else "<" if whole else "<="
+        return f"({', '.join(columns)}) {operator} ({', '.join(values)})", params
+
+    def _under_control(self, task_name: str, running_key: str) -> str:
+        """``control_in_force`` in a step's statement: the key is one of CTE ``x``'s (``_controls``), read once per
+        statement. Short: it is part of the claim and the wake-up, which must stay within psycopg's 4 kB."""
+        return f"({task_name}, {running_key}) IN (TABLE x)"
+
+    def _controls(self) -> str:
+        """The CTE ``x``: the keys with an operator's control in force (``KeyControl``), which ``_under_control`` reads."""
+        table = KeyControl._meta.db_table  # unquoted, as its columns: all lower case
+        return f"x AS (SELECT task_name, running_key FROM {table} WHERE paused OR until > now())"
 
     def one_of(self, column: str, values: Sequence[Any], *, negate: bool = False) -> tuple[str, list[Any]]:
         # One array parameter, however many values: the statement's text stays the same, and short.
         return f"{column} {'<> ALL' if negate else '= ANY'}(%s)", [list(values)]
+
+    def checking_references_at_once(self) -> None:
+        """Django declares PostgreSQL's foreign keys DEFERRABLE INITIALLY DEFERRED: checked at the commit, a refusal
+        could not be caught where it happens. For this transaction they are checked at each statement."""
+        with self.cursor() as cursor:
+            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
     def cursor(self) -> Any:
         """Return a cursor that binds parameters on the server, so that these statements can be prepared.
@@ -79,16 +119,28 @@ class PostgresStore(Store):
 
     def move(self, rows: Sequence[LockedRow], change: Change) -> None:
         events = [event for row in rows for event in change.events(row.id, row.status)]
-        update, update_params = self._update([row.id for row in rows], change.values)
+        ids = [row.id for row in rows]
+        update, update_params = self._update(ids, change.values)
         insert, insert_params = self._insert_events(events)
         with self.cursor() as cursor:
-            cursor.execute(f"WITH moved AS ({update}) {insert}", [*update_params, *insert_params])
+            for sql, params in self.counting_waiters(
+                    ids, change, [(f"WITH moved AS ({update}) {insert}", [*update_params, *insert_params])]):
+                cursor.execute(sql, params)
 
     # -- Steps: each in one statement ---------------------------------------------------
 
     def move_checked(
         self, ids: Sequence[int], change: Change, *, only_from: Collection[str], owner_id: int | None
     ) -> list[LockedRow]:
+        if "waiting_on" in change.values:
+            # A wait that starts or ends also counts the waiters of what it waits on (``counting_waiters``):
+            # rows one statement could reach twice. Rare enough (a pause, a resume) for a few statements.
+            with transaction.atomic(using=self.connection.alias, savepoint=False):
+                rows = self.lock_rows(ids)
+                expected = [row for row in rows if row.status in only_from]
+                if expected and (owner_id is None or all(row.runner_id == owner_id for row in expected)):
+                    self.move(expected, change)
+                return rows
         ctes, params = self._checked_move(ids, change, only_from=only_from, owner_id=owner_id)
         with self.cursor() as cursor:
             cursor.execute(f"WITH {ctes} SELECT id, status, runner_id FROM locked ORDER BY id", params)
@@ -124,75 +176,75 @@ class PostgresStore(Store):
 
     def wake_next(
         self, task_name: str, running_key: str, *, woken: Change, handed: Change | None,
-        queues: Sequence[str] | None, fast_tasks: Sequence[str], claim: Change | None,
+        queues: Sequence[str] | None,
     ) -> Woken:
         q, inv = self.quote, self.invocations
-        same_key = f"{q('task_name')} = %s AND {q('running_key')} = %s"
+        p = Named()
+        same_key = f"{q('task_name')} = {p('task_name', task_name)} AND {q('running_key')} = {p('running_key', running_key)}"
+        waiting = f"FROM {inv} WHERE {same_key} AND {self.is_waiting} AND {self.due} ORDER BY {self.key_order}"
         queues = list(queues or [])
         if handed is not None:
             # Handed over only if it would be next anyway (see claim.wake_next): nothing claimable ahead of
             # its own place, if the wake-up keeps it (else of the back of the queue: nothing at all).
             ahead: tuple[str, list[Any]] | None = None
             if STAMPS[Status.REGISTERED] not in woken.values:
-                ahead = (self.ahead_in_queue("f.priority", "f.registered_at", "f.id"), [])
-            nothing_waits, nothing_waits_params = self.claimable_sql("1", queues, 1, lock=False, ordered=False,
-                                                                     ahead=ahead)
-            served, served_params = self.one_of("f.queue", queues) if queues else ("", [])
-            hand, hand_params = f"(NOT EXISTS ({nothing_waits}){served and ' AND ' + served})", [*nothing_waits_params, *served_params]
-            notify, notify_params = self.one_of("woken.queue", queues, negate=True) if queues else ("FALSE", [])
+                ahead = self.ahead(QUEUE_ORDER, [Expression(f"first.{column}") for column, _ in QUEUE_ORDER])
+            claimable_ahead = p.part("ahead", *self.claimable_sql("1", queues, 1, lock=False, ordered=False,
+                                                                 ahead=ahead))
+            # Never to a runner declared lost (``may_claim_sql``): a recovery would not find it.
+            hand = (f"first.place = 1 AND NOT EXISTS ({claimable_ahead}) "
+                    f"AND {p('owner', handed.values['runner_id']).join(self.may_claim_sql().split('%s'))}")
+            if queues:
+                hand += f" AND first.queue = ANY({p('queues', queues)})"
+            # The thread that freed the key claims next, and a claim that takes work wakes a colleague:
+            # only a runner of another queue needs waking.
+            notify = f"woken.queue <> ALL({p('queues', queues)})" if queues else "FALSE"
         else:
-            hand, hand_params, notify, notify_params = "FALSE", [], "TRUE", []
+            hand, notify = "FALSE", "TRUE"
         handing = handed if handed is not None else woken  # never applied when nothing is handed
-        handed_set, handed_params = self._set(handing.values)
-        woken_set, woken_params = self._set(woken.values)
-        handed_events, handed_event_params = self._recorded("handed_recorded", "handed", handing,
-                                                            first_from=Status.REROUTED)
-        woken_events, woken_event_params = self._recorded("woken_recorded", "woken", woken,
-                                                          first_from=Status.REROUTED, read=True)
+        # The slot comes from the free slots: the hand-off's own value is the one-slot case's 0.
+        handed_set = p.part("handed", *self._set({name: value for name, value in handing.values.items()
+                                                   if name != "slot"}))
+        woken_set = p.part("woken", *self._set(woken.values))
+        handed_events = p.part("handed_event", *self._recorded("handed_recorded", "handed", handing,
+                                                               first_from=Status.REROUTED))
+        woken_events = p.part("woken_event", *self._recorded("woken_recorded", "woken", woken,
+                                                             first_from=Status.REROUTED, read=True))
+        rerouted = literal(Status.REROUTED)
+        # An operator's control on the key: the general path decides it (admission.FAST_PATH).
+        controlled = self._under_control(p("task_name", task_name), p("running_key", running_key))
         sql_text = (
-            f"WITH first AS (SELECT * FROM {inv} "
-            f"WHERE {same_key} AND {self.is_waiting} AND {self.due} "
-            f"ORDER BY {self.key_order} LIMIT 1), "
-            # The first in line goes on if it is parked and the key has nobody holding it.
-            f"go AS (SELECT f.id, f.queue, {hand} AS hand FROM first AS f WHERE f.status = %s "
-            f"AND NOT EXISTS (SELECT 1 FROM {inv} WHERE {same_key} AND {self.is_owned})), "
-            f"handed AS (UPDATE {inv} AS h {handed_set} FROM go WHERE h.{q('id')} = go.id AND go.hand "
-            f"AND h.{q('status')} = %s RETURNING {self._returning('h')}), "
-            f"woken AS (UPDATE {inv} AS w {woken_set} FROM go WHERE w.{q('id')} = go.id AND NOT go.hand "
-            f"AND w.{q('status')} = %s RETURNING w.*), "
-            f"{handed_events}, {woken_events}"
-            # The thread that freed the key claims next: only a runner of another queue needs waking.
-            + (f", notified AS (SELECT pg_notify(%s, woken.queue) FROM woken WHERE {notify}) " if notify != "FALSE"
-               else " ")
+            f"WITH {self._controls()}, "
+            # The key's free slots, lowest first, under the limit its next invocation stored.
+            f"free_slot AS (SELECT slot, row_number() OVER (ORDER BY slot) AS place "
+            f"FROM generate_series(0, (SELECT {q('running_limit')} {waiting} LIMIT 1) - 1) AS slot "
+            f"WHERE slot NOT IN (SELECT {q('slot')} FROM {inv} WHERE {same_key} AND {self.is_owned})), "
+            # As many of its next invocations as it has free slots, in key order: each parked one goes on.
+            f"next_up AS (SELECT id, queue, status, {', '.join(column for column, _ in QUEUE_ORDER[:-1])}, "
+            f"row_number() OVER (ORDER BY {self.key_order}) AS place {waiting} "
+            f"LIMIT (SELECT count(*) FROM free_slot)), "
+            f"going_on AS (SELECT first.id, free_slot.slot, {hand} AS hand "
+            f"FROM next_up AS first JOIN free_slot USING (place) WHERE first.status = {rerouted} AND NOT {controlled}), "
+            f"handed AS (UPDATE {inv} AS h {handed_set}, {q('slot')} = going_on.slot FROM going_on "
+            f"WHERE h.{q('id')} = going_on.id AND going_on.hand AND h.{q('status')} = {rerouted} "
+            f"RETURNING {self._returning('h')}), "
+            f"woken AS (UPDATE {inv} AS w {woken_set} FROM going_on "
+            f"WHERE w.{q('id')} = going_on.id AND NOT going_on.hand AND w.{q('status')} = {rerouted} "
+            f"RETURNING w.*), "
+            f"{handed_events}, {woken_events}, "
+            f"notified AS (SELECT pg_notify({p('channel', CHANNEL)}, woken.queue) FROM woken WHERE {notify})"
         )
-        notified = "(SELECT count(*) FROM notified)" if notify != "FALSE" else "0"
-        claim_params: list[Any] = []
-        if claim is not None and fast_tasks:
-            # Nothing handed over: the thread's next claim, in this same statement.
-            claiming, claim_params = self._claim(queues, 1, fast_tasks=fast_tasks, claim=claim,
-                                                 only_if="NOT EXISTS (SELECT 1 FROM handed)", after="woken_recorded")
-            sql_text += (f", {claiming} SELECT {notified}, (SELECT id FROM woken), picked.* "
-                         f"FROM (SELECT 1) AS one LEFT JOIN (SELECT * FROM handed UNION ALL SELECT * FROM taken) "
-                         f"AS picked ON true")
-        else:
-            sql_text += (f"SELECT {notified}, (SELECT id FROM woken), handed.* "
-                         "FROM (SELECT 1) AS one LEFT JOIN handed ON true")
-        params = [
-            task_name, running_key,
-            *hand_params, Status.REROUTED, task_name, running_key,
-            *handed_params, Status.REROUTED,
-            *woken_params, Status.REROUTED,
-            *handed_event_params, *woken_event_params,
-            *([CHANNEL, *notify_params] if notify != "FALSE" else []),
-            *claim_params,
-        ]
+        # Rows another waker of the key took first (it woke them): the caller looks again.
+        sql_text += (" SELECT (SELECT count(*) FROM notified), (SELECT array_agg(id ORDER BY id) FROM woken), "
+                     "(SELECT count(*) FROM going_on) - (SELECT count(*) FROM handed) - (SELECT count(*) FROM woken), "
+                     f"{controlled}, handed.* FROM (SELECT 1) AS one LEFT JOIN handed ON true")
         with self.cursor() as cursor:
-            cursor.execute(sql_text, params)
+            cursor.execute(sql_text, p.values)
             row = cursor.fetchone()
             names = self._names(cursor, sql_text)
-        _, woken_id, *next_row = row
-        next_up = self._invocations([next_row], columns=names[2:])[0] if next_row[0] is not None else None
-        return Woken(next_up, [woken_id] if woken_id is not None else [])
+        _, woken_ids, missed, under_control, *next_row = row
+        next_up = self._invocations([next_row], columns=names[4:])[0] if next_row[0] is not None else None
+        return Woken(next_up, list(woken_ids or []), missed=bool(missed), controlled=bool(under_control))
 
     def insert_or_park(
         self, fields: Sequence[Any], row: Sequence[Any], returning: Sequence[Any], *, ahead: KeyAhead,
@@ -200,30 +252,43 @@ class PostgresStore(Store):
     ) -> tuple[tuple[Any, ...], str]:
         # admission.admit with nobody's slots known but those counted ahead: START (registered) while
         # fewer than the limit are ahead, else PARK. The share locks last until the statement commits.
-        names = [field.attname for field in fields]
-        status_at = names.index("status")
-        casts = [field.db_type(self.connection).split("(")[0] for field in fields]
-        select = [f"%s::{cast}" if n != status_at else "verdict.status" for n, cast in enumerate(casts)]
-        values = [value for n, value in enumerate(row) if n != status_at]
+        p = Named()
+        busy = p.part("busy", *self.busy_ahead_sql(ahead))
+        columns = self._insert_or_park_columns.get((tuple(fields), tuple(returning)))
+        if columns is None:
+            # The casts and the column lists of a delay(), worked out once: db_type() rebuilds its text on every call.
+            columns = self._insert_or_park_columns[tuple(fields), tuple(returning)] = (
+                [(field.attname, field.db_type(self.connection).split("(")[0]) for field in fields],
+                ", ".join(self.quote(field.column) for field in fields),
+                ", ".join(self.quote(field.column) for field in returning),
+            )
+        casts, inserted_columns, returned_columns = columns
+        select = [f"{p(name, value)}::{cast}" if name != "status" else "verdict.status"
+                  for (name, cast), value in zip(casts, row, strict=True)]
         (event,) = parked.events(0, "")
+        _, kind, _, _, runner_id, runner_thread, note = event
         quote = self.quote
+        registered, rerouted = literal(Status.REGISTERED), literal(Status.REROUTED)
         sql_text = (
-            f"WITH ahead AS ({self.busy_ahead_sql()}), "
-            f"verdict AS MATERIALIZED (SELECT CASE WHEN count(*) >= %s THEN {literal(Status.REROUTED)} "
-            f"ELSE {literal(Status.REGISTERED)} END AS status FROM ahead), "
-            f"inserted AS (INSERT INTO {self.invocations} ({', '.join(quote(field.column) for field in fields)}) "
-            f"SELECT {', '.join(select)} FROM verdict "
-            f"RETURNING {', '.join(quote(field.column) for field in returning)}, {quote('status')} AS status), "
-            f"recorded AS (INSERT INTO {self.events} ({self.event_columns}) SELECT inserted.{quote('id')}, %s, '', "
-            f"{literal(Status.REROUTED)}, %s, %s, %s FROM inserted WHERE inserted.status = {literal(Status.REROUTED)} "
-            "RETURNING 1), "
-            f"notified AS (SELECT pg_notify(%s, %s) FROM inserted WHERE inserted.status = {literal(Status.REGISTERED)}) "
+            f"WITH {self._controls()}, ahead AS ({busy}), "
+            # A key under an operator's control is registered: the claim decides it (admission.FAST_PATH).
+            f"verdict AS MATERIALIZED (SELECT CASE WHEN count(*) >= {p('limit', ahead.limit)} AND NOT "
+            f"{self._under_control(p('control_task', ahead.task_name), p('control_key', ahead.running_key))} "
+            f"THEN {rerouted} "
+            f"ELSE {registered} END AS status FROM ahead), "
+            f"inserted AS (INSERT INTO {self.invocations} ({inserted_columns}) SELECT {', '.join(select)} FROM verdict "
+            f"RETURNING {returned_columns}, {quote('status')} AS status), "
+            f"recorded AS (INSERT INTO {self.events} ({self.event_columns}) SELECT inserted.{quote('id')}, "
+            f"{p('event_kind', kind)}, '', {rerouted}, {p('event_runner_id', runner_id)}, "
+            f"{p('event_runner_thread', runner_thread)}, {p('event_note', note)} "
+            f"FROM inserted WHERE inserted.status = {rerouted} RETURNING 1), "
+            # The payload is the queue: the inserted column's own parameter.
+            f"notified AS (SELECT pg_notify({p('channel', CHANNEL)}, {p('queue', p.values['queue'])}) "
+            f"FROM inserted WHERE inserted.status = {registered}) "
             f"SELECT inserted.*, (SELECT count(*) FROM notified), (SELECT count(*) FROM recorded) FROM inserted"
         )
-        params = [ahead.task_name, ahead.running_key, ahead.priority, ahead.limit, ahead.limit, *values,
-                  event[1], *event[4:], CHANNEL, row[names.index("queue")]]
         with self.cursor() as cursor:
-            cursor.execute(sql_text, params)
+            cursor.execute(sql_text, p.values)
             found = cursor.fetchone()
         return tuple(found[: len(returning)]), found[len(returning)]
 
@@ -249,7 +314,8 @@ class PostgresStore(Store):
             head = f"{name} AS (INSERT INTO {self.events} ({self.event_columns}) SELECT {source}.{self.quote('id')}, %s, "
             if len(steps) == 1 and not after:
                 came = literal(first_from) if first_from is not None else f"{source}.status"
-                sql = f"{head}{came}, {literal(steps[0][1])}, %s, %s, %s FROM {source}"
+                went = literal(steps[0][1]) if steps[0][1] is not None else f"{source}.status"  # a mark's: its own
+                sql = f"{head}{came}, {went}, %s, %s, %s FROM {source}"
             else:
                 values = ", ".join(f"({n}, {literal(here)}, {literal(there)})" for n, (here, there) in enumerate(steps))
                 sql = (
@@ -288,41 +354,45 @@ class PostgresStore(Store):
         self, queues: Sequence[str] | None, limit: int, *, fast_tasks: Sequence[str], claim: Change,
         only_if: str = "TRUE", after: str = "",
     ) -> tuple[str, list[Any]]:
-        """The CTEs ``cut`` (where the claim stopped, if it did), ``taken`` and their history.
+        """The CTEs ``x`` (the keys under an operator's control), ``cut`` (where the claim stopped, if it did),
+        ``taken`` and their history.
 
-        ``after`` names a CTE whose rows the history must follow.
+        ``after`` names a CTE whose rows the history must follow. Nothing is taken for a runner that may not
+        claim (``may_claim_sql``).
         """
         q, inv = self.quote, self.invocations
         candidates, params = self.claimable_sql(
-            ", ".join(q(column) for column in ("id", "priority", "registered_at", "task_name", "running_key",
-                                               "running_limit")),
+            ", ".join(q(column) for column in ("id", *(column for column, _ in QUEUE_ORDER[:-1]), "task_name",
+                                               "running_key", "running_limit")),
             queues, limit)
         same_key = f"{q('task_name')} = c.task_name AND {q('running_key')} = c.running_key"
-        # Ahead in key order (priority, then id): one row comparison.
-        ahead = f"{self.is_waiting} AND {self.due} AND ({q('priority')}, -{q('id')}) > (c.priority, -c.id)"
+        in_line, in_line_params = self.ahead(KEY_ORDER, [Expression(f"c.{column}") for column, _ in KEY_ORDER])
+        ahead = f"{self.is_waiting} AND {self.due} AND {in_line}"
         # The slot comes from the judgement: the claim's own value is the one-slot case's 0.
         assignments, set_params = self._set({name: value for name, value in claim.values.items() if name != "slot"})
         recorded, recorded_params = self._recorded("taken_recorded", "taken", claim, first_from=Status.REGISTERED,
                                                    after=after, order=self._queue_order("taken"))
         ctes = (
-            f"c AS ({candidates}), "
+            f"c AS ({candidates}), {self._controls()}, "
             # admission.FAST_PATH: a task whose policy this statement implements, and no key, or a key
             # with a slot left once the work due ahead of it takes the first free ones: admission.admit()'s
             # rule and its slot (k.s), for the first candidate of a key only (two would pick the same
             # slot). Kept short: psycopg caches the parsing of 4 kB at most.
             f"j AS (SELECT c.id, row_number() OVER (ORDER BY {self._queue_order('c')}) AS n, "
             f"c.task_name = ANY(%s) AND (c.running_key IS NULL OR k.s IS NOT NULL AND row_number() OVER "
-            f"(PARTITION BY c.task_name, c.running_key ORDER BY c.id) = 1) AS free, COALESCE(k.s, 0) AS slot "
+            f"(PARTITION BY c.task_name, c.running_key ORDER BY {self.order(KEY_ORDER, 'c')}) = 1 "
+            f"AND NOT {self._under_control('c.task_name', 'c.running_key')}) AS free, COALESCE(k.s, 0) AS slot "
             f"FROM c LEFT JOIN LATERAL (SELECT s FROM generate_series(0, c.running_limit - 1) AS s WHERE s NOT IN "
             f"(SELECT {q('slot')} FROM {inv} WHERE {same_key} AND {self.is_owned}) OFFSET (SELECT count(*) FROM "
             f"(SELECT FROM {inv} WHERE {same_key} AND {ahead} LIMIT c.running_limit) AS a) LIMIT 1) AS k ON true), "
             f"cut AS (SELECT min(n) AS n FROM j WHERE NOT free), "
             f"taken AS (UPDATE {inv} AS t {assignments}, {q('slot')} = j.slot FROM j "
             f"WHERE t.{q('id')} = j.id AND j.n < COALESCE((SELECT n FROM cut), %s) AND {only_if} "
-            f"RETURNING {self._returning('t')}), "
+            f"AND {self.may_claim_sql()} RETURNING {self._returning('t')}), "
             f"{recorded}"
         )
-        return ctes, [*params, list(fast_tasks), *set_params, limit + 1, *recorded_params]
+        return ctes, [*params, list(fast_tasks), *in_line_params, *set_params, limit + 1, claim.values["runner_id"],
+                      *recorded_params]
 
     def _names(self, cursor: Any, sql_text: str) -> list[str]:
         """The columns of a statement's rows: read once a statement (``description`` builds 20-odd objects)."""
@@ -359,6 +429,34 @@ class PostgresStore(Store):
                queue: str) -> list[tuple[Any, ...]]:
         return insert_and_notify(self, fields, rows, returning, CHANNEL, queue)
 
+    # -- large values --------------------------------------------------------------------------------------
+
+    def hold_values(self, values: Sequence[Value]) -> None:
+        """Store ``values`` not stored yet; keep each from ``prune_values`` until this transaction ends.
+
+        A stored one is share-locked (FOR KEY SHARE: many calls hold a value
+        at once, and only the prune's FOR UPDATE waits), without sending its
+        data again. A missing one is inserted; if a concurrent call inserted
+        it first, ``DO UPDATE ... WHERE false`` writes nothing but locks it.
+        The prune skips locked values, and one it locked first is deleted
+        before this insert goes on, which then stores it again.
+        """
+        quote = self.quote
+        table = quote(Value._meta.db_table)
+        digest = quote("digest")
+        with self.connection.cursor() as cursor:
+            cursor.execute(f"SELECT {digest} FROM {table} WHERE {digest} = ANY(%s) FOR KEY SHARE",
+                           [[value.digest for value in values]])
+            held = {row[0] for row in cursor.fetchall()}
+            missing = [value for value in values if value.digest not in held]
+            if missing:
+                cursor.execute(
+                    f"INSERT INTO {table} ({digest}, {quote('data')}, {quote('size')}) VALUES "
+                    + ", ".join(["(%s, %s, %s)"] * len(missing))
+                    + f" ON CONFLICT ({digest}) DO UPDATE SET {quote('size')} = EXCLUDED.{quote('size')} WHERE false",
+                    [part for value in missing for part in (value.digest, value.data, value.size)],
+                )
+
     def notify(self, queue: str) -> None:
         with self.connection.cursor() as cursor:
             cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, queue])
@@ -368,6 +466,28 @@ class PostgresStore(Store):
         listener = Listener(conf.LISTEN_DATABASE or self.connection.alias, CHANNEL, on_wake, stop)
         listener.start()
         return listener
+
+
+class Named:
+    """The parameters of one statement, each under a name (``%(name)s``): no list to keep in the text's order."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def __call__(self, name: str, value: Any) -> str:
+        """Return the placeholder of ``value`` named ``name`` (a name given twice holds one value)."""
+        assert name not in self.values or self.values[name] == value, name
+        self.values[name] = value
+        return f"%({name})s"
+
+    def part(self, prefix: str, sql: str, params: Sequence[Any]) -> str:
+        """Return ``sql``, a part written with positional ``%s``, its parameters named ``prefix_1``, ``prefix_2``..."""
+        pieces = sql.split("%s")
+        assert len(pieces) == len(params) + 1, (prefix, sql)
+        named = [pieces[0]]
+        for number, (value, piece) in enumerate(zip(params, pieces[1:], strict=True), 1):
+            named += [self(f"{prefix}_{number}", value), piece]
+        return "".join(named)
 
 
 def _marks(values: Collection[Any]) -> str:
@@ -381,7 +501,9 @@ class Listener(threading.Thread):
     outside Django's connection handling, so never one of a pool's, and
     direct to the server when ``KEYJOBS_LISTEN_DATABASE`` names such an alias.
 
-    If the connection drops, reconnect with a growing pause; polling covers the gap.
+    Whatever ends a connection (a dropped connection, a bad setting, a
+    callback that raised), it is logged and another is made after a growing
+    pause (``faults.retrying``), until the runner stops; polling covers the gap.
     """
 
     def __init__(self, using: str, channel: str, on_wake: Callable[[str], None], stop: threading.Event) -> None:
@@ -393,25 +515,22 @@ class Listener(threading.Thread):
         self.listening = threading.Event()
 
     def run(self) -> None:
-        pause = 0.1
+        # As long as the runner runs: it polls meanwhile, so any error is worth another connection.
         while not self.stop.is_set():
-            try:
-                self._listen()
-                pause = 0.1
-            except psycopg.Error as exc:
-                self.listening.clear()
-                logger.warning("keyjobs: lost the LISTEN connection (%s); retrying in %.1fs", exc, pause)
-                self.stop.wait(pause)
-                pause = min(pause * 2, 5.0)
+            faults.retrying("listen for wake-ups", self._listen, using=self.using, retry_for=lambda exc: True,
+                            keep_trying=lambda: not self.stop.is_set(), wait=self.stop.wait)
 
     def _listen(self) -> None:
         params = connections[self.using].get_connection_params()
-        with psycopg.connect(**params, autocommit=True) as connection:
-            connection.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel)))
-            self.listening.set()
-            while not self.stop.is_set():
-                for notification in connection.notifies(timeout=0.5):
-                    self.on_wake(notification.payload)
+        try:
+            with psycopg.connect(**params, autocommit=True) as connection:
+                connection.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel)))
+                self.listening.set()
+                while not self.stop.is_set():
+                    for notification in connection.notifies(timeout=0.5):
+                        self.on_wake(notification.payload)
+        finally:
+            self.listening.clear()
 
 
 def insert_and_notify(

@@ -20,7 +20,7 @@ class Command(ScenarioCommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "scenario", nargs="?", type=scenario_choice, default="all", metavar="A|B|C|D|E|F|all",
+            "scenario", nargs="?", type=scenario_choice, default="all", metavar=scenarios.CHOICES,
             help="The scenario to run (default: all, in order).",
         )
         super().add_arguments(parser)
@@ -37,8 +37,10 @@ class Command(ScenarioCommand):
         scenario = self.through(scenario, api)
         call_command("migrate", verbosity=0)
         database = connections[conf.DATABASE].settings_dict
-        # A kill of the demo stops what it started, as a Ctrl-C does.
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # A kill of the demo stops what it started, as a Ctrl-C does; and a Ctrl-C does even when the demo was
+        # started in the background, with SIGINT ignored (as `make site` does).
+        previous = {number: signal.signal(number, signal.default_int_handler)
+                    for number in (signal.SIGINT, signal.SIGTERM)}
         try:
             with scenarios.Stack(port=port, hold=hold, threads=threads, workers=workers) as stack:
                 self.stdout.write(
@@ -57,5 +59,6 @@ class Command(ScenarioCommand):
             hint = "; stop what uses it, or pass --port 0 for any free port" if "already in use" in str(exc) else ""
             raise CommandError(f"{exc}{hint}") from None
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
         self.judge(summaries)

@@ -15,7 +15,7 @@ class Command(ScenarioCommand):
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("scenario", type=scenario_choice, metavar="A|B|C|D|E|F|all", help="The scenario to run, or all in order.")
+        parser.add_argument("scenario", type=scenario_choice, metavar=scenarios.CHOICES, help="The scenario to run, or all in order.")
         super().add_arguments(parser)
         parser.add_argument("--hold", type=hold_seconds, default=None,
                             help="Change the provider's hold to this many seconds (default: keep it).")

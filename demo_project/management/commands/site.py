@@ -6,17 +6,21 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
+from django.utils import timezone
 
-from demo_project import scenarios
+from demo_project import scenarios, tasks
 from demo_project.management import hold_seconds, port_number, positive_int
 from demo_project.provider import DEFAULT_HOLD, DEFAULT_PORT
 from keyjobs.conf import conf
+from keyjobs.models import Schedule
+from keyjobs.schedules import plan
 
 HOST = "127.0.0.1"
 
@@ -42,6 +46,7 @@ class Command(BaseCommand):
         call_command("migrate", verbosity=0)
         password = password or secrets.token_urlsafe(9)
         demo_user(user, password)
+        demo_schedule()
         if in_use(port):
             raise CommandError(f"port {port} on {HOST} is already in use; stop what uses it, or pass --port")
         # A kill stops what was started, as a Ctrl-C does; and a Ctrl-C does even when the
@@ -86,6 +91,20 @@ class Command(BaseCommand):
         self.stdout.flush()
         status = server.wait()
         raise CommandError(f"runserver exited with status {status}; the provider and the worker are stopped")
+
+
+#: The demo's schedule: the monitor's Schedules page, timeline ticks and run logs have something to show.
+SCHEDULE = "demo: sync and report on acme every 2 minutes"
+
+
+def demo_schedule() -> None:
+    """Add the demo's schedule (an admin one, pausable there) unless it exists."""
+    if Schedule.objects.filter(name=SCHEDULE).exists():
+        return
+    schedule = Schedule(name=SCHEDULE, task_name=tasks.sync_report.name, kwargs={"account_id": "acme"},
+                        interval=timedelta(minutes=2))
+    plan(schedule, timezone.now())
+    schedule.save()
 
 
 def demo_user(name: str, password: str) -> None:

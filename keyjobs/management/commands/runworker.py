@@ -10,6 +10,7 @@ from keyjobs.management.arguments import positive_int, queue_list, whole_number
 from keyjobs.supervisor import RECYCLED, Supervisor, serve, watch_parent
 from keyjobs.worker import Worker
 
+logger = logging.getLogger(__name__)
 
 class Command(BaseCommand):
     help = "Run keyjobs invocations: a pool of threads that claim, run and record them until stopped."
@@ -24,7 +25,8 @@ class Command(BaseCommand):
         parser.add_argument("--queues", type=queue_list, default=[], help="Comma-separated queues (default: all).")
         parser.add_argument("--prefetch", type=positive_int, default=1,
                             help="Invocations a thread claims at once (default 1; more is cheaper for short work).")
-        parser.add_argument("--burst", action="store_true", help="Exit once nothing is left to run.")
+        parser.add_argument("--burst", action="store_true",
+                            help="Exit once nothing it could claim is left (rows another transaction locks do not count).")
         parser.add_argument("--database", default=None, help="Database alias (default KEYJOBS_DATABASE).")
         parser.add_argument("--reload", action="store_true", default=None, dest="reload",
                             help="Restart when code changes (default: on when DEBUG is true, without --burst).")
@@ -38,13 +40,13 @@ class Command(BaseCommand):
         if supervisor is not None:
             # A supervisor's worker process: a terminal's Ctrl-C reaches the supervisor alone, which passes it on.
             os.setpgrp()
-        if not logging.getLogger("keyjobs").handlers:
+        package = logging.getLogger("keyjobs")  # every keyjobs module's logger is below it
+        if not package.handlers:
             # The process's stderr, where a supervisor collects a worker's log; plain, not in the style of errors.
             handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            logging.getLogger("keyjobs").addHandler(handler)
-        logger = logging.getLogger("keyjobs")
-        logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO if verbosity == 1 else logging.WARNING)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+            package.addHandler(handler)
+        package.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO if verbosity == 1 else logging.WARNING)
         from django.conf import settings
 
         if database is not None and database not in settings.DATABASES:
@@ -53,7 +55,7 @@ class Command(BaseCommand):
             raise CommandError("--max-tasks-per-child needs --processes: a supervisor replaces the worker processes")
         if settings.DEBUG and supervisor is None:
             logger.warning(
-                "keyjobs: DEBUG is on, so Django times and records every query a runner makes; "
+                "DEBUG is on, so Django times and records every query a runner makes; "
                 "run workers with DEBUG off outside development"
             )
         runner: Worker | Supervisor
@@ -68,7 +70,7 @@ class Command(BaseCommand):
             else:
                 hard = sorted(name for name, spec in registry.all_tasks().items() if spec.kill_on_timeout)
                 if hard:
-                    logger.warning("keyjobs: %s declare kill_on_timeout, but only runworker --processes can kill a "
+                    logger.warning("%s declare kill_on_timeout, but only runworker --processes can kill a "
                                    "run at its limit; here a run past it is flagged OVERDUE and keeps its key until "
                                    "it returns", ", ".join(hard))
         serve(runner, reload=settings.DEBUG and not burst if reload is None else reload)
