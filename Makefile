@@ -3,6 +3,7 @@
 #   make test   builds .venv, runs make check (ruff, mypy, makemigrations --check), then the suite on SQLite, then on PostgreSQL
 # make check is what CI checks beside the tests: make lint (ruff, makemigrations --check) and make typecheck (mypy).
 # The second supported stack: make test DJANGO=5.2 PY=3.11.7
+# make docs builds the documentation site (docs/_build/html), make dist the sdist and wheel (var/dist); CI runs both.
 PY      ?= $(shell cat .python-version)
 DJANGO  ?= 6.1
 VENV    ?= $(if $(filter 6.1,$(DJANGO)),.venv,.venv-django$(DJANGO))
@@ -10,7 +11,7 @@ PYTHON  := $(shell PYENV_VERSION=$(PY) pyenv which python 2>/dev/null || command
 PYTEST_ARGS ?=
 export KEYJOBS_TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/keyjobs
 
-.PHONY: demo site test test-sqlite test-postgres test-wheel check lint typecheck bench venv clean
+.PHONY: demo site test test-sqlite test-postgres test-wheel check lint typecheck bench venv docs dist clean
 
 venv: $(VENV)/.installed
 
@@ -33,7 +34,7 @@ test: check test-sqlite test-postgres
 check: lint typecheck
 
 lint: venv
-	$(VENV)/bin/ruff check keyjobs tests bench demo_project
+	$(VENV)/bin/ruff check keyjobs tests bench demo_project docs
 	DJANGO_SETTINGS_MODULE=tests.settings KEYJOBS_TEST_DB=sqlite $(VENV)/bin/python manage.py makemigrations --check --dry-run
 
 typecheck: venv
@@ -62,6 +63,25 @@ test-wheel: venv
 		../venv/bin/python -W error -m pytest tests/test_admin.py $(PYTEST_ARGS)
 	cd $(WHEEL_TMP)/run && KEYJOBS_TEST_DB=postgres ../venv/bin/python -W error -m pytest tests/test_admin.py $(PYTEST_ARGS)
 
+# The documentation site (docs/, Sphinx with MyST and furo) into docs/_build/html, warnings as errors. Its reference
+# pages are generated from the code as it builds (docs/_ext/keyjobs_reference.py). The tools are the docs extra.
+$(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[dev,docs]' 'Django~=$(DJANGO).0'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	rm -rf docs/_build
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	@! grep -rlE '<(script|link|img)[^>]+(src|href)="(https?:)?//' docs/_build/html || \
+		{ echo "these pages load something from another site: the docs must read offline"; false; }
+	@echo "The documentation: docs/_build/html/index.html"
+
+# The sdist and the wheel, as a release would build them, into var/dist; twine checks their metadata.
+dist: $(VENV)/.docs-installed
+	rm -rf var/dist
+	$(VENV)/bin/python -m build --outdir var/dist .
+	$(VENV)/bin/twine check --strict var/dist/*
+
 # The bench measures the peers (Procrastinate, Celery) in the same run, from a venv of its own.
 .venv-bench/.installed: pyproject.toml bench/requirements.txt
 	$(PYTHON) -m venv .venv-bench
@@ -73,4 +93,4 @@ bench: .venv-bench/.installed
 	.venv-bench/bin/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf .venv .venv-django* .venv-bench var
+	rm -rf .venv .venv-django* .venv-bench var docs/_build docs/reference/generated
