@@ -105,6 +105,9 @@ class Injector:
         self.recorded: list[Statement] = []
         #: Where the fault was raised, once it was (for the case's report).
         self.fired: str = ""
+        #: The numbered statements that failed of themselves (a busy SQLite database under load): the step was
+        #: retried, so the run numbered more statements than a run without them (``clean_recording``).
+        self.failed: list[Statement] = []
         self._lock = threading.Lock()
         self._occurrence = 0
         self._numbered = 0
@@ -118,10 +121,15 @@ class Injector:
         if number is None:
             return execute(sql, params, many, context)
         connection = context["connection"]
-        self.recorded.append(Statement(number, sql, self._transaction(connection), threading.current_thread().name))
+        statement = Statement(number, sql, self._transaction(connection), threading.current_thread().name)
+        self.recorded.append(statement)
         fault = self.fault
         if fault is None or fault.statement != number:
-            return execute(sql, params, many, context)
+            try:
+                return execute(sql, params, many, context)
+            except Exception:
+                self.failed.append(statement)
+                raise
         self.fired = f"{fault} on {threading.current_thread().name}: {_short(sql)}"
         if not fault.after:
             self._lose(connection, fault)
@@ -459,15 +467,33 @@ def settle(check: Callable[[], list[str]], *, timeout: float, interval: float = 
     raise AssertionError("unreachable")
 
 
+def clean_recording(step: Step, run: Callable[[Injector], Any], tries: int = 5) -> tuple[Injector, Any]:
+    """Return an ``Injector`` that recorded ``run(injector)`` with no statement of ``step`` failing of itself, and
+    what the run returned.
+
+    A statement that fails of itself (SQLite busy while the machine is loaded) is retried by the step, so that
+    run numbers more statements than a run without the failure: a fault at one of the extra numbers would never
+    fire. Such a recording is taken again.
+    """
+    for _ in range(tries):
+        clean = Injector(step)
+        returned = run(clean)
+        if not clean.failed:
+            return clean, returned
+    raise AssertionError(f"{step.name}: every clean run had statements fail of themselves: {clean.failed}")
+
+
 def every_fault(step: Step, setup: Callable[[], Any], act: Callable[[Any], Any]) -> list[Any]:
     """Run ``act`` on a fresh ``setup()`` once for each fault of ``step``'s statements (before each, after each
     commit; transient and refused), then again without a fault, as a caller retries; return what was set up.
 
     For a step a caller runs in its own thread (a change by hand, a claim): no worker needed.
     """
-    clean = Injector(step)
-    with installed(clean):
-        act(setup())
+    def record(clean: Injector) -> None:
+        with installed(clean):
+            act(setup())
+
+    clean, _ = clean_recording(step, record)
     assert clean.recorded, f"{step.name} ran no statement"
     faults = [Fault(statement.number, after, transient)
               for after, statements in ((False, clean.recorded), (True, commits(clean.recorded)))

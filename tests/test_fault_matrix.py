@@ -60,6 +60,7 @@ from tests.fault_injection import (
     Statement,
     Step,
     Workers,
+    clean_recording,
     commits,
     installed,
     log_span,
@@ -464,8 +465,7 @@ def statements_of(name: str, log: Path) -> list[Statement]:
     """Return the statements of scenario ``name``'s step, numbered in a clean run (which must pass its checks)."""
     if name not in _recorded:
         scenario = SCENARIOS[name]
-        injector = Injector(scenario.step)
-        result = run_case(scenario, injector, log)
+        injector, result = clean_recording(scenario.step, lambda injector: run_case(scenario, injector, log))
         assert not result.problems, f"the clean run of {name} failed: {result.problems}"
         assert not result.restarts, f"the clean run of {name} restarted a worker: {result.restarts}"
         assert injector.recorded, f"the step {name} ran no statement in a clean run: its functions moved?"

@@ -448,20 +448,21 @@ def fault_cases() -> list[tuple[str, str, str]]:
 @pytest.mark.parametrize(("step", "when", "error"), fault_cases())
 def test_a_fault_at_any_statement_of_a_workflow_step_runs_no_step_twice_and_strands_nothing(
         step: str, when: str, error: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from tests.fault_injection import Fault, Injector
+    from tests.fault_injection import Fault, Injector, clean_recording
     from tests.fault_injection import Step as FaultStep
 
     function, occurrences = FAULT_STEPS[step]
     fault_step = FaultStep(step, (function,), occurrences)
-    clean = Injector(fault_step)
-    flow, effects = run_two_steps(tmp_path, "clean", clean)
+    clean, (flow, effects) = clean_recording(fault_step, lambda clean: run_two_steps(tmp_path, "clean", clean))
     assert flow.status == Status.SUCCESS and effects == ["one", "two"]
     assert clean.recorded, f"the clean run took no statement of {step}"
     for statement in clean.recorded:
         injector = Injector(fault_step, Fault(statement.number, after=when == "after", transient=error == "transient"))
         caplog.clear()
         flow, effects = run_two_steps(tmp_path, f"{statement.number}", injector)
-        case = f"{injector.fired or 'not fired'}: {flow.status} {flow.error[:300]}"
+        case = (f"{injector.fired or 'not fired'}: {flow.status} {flow.error[:300]}; the clean run's statements: "
+                f"{[(s.number, s.sql[:60]) for s in clean.recorded]}; this run's: "
+                f"{[(s.number, s.sql[:60]) for s in injector.recorded]}, failed of themselves: {injector.failed}")
         assert injector.fired, case
         # Each side effect at most once, whatever the fault; a fault a retry fixes changes nothing at all.
         assert effects.count("one") <= 1 and effects.count("two") <= 1, (case, effects)
