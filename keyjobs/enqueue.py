@@ -282,7 +282,9 @@ def _insert_rows_of(invocations: list[Invocation], using: str, connection: "Base
                 invocation.save(using=using, force_insert=True)
             store(using).notify(invocations[0].queue)
         return
-    size = max(1, min(_BATCH_SIZE, connection.ops.bulk_batch_size(_WRITTEN, invocations)))
+    # One call (a delay()) needs no batch size: the database's limits hold one row.
+    size = 1 if len(invocations) == 1 else max(1, min(_BATCH_SIZE, connection.ops.bulk_batch_size(
+        _WRITTEN, invocations)))
     # Alone, one statement is atomic by itself: a delay() in autocommit is one round trip.
     alone = len(invocations) <= size and not connection.in_atomic_block
     with nullcontext() if alone else transaction.atomic(using=using):
@@ -306,11 +308,19 @@ def _insert_rows(connection: "BaseDatabaseWrapper", rows: list[list[Any]], queue
     return store(connection.alias).insert(_WRITTEN, rows, _RETURNED, queue)
 
 
+#: Each connection's prepared scalar values, a dict a column (``_rows``), emptied past ``_PREPARED_KEPT``.
+_prepared: dict[str, list[dict[Any, Any]]] = {}
+_PREPARED_KEPT = 256
+
+
 def _rows(invocations: list[Invocation], connection: "BaseDatabaseWrapper") -> list[list[Any]]:
     """Return each built invocation's values for ``_WRITTEN``, prepared by its field as save() would."""
-    # A batch repeats most values (the task, the queue, the defaults, the [] and {} of calls
-    # without arguments): prepare each distinct one once a column.
-    prepared: list[dict[Any, Any]] = [{} for _ in _WRITTEN]
+    # Calls repeat most values (the task, the queue, the defaults, the [] and {} of calls without
+    # arguments): prepare each distinct one once a column, and keep them from one call to the next
+    # (a few hundred a column at most: a key or a note is seldom seen twice).
+    prepared = _prepared.get(connection.alias)
+    if prepared is None or any(len(seen) > _PREPARED_KEPT for seen in prepared):
+        prepared = _prepared[connection.alias] = [{} for _ in _WRITTEN]
     rows = []
     for invocation in invocations:
         row = []
