@@ -49,6 +49,7 @@ def snapshot(
         "runner": runner_ids.get(invocation.runner_id), "runner_thread": invocation.runner_thread,
         "error": invocation.error, "error_type": invocation.error_type, "return_value": invocation.return_value,
         "recoveries": invocation.recoveries, "cancel_requested": invocation.cancel_requested,
+        "waiters": invocation.waiters, "effective_priority": invocation.effective_priority,
         **{name: getattr(invocation, name) for name in extra},
     }
     for name in STAMPS:
@@ -113,6 +114,29 @@ def test_every_legal_change_writes_the_same_on_every_database(here: str, there: 
                   resumed=here in RESUMABLE and there == Status.RUNNING, again=here in FINAL)
     apply([invocation.pk], made, using="default", only_from=None if general else {here})
     check(f"{here}->{there}", snapshot(invocation, before, {owner.pk: "owner"}))
+
+
+@pytest.mark.parametrize("general", [
+    pytest.param(True, id="general"), pytest.param(False, id="one-statement", marks=pytest.mark.postgres)])
+def test_waits_that_start_and_end_count_the_waiters_alike_on_every_database(general: bool) -> None:
+    # Two runs pause on one invocation (its priority is raised by one a waiter), then one goes on.
+    owner = RunnerFactory()
+    waited = jobs.keyed.delay("acme", "waited on")
+    waiting = [a_row(Status.RUNNING, owner) for _ in range(2)]
+    before = Invocation.objects.get(pk=waited.pk)
+    paused_before = Invocation.objects.get(pk=waiting[0].pk)
+    ids = {owner.pk: "owner"}
+    for run in waiting:
+        apply([run.pk], change(Status.PAUSED, runner_id=owner.pk, thread=5, note="parity",
+                               values={"waiting_on": waited.pk}),
+              using="default", only_from=None if general else {Status.RUNNING})
+    check("wait: two waiters", snapshot(waited, before, ids))
+    check("wait: paused", snapshot(waiting[0], paused_before, ids) | {
+        "waits on it": Invocation.objects.get(pk=waiting[0].pk).waiting_on_id == waited.pk})
+    apply([waiting[0].pk], change(Status.RUNNING, runner_id=owner.pk, thread=5, note="parity", resumed=True,
+                                  values={"waiting_on": None}),
+          using="default", only_from=None if general else {Status.PAUSED})
+    check("wait: one waiter left", snapshot(waited, before, ids))
 
 
 @pytest.mark.parametrize("general", [
