@@ -250,7 +250,7 @@ def _decide(
     """
     assert candidate.running_key is not None
     db = store(using)
-    limit = control.limit_for(candidate.running_limit) if control is not None else candidate.running_limit
+    limit = _limit_under(control, candidate.running_limit)
     held = db.owned_slots(candidate.task_name, candidate.running_key, lock=True)
     ahead = db.waiting_in_key_order(candidate.task_name, candidate.running_key, limit, before=candidate)
     key = KeyState(held=held, ahead=len(ahead), limit=limit, paused=control is not None and control.paused)
@@ -299,11 +299,18 @@ def _claim_head(claimer: Claimer, *, using: str, start: bool, room: int) -> list
     return found.invocations
 
 
+def _limit_under(control: admission.Control | None, stored: int) -> int:
+    """Return a key's limit: an operator's override in force (``control``), else the one its invocation stored.
+
+    The one derivation of it (``Control.limit_for``): the claim, the wake-up and the hand-over ask here.
+    """
+    return control.limit_for(stored) if control is not None else stored
+
+
 def _overridden(control: admission.Control | None, stored: int) -> int | None:
     """Return the limit a start under ``control`` stores in place of the ``stored`` one, None to keep it."""
-    if control is None or control.limit is None or control.limit == stored:
-        return None
-    return control.limit
+    limit = _limit_under(control, stored)
+    return None if limit == stored else limit
 
 
 def _take(
@@ -388,8 +395,7 @@ def _wake(
         line = db.waiting_in_key_order(task_name, running_key, overridden)
         if not line:
             break
-        # The one source of a key's limit: what its next invocation stored, unless an operator's override is in force.
-        limit = overridden or line[0].running_limit
+        limit = _limit_under(control, line[0].running_limit)
         free = admission.room(KeyState(held=held, limit=limit, paused=control is not None and control.paused))
         if not free:
             break
