@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 #: Runs of one statement on a connection after which psycopg prepares it (psycopg's own default).
 PREPARE_THRESHOLD = 5
 
+#: The longest statement whose parsing psycopg caches (``psycopg._queries.MAX_CACHED_STATEMENT_LENGTH``): a longer
+#: one is parsed again on every run, about 0.1 ms for a claim. The steps' statements stay within it (a test checks).
+PARSE_CACHED_BYTES = 4096
+
 #: The LISTEN/NOTIFY channel; the payload is the queue name.
 CHANNEL = "keyjobs"
 
@@ -50,8 +54,8 @@ class PostgresStore(Store):
         self.steps = self
 
     def order_column(self, column: str) -> str:
-        # Unquoted (the orders' columns are all lower case): the orders are part of the wake-up and the
-        # claim, which must stay within psycopg's 4 kB.
+        # Unquoted (the orders' columns are all lower case): the orders are written many times in the
+        # wake-up and the claim, whose texts stay within psycopg's parse cache (PARSE_CACHED_BYTES).
         return column
 
     def ahead(
@@ -77,14 +81,15 @@ class PostgresStore(Store):
         return f"({', '.join(columns)}) {operator} ({', '.join(values)})", params
 
     def _under_control(self, task_name: str, running_key: str) -> str:
-        """``control_in_force`` in a step's statement: the key is one of CTE ``x``'s (``_controls``), read once per
-        statement. Short: it is part of the claim and the wake-up, which must stay within psycopg's 4 kB."""
-        return f"({task_name}, {running_key}) IN (TABLE x)"
+        """``control_in_force`` in a step's statement: the key is one of CTE ``controlled``'s (``_controls``), read
+        once per statement."""
+        return f"({task_name}, {running_key}) IN (TABLE controlled)"
 
     def _controls(self) -> str:
-        """The CTE ``x``: the keys with an operator's control in force (``KeyControl``), which ``_under_control`` reads."""
+        """The CTE ``controlled``: the keys with an operator's control in force (``KeyControl``), which
+        ``_under_control`` reads."""
         table = KeyControl._meta.db_table  # unquoted, as its columns: all lower case
-        return f"x AS (SELECT task_name, running_key FROM {table} WHERE paused OR until > now())"
+        return f"controlled AS (SELECT task_name, running_key FROM {table} WHERE paused OR until > now())"
 
     def one_of(self, column: str, values: Sequence[Any], *, negate: bool = False) -> tuple[str, list[Any]]:
         # One array parameter, however many values: the statement's text stays the same, and short.
@@ -141,18 +146,19 @@ class PostgresStore(Store):
                 if expected and (owner_id is None or all(row.runner_id == owner_id for row in expected)):
                     self.move(expected, change)
                 return rows
-        ctes, params = self._checked_move(ids, change, only_from=only_from, owner_id=owner_id)
+        p = Named()
+        ctes = self._checked_move(p, ids, change, only_from=only_from, owner_id=owner_id)
         with self.cursor() as cursor:
-            cursor.execute(f"WITH {ctes} SELECT id, status, runner_id FROM locked ORDER BY id", params)
+            cursor.execute(f"WITH {ctes} SELECT id, status, runner_id FROM locked ORDER BY id", p.values)
             return [LockedRow(*row) for row in cursor.fetchall()]
 
     def claim_head(
         self, queues: Sequence[str] | None, limit: int, *, fast_tasks: Sequence[str], claim: Change
     ) -> Claimed:
-        ctes, params = self._claim(queues, limit, fast_tasks=fast_tasks, claim=claim)
-        sql_text = f"WITH {ctes} {self._claimed_rows()}"
+        p = Named()
+        sql_text = f"WITH {self._claim(p, queues, limit, fast_tasks=fast_tasks, claim=claim)} {self._claimed_rows()}"
         with self.cursor() as cursor:
-            cursor.execute(sql_text, params)
+            cursor.execute(sql_text, p.values)
             rows = cursor.fetchall()
             return self._claimed(rows, self._names(cursor, sql_text)[1:])
 
@@ -160,14 +166,15 @@ class PostgresStore(Store):
         self, pk: int, outcome: Change, *, owner_id: int, queues: Sequence[str] | None, fast_tasks: Sequence[str],
         claim: Change,
     ) -> Recorded:
-        moving, move_params = self._checked_move([pk], outcome, only_from={Status.RUNNING}, owner_id=owner_id)
+        p = Named()
+        moving = self._checked_move(p, [pk], outcome, only_from={Status.RUNNING}, owner_id=owner_id)
         # A runner whose outcome is refused (its work was taken from it) claims nothing.
-        claiming, claim_params = self._claim(queues, 1, fast_tasks=fast_tasks, claim=claim,
-                                             only_if="EXISTS (SELECT 1 FROM moved)", after="recorded")
+        claiming = self._claim(p, queues, 1, fast_tasks=fast_tasks, claim=claim,
+                               only_if="EXISTS (SELECT 1 FROM moved)", after="recorded")
         sql_text = (f"WITH {moving}, {claiming} "
                     + self._claimed_rows("(SELECT status FROM locked), (SELECT runner_id FROM locked), "))
         with self.cursor() as cursor:
-            cursor.execute(sql_text, [*move_params, *claim_params])
+            cursor.execute(sql_text, p.values)
             rows = cursor.fetchall()
             names = self._names(cursor, sql_text)
         # Each row: stopped, the outcome's row as it was (status, runner), then what was claimed.
@@ -301,8 +308,8 @@ class PostgresStore(Store):
         The first step's from is ``first_from``, else the source's ``status``
         column (the row's status before the change). ``after`` names a CTE
         whose rows these must follow in the history; ``read``, that another
-        CTE reads this one's (so it returns them). Kept short: psycopg caches
-        its parsing of a statement of at most 4 kB only.
+        CTE reads this one's (so it returns them). Written with positional
+        parameters, named by the statement that takes it in (``Named.part``).
         """
         shape = (name, source, change.path, first_from, after, order, read)
         sql = self._recorded_sql.get(shape)
@@ -310,7 +317,8 @@ class PostgresStore(Store):
             steps = change.steps()
             if first_from is not None:
                 steps[0] = (first_from, steps[0][1])
-            came_from = "step.came" if first_from is not None else f"COALESCE(step.came, {source}.status)"
+            came_from = ("step.from_status" if first_from is not None
+                         else f"COALESCE(step.from_status, {source}.status)")
             head = f"{name} AS (INSERT INTO {self.events} ({self.event_columns}) SELECT {source}.{self.quote('id')}, %s, "
             if len(steps) == 1 and not after:
                 came = literal(first_from) if first_from is not None else f"{source}.status"
@@ -319,8 +327,8 @@ class PostgresStore(Store):
             else:
                 values = ", ".join(f"({n}, {literal(here)}, {literal(there)})" for n, (here, there) in enumerate(steps))
                 sql = (
-                    f"{head}{came_from}, step.went, %s, %s, %s FROM {source} "
-                    f"CROSS JOIN (VALUES {values}) AS step(n, came, went) "
+                    f"{head}{came_from}, step.to_status, %s, %s, %s FROM {source} "
+                    f"CROSS JOIN (VALUES {values}) AS step(n, from_status, to_status) "
                     # Reading `after` makes PostgreSQL write it first: otherwise the order is its own choice.
                     + (f"CROSS JOIN (SELECT count(*) FROM {after}) AS before " if after else "")
                     + f"ORDER BY {order or source + '.' + self.quote('id')}, step.n"
@@ -329,70 +337,74 @@ class PostgresStore(Store):
         return sql, [change.kind, change.runner_id, change.runner_thread, change.note]
 
     def _checked_move(
-        self, ids: Sequence[int], change: Change, *, only_from: Collection[str], owner_id: int | None
-    ) -> tuple[str, list[Any]]:
-        """The CTEs ``locked`` (every row as it was), ``moved`` and ``recorded``, its history."""
+        self, p: "Named", ids: Sequence[int], change: Change, *, only_from: Collection[str], owner_id: int | None
+    ) -> str:
+        """The CTEs ``locked`` (every row as it was), ``moved`` and ``recorded``, its history; parameters in ``p``."""
         q, inv = self.quote, self.invocations
-        assignments, set_params = self._set(change.values)
-        guard, guard_params = "", []
+        assignments = p.part("moved", *self._set(change.values))
+        only = p("only_from", sorted(only_from))
+        guard = ""
         if owner_id is not None:
             # All or nothing, as on the portable path: one row owned by another runner refuses the move.
-            guard = (f" AND NOT EXISTS (SELECT 1 FROM locked WHERE locked.status IN ({_marks(only_from)}) "
-                     f"AND locked.runner_id IS DISTINCT FROM %s)")
-            guard_params = [*only_from, owner_id]
-        recorded, recorded_params = self._recorded("recorded", "moved", change, read=True)
-        ctes = (
+            guard = (f" AND NOT EXISTS (SELECT 1 FROM locked WHERE locked.status = ANY({only}) "
+                     f"AND locked.runner_id IS DISTINCT FROM {p('owner', owner_id)})")
+        recorded = p.part("recorded", *self._recorded("recorded", "moved", change, read=True))
+        return (
             f"locked AS (SELECT {q('id')} AS id, {q('status')} AS status, {q('runner_id')} AS runner_id "
-            f"FROM {inv} WHERE {q('id')} IN ({_marks(ids)}) ORDER BY {q('id')}{self.lock}), "
+            f"FROM {inv} WHERE {q('id')} = ANY({p('ids', list(ids))}) ORDER BY {q('id')}{self.lock}), "
             f"moved AS (UPDATE {inv} AS m {assignments} FROM locked WHERE m.{q('id')} = locked.id "
-            f"AND locked.status IN ({_marks(only_from)}){guard} RETURNING m.{q('id')} AS id, locked.status), "
+            f"AND locked.status = ANY({only}){guard} RETURNING m.{q('id')} AS id, locked.status), "
             f"{recorded}"
         )
-        return ctes, [*ids, *set_params, *only_from, *guard_params, *recorded_params]
 
     def _claim(
-        self, queues: Sequence[str] | None, limit: int, *, fast_tasks: Sequence[str], claim: Change,
+        self, p: "Named", queues: Sequence[str] | None, limit: int, *, fast_tasks: Sequence[str], claim: Change,
         only_if: str = "TRUE", after: str = "",
-    ) -> tuple[str, list[Any]]:
-        """The CTEs ``x`` (the keys under an operator's control), ``cut`` (where the claim stopped, if it did),
-        ``taken`` and their history.
+    ) -> str:
+        """The CTEs ``controlled`` (the keys under an operator's control), ``candidates``, ``judged``, ``stopped``
+        (where the claim stopped, if it did), ``taken`` and their history; parameters in ``p``.
 
         ``after`` names a CTE whose rows the history must follow. Nothing is taken for a runner that may not
         claim (``may_claim_sql``).
         """
         q, inv = self.quote, self.invocations
-        candidates, params = self.claimable_sql(
+        candidates = p.part("candidate", *self.claimable_sql(
             ", ".join(q(column) for column in ("id", *(column for column, _ in QUEUE_ORDER[:-1]), "task_name",
                                                "running_key", "running_limit")),
-            queues, limit)
-        same_key = f"{q('task_name')} = c.task_name AND {q('running_key')} = c.running_key"
-        in_line, in_line_params = self.ahead(KEY_ORDER, [Expression(f"c.{column}") for column, _ in KEY_ORDER])
+            queues, limit))
+        same_key = f"{q('task_name')} = candidate.task_name AND {q('running_key')} = candidate.running_key"
+        in_line = p.part("in_line", *self.ahead(
+            KEY_ORDER, [Expression(f"candidate.{column}") for column, _ in KEY_ORDER]))
         ahead = f"{self.is_waiting} AND {self.due} AND {in_line}"
         # The slot comes from the judgement: the claim's own value is the one-slot case's 0.
-        assignments, set_params = self._set({name: value for name, value in claim.values.items() if name != "slot"})
-        recorded, recorded_params = self._recorded("taken_recorded", "taken", claim, first_from=Status.REGISTERED,
-                                                   after=after, order=self._queue_order("taken"))
-        ctes = (
-            f"c AS ({candidates}), {self._controls()}, "
+        assignments = p.part("taken", *self._set({name: value for name, value in claim.values.items()
+                                                   if name != "slot"}))
+        recorded = p.part("taken_event", *self._recorded("taken_recorded", "taken", claim,
+                                                          first_from=Status.REGISTERED, after=after,
+                                                          order=self._queue_order("taken")))
+        may_claim = p("runner", claim.values["runner_id"]).join(self.may_claim_sql().split("%s"))
+        return (
+            f"candidates AS ({candidates}), {self._controls()}, "
             # admission.FAST_PATH: a task whose policy this statement implements, and no key, or a key
             # with a slot left once the work due ahead of it takes the first free ones: admission.admit()'s
-            # rule and its slot (k.s), for the first candidate of a key only (two would pick the same
-            # slot). Kept short: psycopg caches the parsing of 4 kB at most.
-            f"j AS (SELECT c.id, row_number() OVER (ORDER BY {self._queue_order('c')}) AS n, "
-            f"c.task_name = ANY(%s) AND (c.running_key IS NULL OR k.s IS NOT NULL AND row_number() OVER "
-            f"(PARTITION BY c.task_name, c.running_key ORDER BY {self.order(KEY_ORDER, 'c')}) = 1 "
-            f"AND NOT {self._under_control('c.task_name', 'c.running_key')}) AS free, COALESCE(k.s, 0) AS slot "
-            f"FROM c LEFT JOIN LATERAL (SELECT s FROM generate_series(0, c.running_limit - 1) AS s WHERE s NOT IN "
-            f"(SELECT {q('slot')} FROM {inv} WHERE {same_key} AND {self.is_owned}) OFFSET (SELECT count(*) FROM "
-            f"(SELECT FROM {inv} WHERE {same_key} AND {ahead} LIMIT c.running_limit) AS a) LIMIT 1) AS k ON true), "
-            f"cut AS (SELECT min(n) AS n FROM j WHERE NOT free), "
-            f"taken AS (UPDATE {inv} AS t {assignments}, {q('slot')} = j.slot FROM j "
-            f"WHERE t.{q('id')} = j.id AND j.n < COALESCE((SELECT n FROM cut), %s) AND {only_if} "
-            f"AND {self.may_claim_sql()} RETURNING {self._returning('t')}), "
+            # rule and its slot (free.slot), for the first candidate of a key only (two would pick the same
+            # slot).
+            f"judged AS (SELECT candidate.id, row_number() OVER (ORDER BY {self._queue_order('candidate')}) AS place, "
+            f"candidate.task_name = ANY({p('fast_tasks', list(fast_tasks))}) AND (candidate.running_key IS NULL "
+            f"OR free.slot IS NOT NULL AND row_number() OVER (PARTITION BY candidate.task_name, "
+            f"candidate.running_key ORDER BY {self.order(KEY_ORDER, 'candidate')}) = 1 "
+            f"AND NOT {self._under_control('candidate.task_name', 'candidate.running_key')}) AS startable, "
+            f"COALESCE(free.slot, 0) AS slot "
+            f"FROM candidates AS candidate LEFT JOIN LATERAL (SELECT slot FROM generate_series(0, "
+            f"candidate.running_limit - 1) AS slot WHERE slot NOT IN (SELECT {q('slot')} FROM {inv} "
+            f"WHERE {same_key} AND {self.is_owned}) OFFSET (SELECT count(*) FROM (SELECT FROM {inv} "
+            f"WHERE {same_key} AND {ahead} LIMIT candidate.running_limit) AS due_ahead) LIMIT 1) AS free ON true), "
+            f"stopped AS (SELECT min(place) AS place FROM judged WHERE NOT startable), "
+            f"taken AS (UPDATE {inv} AS t {assignments}, {q('slot')} = judged.slot FROM judged "
+            f"WHERE t.{q('id')} = judged.id AND judged.place < COALESCE((SELECT place FROM stopped), "
+            f"{p('past_limit', limit + 1)}) AND {only_if} AND {may_claim} RETURNING {self._returning('t')}), "
             f"{recorded}"
         )
-        return ctes, [*params, list(fast_tasks), *in_line_params, *set_params, limit + 1, claim.values["runner_id"],
-                      *recorded_params]
 
     def _names(self, cursor: Any, sql_text: str) -> list[str]:
         """The columns of a statement's rows: read once a statement (``description`` builds 20-odd objects)."""
@@ -402,10 +414,7 @@ class PostgresStore(Store):
         return names
 
     def _returning(self, alias: str) -> str:
-        """Every column of the table aliased ``alias``: read back by name (``_invocations(columns=...)``).
-
-        Short on purpose: psycopg caches its parsing of a statement of at most 4 kB only.
-        """
+        """Every column of the table aliased ``alias``: read back by name (``_invocations(columns=...)``)."""
         return f"{alias}.*"
 
     def _queue_order(self, table: str) -> str:
@@ -416,7 +425,7 @@ class PostgresStore(Store):
 
     def _claimed_rows(self, before: str = "") -> str:
         """The main query after ``_claim``: whether the claim stopped, ``before``, then each row claimed."""
-        return (f"SELECT (SELECT n FROM cut) IS NOT NULL AS stopped, {before}taken.* FROM (SELECT 1) AS one "
+        return (f"SELECT (SELECT place FROM stopped) IS NOT NULL AS stopped, {before}taken.* FROM (SELECT 1) AS one "
                 f"LEFT JOIN taken ON true ORDER BY {self._queue_order('taken')}")
 
     def _claimed(self, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> Claimed:
@@ -488,10 +497,6 @@ class Named:
         for number, (value, piece) in enumerate(zip(params, pieces[1:], strict=True), 1):
             named += [self(f"{prefix}_{number}", value), piece]
         return "".join(named)
-
-
-def _marks(values: Collection[Any]) -> str:
-    return ", ".join(["%s"] * len(values))
 
 
 class Listener(threading.Thread):
