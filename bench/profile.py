@@ -218,9 +218,11 @@ def delayed(args: argparse.Namespace) -> int:
 def drain(args: argparse.Namespace) -> int:
     """One worker draining ``args.count`` queued no-ops: its CPU and its backends' per invocation, and its frames
     or (``--census``) its statements."""
-    from bench import runs, tasks
+    from bench import runs
 
     runs.setup(args.db)
+    from bench import tasks  # its tasks' module imports models: after Django's set-up
+
     census = str(SCRATCH / f"census-drain-{args.db}") if args.census else None
     if census:
         for stale in SCRATCH.glob(f"census-drain-{args.db}*.json"):

@@ -342,18 +342,19 @@ class PostgresStore(Store):
         """The CTEs ``locked`` (every row as it was), ``moved`` and ``recorded``, its history; parameters in ``p``."""
         q, inv = self.quote, self.invocations
         assignments = p.part("moved", *self._set(change.values))
-        only = p("only_from", sorted(only_from))
+        only = ", ".join(p(f"only_from_{number}", status) for number, status in enumerate(sorted(only_from), 1))
         guard = ""
         if owner_id is not None:
             # All or nothing, as on the portable path: one row owned by another runner refuses the move.
-            guard = (f" AND NOT EXISTS (SELECT 1 FROM locked WHERE locked.status = ANY({only}) "
+            guard = (f" AND NOT EXISTS (SELECT 1 FROM locked WHERE locked.status IN ({only}) "
                      f"AND locked.runner_id IS DISTINCT FROM {p('owner', owner_id)})")
         recorded = p.part("recorded", *self._recorded("recorded", "moved", change, read=True))
         return (
             f"locked AS (SELECT {q('id')} AS id, {q('status')} AS status, {q('runner_id')} AS runner_id "
-            f"FROM {inv} WHERE {q('id')} = ANY({p('ids', list(ids))}) ORDER BY {q('id')}{self.lock}), "
+            f"FROM {inv} WHERE {q('id')} IN ({', '.join(p(f'id_{n}', pk) for n, pk in enumerate(ids, 1))}) "
+            f"ORDER BY {q('id')}{self.lock}), "
             f"moved AS (UPDATE {inv} AS m {assignments} FROM locked WHERE m.{q('id')} = locked.id "
-            f"AND locked.status = ANY({only}){guard} RETURNING m.{q('id')} AS id, locked.status), "
+            f"AND locked.status IN ({only}){guard} RETURNING m.{q('id')} AS id, locked.status), "
             f"{recorded}"
         )
 
@@ -491,12 +492,24 @@ class Named:
 
     def part(self, prefix: str, sql: str, params: Sequence[Any]) -> str:
         """Return ``sql``, a part written with positional ``%s``, its parameters named ``prefix_1``, ``prefix_2``..."""
-        pieces = sql.split("%s")
-        assert len(pieces) == len(params) + 1, (prefix, sql)
-        named = [pieces[0]]
-        for number, (value, piece) in enumerate(zip(params, pieces[1:], strict=True), 1):
-            named += [self(f"{prefix}_{number}", value), piece]
-        return "".join(named)
+        key = (prefix, sql)
+        named = _named_parts.get(key)
+        if named is None:  # a part is named once a process: the steps run it thousands of times a second
+            if len(_named_parts) > 1000:  # a few dozen shapes are expected; never let a new one grow it for ever
+                _named_parts.clear()
+            pieces = sql.split("%s")
+            named = _named_parts.setdefault(key, (
+                "".join(f"{piece}%({prefix}_{number})s" for number, piece in enumerate(pieces[:-1], 1))
+                + pieces[-1], len(pieces) - 1))
+        text, count = named
+        assert count == len(params), (prefix, sql)
+        for number, value in enumerate(params, 1):
+            self.values[f"{prefix}_{number}"] = value
+        return text
+
+
+#: ``Named.part``'s texts, by prefix and positional text, with their number of parameters.
+_named_parts: dict[tuple[str, str], tuple[str, int]] = {}
 
 
 class Listener(threading.Thread):
