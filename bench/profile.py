@@ -21,7 +21,8 @@ worker processes calling the demo's provider, and it prints:
   microseconds a statement: time nothing with it.
 
 ``--workload drain`` queues ``--count`` no-op invocations with one
-``delay_many()`` and profiles one worker of ``--threads`` draining them.
+``delay_many()`` and profiles one worker of ``--threads`` draining them
+(``--task noop_keyed``: all of one key, which run one at a time).
 """
 
 import argparse
@@ -227,7 +228,9 @@ def drain(args: argparse.Namespace) -> int:
     if census:
         for stale in SCRATCH.glob(f"census-drain-{args.db}*.json"):
             stale.unlink()
-    tasks.noop.delay_many([((), {})] * args.count)
+    # --task noop_keyed: one key's no-ops, serial (bench.hotkey's own drain); else keyless no-ops.
+    keyed = args.task == "noop_keyed"
+    (tasks.noop_keyed if keyed else tasks.noop).delay_many([(("hot",) if keyed else (), {})] * args.count)
     with runs.Workers(1, args.threads, name=f"profile-{args.db}", census=census) as pool:
         pid = pool.processes[0].pid
         with Backends(runs.url()) if args.db == "postgres" else contextlib.nullcontext() as backends:

@@ -114,24 +114,3 @@ def test_a_rate_window_whose_tokens_are_all_being_taken_defers_nothing_and_recor
     [taken] = claim(runner, using="default", start=True)  # once they commit (here: give up), it is decided
     assert taken.pk == waiting.pk
 
-
-def test_every_step_statement_stays_within_psycopgs_parse_cache():
-    # psycopg parses a statement's placeholders on every run once its text passes MAX_CACHED_STATEMENT_LENGTH
-    # (about 0.1 ms for a claim): the one-statement steps are written to stay within it, with readable names.
-    from psycopg import _queries
-
-    from keyjobs.store.postgres import PARSE_CACHED_BYTES
-
-    assert PARSE_CACHED_BYTES == _queries.MAX_CACHED_STATEMENT_LENGTH
-    from tests.fault_injection import Injector, Step, installed
-
-    calls = [jobs.keyed.delay("acme", str(number)) for number in range(5)]  # the last four parked at delay()
-    calls += [jobs.add.delay(1, number) for number in range(3)]
-    # Every statement of the runner's threads: claims, records and claims, hand-overs.
-    with installed(Injector(Step("a runner's threads", (Worker._thread_main,), occurrences=100))) as recording:
-        Worker(threads=2, burst=True).run()
-    assert not Invocation.objects.exclude(status="SUCCESS").filter(pk__in=[call.pk for call in calls]).exists()
-    steps = [statement.sql for statement in recording.recorded if statement.sql.startswith("WITH ")]
-    assert any("judged AS" in sql for sql in steps) and any("free_slot AS" in sql for sql in steps), steps
-    too_long = [(len(sql.encode()), sql[:120]) for sql in steps if len(sql.encode()) > PARSE_CACHED_BYTES]
-    assert not too_long, too_long
