@@ -2,6 +2,7 @@
 
 import threading
 import uuid
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -430,12 +431,10 @@ def run_two_steps(tmp_path: Path, name: str, injector=None) -> tuple[Invocation,
 
     log = str(tmp_path / f"{name}.log")
     flow = flows.two_steps_and_a_sleep.delay(log)
-    with worker(threads=1):
-        if injector is None:
-            flow = final(flow)
-        else:
-            with installed(injector):
-                flow = final(flow)
+    # Installed before the runner starts: an injector reaches a thread's connection when it is made (Django's
+    # connections are each thread's own), and a runner thread may connect, and claim the flow, at once.
+    with installed(injector) if injector is not None else nullcontext(), worker(threads=1):
+        flow = final(flow)
     return flow, lines(log)
 
 
