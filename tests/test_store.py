@@ -135,7 +135,7 @@ def test_the_hot_statements_are_prepared_unless_turned_off(setting, prepared):
             jobs.add.delay(n)
             claim(runner, using="default", start=True)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%%WITH c AS (SELECT%%'")
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%%WITH candidates AS (SELECT%%'")
         (count,) = cursor.fetchone()
     assert bool(count) is prepared
 
