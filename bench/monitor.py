@@ -78,7 +78,7 @@ def build(count: int) -> None:
             INSERT INTO keyjobs_invocation (id, task_name, queue, priority, args, kwargs, running_key, slot,
                 running_limit, status, runner_id, runner_thread, attempts, error, error_type, traceback, created_at,
                 registered_at, started_at, finished_at, cancel_requested, cause_event, cause_status, return_value,
-                recoveries)
+                recoveries, waiters)
             SELECT n, 'bench.tasks.task_' || (n % {TASKS}), 'default', 0, '[]'::jsonb,
                 jsonb_build_object('account_id', 'account-' || (n % {KEYS})),
                 '{{"account_id":"account-' || (n % {KEYS}) || '"}}', 0, 1,
@@ -92,7 +92,7 @@ def build(count: int) -> None:
                 c, c,
                 CASE WHEN n % 50 = 0 THEN NULL ELSE c + w END,
                 CASE WHEN n % 50 = 0 THEN c ELSE c + w + d END,
-                false, '', '', CASE WHEN n % 25 = 1 OR n % 50 = 0 THEN NULL ELSE '"ok"'::jsonb END, 0
+                false, '', '', CASE WHEN n % 25 = 1 OR n % 50 = 0 THEN NULL ELSE '"ok"'::jsonb END, 0, 0
             FROM (SELECT n, NOW() - interval '1 day' + n * interval '86.4 milliseconds' AS c,
                          (5 + n % 2000) * interval '1 millisecond' AS w,
                          (50 + (n * 7) % 1500) * interval '1 millisecond' AS d
@@ -124,12 +124,12 @@ def build(count: int) -> None:
         cursor.execute(f"""
             INSERT INTO keyjobs_invocation (id, task_name, queue, priority, args, kwargs, running_key, slot,
                 running_limit, status, attempts, error, error_type, traceback, created_at, registered_at,
-                cancel_requested, cause_event, cause_status, recoveries)
+                cancel_requested, cause_event, cause_status, recoveries, waiters)
             SELECT {count} + n, 'bench.tasks.waiting', 'default', 0, '[]'::jsonb,
                 jsonb_build_object('account_id', 'hot-' || (n % 200)), '{{"account_id":"hot-' || (n % 200) || '"}}',
                 0, 1, CASE WHEN n <= 200 THEN 'REGISTERED' ELSE 'REROUTED' END, 0, '', '', '',
                 NOW() - interval '5 minutes' + n * interval '15 milliseconds',
-                NOW() - interval '5 minutes' + n * interval '15 milliseconds', false, '', '', 0
+                NOW() - interval '5 minutes' + n * interval '15 milliseconds', false, '', '', 0, 0
             FROM generate_series(1, {WAITING}) AS n""")
         cursor.execute("""
             INSERT INTO keyjobs_event (invocation_id, kind, from_status, to_status, at, note)
