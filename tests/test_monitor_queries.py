@@ -1,6 +1,7 @@
 """What the monitor's pages read: the timeline's runs, markers and lanes, the dashboard, a key's history."""
 
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -609,7 +610,7 @@ def test_a_quantile_is_read_within_its_bucket_as_prometheus_does() -> None:
 def test_a_window_of_20000_invocations_is_sent_as_counts_under_500_kb() -> None:
     import json
 
-    from keyjobs.monitor.queries import BAND_STEPS, KEY_LANES
+    from keyjobs.monitor.queries import BAND_CELLS, BAND_STEPS, KEY_LANES
     from tests.factories import give_busy_window
 
     now = timezone.now()
@@ -628,6 +629,30 @@ def test_a_window_of_20000_invocations_is_sent_as_counts_under_500_kb() -> None:
     assert counted == {"dropped": 400, "rerouted": 2_000}
     assert sum(count for _, _, _, count in data["bands"]["thread"]) >= 19_600
     assert all(0 <= step < BAND_STEPS for _, step, _, _ in data["bands"]["key"])
+    assert len(data["bands"]["thread"]) + len(data["bands"]["key"]) + len(data["marker_bands"]) <= BAND_CELLS
+
+
+def test_counts_past_their_budget_are_made_over_longer_steps_and_lose_nothing(monkeypatch) -> None:
+    from keyjobs.monitor import queries
+
+    # 6,000 one-second runs on 40 threads and 6,000 markers on 300 keys, over 10 minutes.
+    start = 1_000_000
+    runs = [{"id": n, "start": start + n * 100, "end": start + n * 100 + 1000, "status": "SUCCESS",
+             "thread_lane": n % 40, "key_lane": n % 300, "pauses": [], "parent": None} for n in range(6000)]
+    markers = [{"id": n, "at": start + n * 100 + 50, "key_lane": n % 300, "kind": "rerouted"} for n in range(6000)]
+
+    def condensed(cells: int) -> dict[str, Any]:
+        monkeypatch.setattr(queries, "BAND_CELLS", cells)
+        return queries.condense({"start": start, "end": start + 600_000, "now": start + 700_000, "runs": list(runs),
+                                 "markers": list(markers)})  # type: ignore[typeddict-item]
+
+    roomy, tight = condensed(10**9), condensed(5_000)
+    assert roomy["step_ms"] == 750 and tight["step_ms"] > roomy["step_ms"]
+    for data in (roomy, tight):
+        assert sum(count for *_, count in data["marker_bands"]) == 6000
+        # Every run in at least one step, and in no more steps than it overlaps.
+        assert 6000 <= sum(count for *_, count in data["bands"]["thread"]) <= 6000 * (1000 // data["step_ms"] + 2)
+    assert len(tight["bands"]["thread"]) + len(tight["bands"]["key"]) + len(tight["marker_bands"]) <= 5_000
 
 
 def test_a_window_of_more_keys_than_lanes_labels_only_the_lanes_it_sends(monkeypatch) -> None:

@@ -7,6 +7,7 @@ rows; tests pin how many queries each one takes. Whether a runner is alive is
 """
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -426,8 +427,11 @@ def timeline(
 #: The most runs, and markers, the timeline sends one by one; past either, it sends counts per lane and step.
 RUN_BUDGET = 4000
 MARKER_BUDGET = 4000
-#: Steps across the window when counts are sent: about a pixel each on a wide screen.
+#: Steps across the window when counts are sent: about a pixel each on a wide screen, at first.
 BAND_STEPS = 800
+#: The most counts sent (runs' in both lane modes and markers'): past it, the steps are made twice as long, and
+#: again, until they fit. About 15 bytes of JSON each: the page stays a few hundred kB however busy its window.
+BAND_CELLS = 20_000
 #: The most key lanes sent; past it, each task's least busy keys share one lane.
 KEY_LANES = 300
 
@@ -468,33 +472,47 @@ def condense(data: Timeline) -> Timeline:
 
     Past ``RUN_BUDGET`` runs or ``MARKER_BUDGET`` markers, runs become counts per lane, step and status (a
     density band; a run counts in every step it overlaps) and markers counts per key lane, step and kind;
-    zooming in asks for a shorter window, which is sent one by one again. (Past ``KEY_LANES`` key lanes, the
-    quietest keys of each task already share one: ``_fold_keys``.)
+    zooming in asks for a shorter window, which is sent one by one again. The steps start at ``BAND_STEPS``
+    across the window and are made longer, by powers of two, until the counts number at most ``BAND_CELLS``. (Past
+    ``KEY_LANES`` key lanes, the quietest keys of each task already share one: ``_fold_keys``.)
     """
     if len(data["runs"]) <= RUN_BUDGET and len(data["markers"]) <= MARKER_BUDGET:
         return data
     start, end, now = data["start"], data["end"], data["now"]
-    step = max(1, -(-(end - start) // BAND_STEPS))
     statuses: dict[str, int] = {}
-    cells: dict[str, dict[tuple[int, int, int], int]] = {"thread": {}, "key": {}}
-    for run in data["runs"]:
-        status = statuses.setdefault(run["status"], len(statuses))
-        began = max(start, run["start"] if run["start"] is not None else start)
-        ended = min(end, run["end"] if run["end"] is not None else now)
-        for number in range((began - start) // step, (max(began, ended) - start) // step + 1):
-            for mode, lane_number in (("thread", run["thread_lane"]), ("key", run["key_lane"])):
-                band = (lane_number, min(number, BAND_STEPS - 1), status)
-                cells[mode][band] = cells[mode].get(band, 0) + 1
     kinds: dict[str, int] = {}
-    marker_cells: dict[tuple[int, int, int], int] = {}
-    for marker in data["markers"]:
-        place = (marker["key_lane"], min(BAND_STEPS - 1, max(0, (marker["at"] - start) // step)),
-                 kinds.setdefault(marker["kind"], len(kinds)))
-        marker_cells[place] = marker_cells.get(place, 0) + 1
+    # Each run's first and last step and each marker's step, at the shortest step; a longer one is a multiple.
+    fine = max(1, -(-(end - start) // BAND_STEPS))
+    last = BAND_STEPS - 1
+    spans = [
+        (run["thread_lane"], run["key_lane"], statuses.setdefault(run["status"], len(statuses)),
+         min(last, (max(start, run["start"] if run["start"] is not None else start) - start) // fine),
+         min(last, (max(start, min(end, run["end"] if run["end"] is not None else now)) - start) // fine))
+        for run in data["runs"]
+    ]
+    fine_marks = Counter((marker["key_lane"], min(last, max(0, marker["at"] - start) // fine),
+                          kinds.setdefault(marker["kind"], len(kinds))) for marker in data["markers"])
+    times = 1
+    while True:
+        covered = [(thread_lane, key_lane, status, range(first // times, max(first, final) // times + 1))
+                   for thread_lane, key_lane, status, first, final in spans]
+        threads = Counter((lane, number, status) for lane, _, status, numbers in covered for number in numbers)
+        keys = Counter((lane, number, status) for _, lane, status, numbers in covered for number in numbers)
+        marks: Counter[tuple[int, int, int]] = Counter()
+        for (lane, number, kind), count in fine_marks.items():
+            marks[lane, number // times, kind] += count
+        cells = len(threads) + len(keys) + len(marks)
+        if cells <= BAND_CELLS or times >= BAND_STEPS:
+            break
+        # Steps longer by the next power of two that would fit if the counts shrank as the steps do: they shrink
+        # less (a lane's counts merge only where it was busy in neighbouring steps), hence the loop.
+        times <<= max(1, (-(-cells // BAND_CELLS) - 1).bit_length())
+    step = fine * times
     data["aggregated"], data["runs"], data["markers"], data["step_ms"] = True, [], [], step
-    data["bands"] = {mode: [[*cell, count] for cell, count in sorted(found.items())] for mode, found in cells.items()}
+    data["bands"] = {mode: [[*cell, count] for cell, count in sorted(found.items())]
+                     for mode, found in (("thread", threads), ("key", keys))}
     data["band_statuses"], data["band_kinds"] = list(statuses), list(kinds)
-    data["marker_bands"] = [[*cell, count] for cell, count in sorted(marker_cells.items())]
+    data["marker_bands"] = [[*cell, count] for cell, count in sorted(marks.items())]
     return data
 
 

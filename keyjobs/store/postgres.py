@@ -92,7 +92,11 @@ class PostgresStore(Store):
         return f"controlled AS (SELECT task_name, running_key FROM {table} WHERE paused OR until > now())"
 
     def one_of(self, column: str, values: Sequence[Any], *, negate: bool = False) -> tuple[str, list[Any]]:
-        # One array parameter, however many values: the statement's text stays the same, and short.
+        # One array parameter, however many values: the statement's text stays the same, and short. Whole
+        # numbers (ids) go as the array's text, which psycopg passes on as it is: as a list, it adapts each one
+        # in Python (40 ms for the 10,000 ids of a busy timeline).
+        if all(type(value) is int for value in values):
+            return f"{column} {'<> ALL' if negate else '= ANY'}(%s::bigint[])", [f"{{{','.join(map(str, values))}}}"]
         return f"{column} {'<> ALL' if negate else '= ANY'}(%s)", [list(values)]
 
     def checking_references_at_once(self) -> None:
