@@ -175,10 +175,10 @@ def _claim_next(
         return taken or None
     # No savepoint inside a caller's transaction (record_and_claim's): a failure undoes both.
     with transaction.atomic(using=using, savepoint=False):
-        candidates = store(using).claimable(claimer.queues, room)
-        # Asked only where there is work to take: an empty look (a poll) costs no second statement.
-        if not candidates or not store(using).may_claim(claimer.runner.pk):
-            return None  # nothing, or declared lost (or stopped): what it took now, no recovery would find
+        # Nothing, too, for a runner declared lost (or stopped): what it took now, no recovery would find.
+        candidates = store(using).claimable(claimer.queues, room, runner_id=claimer.runner.pk)
+        if not candidates:
+            return None
         head = candidates[0]
         try:
             spec = registry.get(head.task_name)

@@ -37,9 +37,10 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import connections, transaction
 from django.db.models import Case, Count, Exists, F, OuterRef, Q, Subquery, When
 from django.db.models.functions import Coalesce, Now
@@ -141,7 +142,7 @@ def _ms(later: datetime, earlier: datetime) -> int:
 
 
 def roll_up(*, using: str) -> int:
-    """Add what the history gained since the last round to the rollup; return how many rows it read.
+    """Add what the history gained since the last round to the rollup; return how many rows it went through.
 
     One runner at a time: the marks are locked (skipped if another runner holds them).
     """
@@ -153,36 +154,38 @@ def roll_up(*, using: str) -> int:
                 return read
             batch = Batch()
             now = time.time()
-            created = _read(marks["invocations"], Invocation.objects.using(using), _creations(using), now)
-            for row in created:
-                for tally in batch.tallies(row["task_name"], row["raw_key"], row["created_at"]):
+            created, seen = _read(marks["invocations"], Invocation.objects.using(using), _creations(using), now)
+            read += seen
+            for _, task_name, raw_key, created_at in created:
+                for tally in batch.tallies(task_name, raw_key, _moment(created_at)):
                     tally.counts["enqueued"] += 1
-            events = _read(marks["events"], Event.objects.using(using), _changes(using), now)
+            events, looked = _read(marks["events"], Event.objects.using(using), _changes(using), now)
+            read += looked
             for row in events:
                 _count(batch, row)
             _write(batch, using)
             for mark in marks.values():
                 mark.save(using=using)
-        read += len(created) + len(events)
-        if len(created) < BATCH and len(events) < BATCH:
+        if seen < BATCH and looked < BATCH:
             break
     return read
 
 
-def _count(batch: Batch, row: dict[str, Any]) -> None:
-    tallies = batch.tallies(row["task_name"], row["raw_key"], row["at"])
-    kind, came, went = row["kind"], row["from_status"], row["to_status"]
+def _count(batch: Batch, row: tuple[Any, ...]) -> None:
+    _, kind, came, went, at, task_name, raw_key, created_at, first_start, run_began = row
+    at = _moment(at)
+    tallies = batch.tallies(task_name, raw_key, at)
     name = _PER_KIND.get(kind)
     if kind == Event.Kind.TRANSITION:
         name = _PER_STATUS.get(went)
         if went == Status.RUNNING and came != Status.PAUSED:
             name = "started"
-            if row["first_start"]:
+            if first_start:
                 for tally in tallies:
-                    tally.wait(_ms(row["at"], row["created_at"]))
-        elif went in ENDS and came in RUN and row["run_began"] is not None:
+                    tally.wait(_ms(at, _moment(created_at)))
+        elif went in ENDS and came in RUN and run_began is not None:
             for tally in tallies:
-                tally.run(_ms(row["at"], row["run_began"]))
+                tally.run(_ms(at, _moment(run_began)))
         if went == Status.REROUTED and came == Status.REROUTED:
             name = None
     if name is not None:
@@ -190,10 +193,22 @@ def _count(batch: Batch, row: dict[str, Any]) -> None:
             tally.counts[name] += 1
 
 
+def _moment(value: datetime | str) -> datetime:
+    """Return a moment as the database driver hands it over, as a datetime: SQLite's are text (Django's converters,
+    which would make them aware one by one, are skipped; the minutes are made aware once each, ``_minute``)."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
 def _creations(using: str) -> Any:
     return (Invocation.objects.using(using)
             .annotate(raw_key=Coalesce("running_key", "registration_key"))
-            .values("id", "task_name", "raw_key", "created_at"))
+            .values_list("id", "task_name", "raw_key", "created_at"))
+
+
+#: The history rows that count (``_count``): the others (a claim's REGISTERED to PENDING, a wake-up's REROUTED to
+#: REGISTERED, ...) are never read, only their ids, to move the mark past them.
+COUNTED = (Q(kind__in=list(_PER_KIND))
+           | Q(kind=Event.Kind.TRANSITION, to_status__in=[Status.RUNNING, *_PER_STATUS]))
 
 
 def _changes(using: str) -> Any:
@@ -204,14 +219,14 @@ def _changes(using: str) -> Any:
     is_start = Q(kind=Event.Kind.TRANSITION, to_status=Status.RUNNING) & ~Q(from_status=Status.PAUSED)
     is_end = Q(kind=Event.Kind.TRANSITION, to_status__in=ENDS, from_status__in=RUN)
     # Each looked up only where it is needed (a CASE runs its subquery for the rows it applies to).
-    return history.annotate(
+    return history.filter(COUNTED).annotate(
         task_name=F("invocation__task_name"),
         raw_key=Coalesce("invocation__running_key", "invocation__registration_key"),
         created_at=F("invocation__created_at"),
         first_start=Case(When(is_start, then=~Exists(earlier_starts)), default=None),
         run_began=Case(When(is_end, then=Subquery(earlier_starts.order_by("-id").values("at")[:1])), default=None),
-    ).values("id", "kind", "from_status", "to_status", "at", "task_name", "raw_key", "created_at", "first_start",
-             "run_began")
+    ).values_list("id", "kind", "from_status", "to_status", "at", "task_name", "raw_key", "created_at",
+                  "first_start", "run_began")
 
 
 def _lock_marks(using: str) -> dict[str, RollupMark] | None:
@@ -227,20 +242,27 @@ def _lock_marks(using: str) -> dict[str, RollupMark] | None:
     return found if len(found) == 2 else None
 
 
-def _read(mark: RollupMark, table: Any, rows: Any, now: float) -> list[dict[str, Any]]:
-    """Return the rows past ``mark`` and those of its gaps now visible, in id order; move the mark past them.
+def _read(mark: RollupMark, table: Any, rows: Any, now: float) -> tuple[list[tuple[Any, ...]], int]:
+    """Return the rows of ``rows`` past ``mark`` and of its gaps now visible, in id order, and how many ids of
+    ``table`` it looked at; move the mark past them.
 
     The batch's ids are found first, on the primary key alone: asked for with its joins and lookups, the
-    planner may join and look up every row past the mark before it sorts and cuts the batch.
+    planner may join and look up every row past the mark before it sorts and cuts the batch. The rows are read
+    as the driver hands them over (``values_list`` without Django's converters: ``_moment``).
     """
     gaps = {int(pk): since for pk, since in mark.gaps.items()}
     ids = list(table.filter(Q(id__gt=mark.last_id) | Q(id__in=list(gaps))).order_by("id")
                .values_list("id", flat=True)[:BATCH])
-    found = []
+    found: list[tuple[Any, ...]] = []
     if ids:
-        found = list(rows.filter(Q(id__gt=mark.last_id, id__lte=ids[-1])
-                                 | Q(id__in=[pk for pk in ids if pk <= mark.last_id])).order_by("id"))
-    seen = {row["id"] for row in found}
+        query = rows.filter(Q(id__gt=mark.last_id, id__lte=ids[-1])
+                            | Q(id__in=[pk for pk in ids if pk <= mark.last_id])).order_by("id")
+        sql, params = query.query.sql_with_params()
+        with connections[query.db].cursor() as cursor:
+            cursor.execute(sql, params)
+            found = cursor.fetchall()
+    # Seen: every id found, counted or not (a row committed between the two statements is read, not a gap).
+    seen = {*ids, *(row[0] for row in found)}
     top = max(seen, default=mark.last_id)
     for pk in seen:
         gaps.pop(pk, None)
@@ -254,14 +276,20 @@ def _read(mark: RollupMark, table: Any, rows: Any, now: float) -> list[dict[str,
     kept = sorted(((pk, since) for pk, since in gaps.items() if now - since < GRACE), key=lambda gap: -gap[1])
     mark.gaps = {str(pk): since for pk, since in kept[:MAX_GAPS]}
     mark.last_id = max(top, mark.last_id)
-    return found
+    return found, len(ids)
+
+
+def _minute(minute: datetime) -> datetime:
+    """Return a minute read from SQLite's text (naive, and UTC where Django stores moments in UTC) as Django would."""
+    return minute.replace(tzinfo=UTC) if minute.tzinfo is None and settings.USE_TZ else minute
 
 
 def _write(batch: Batch, using: str) -> None:
     _upsert(TaskMinute, ("task_name", "minute"),
-            [((task_name, minute), tally) for (task_name, minute), tally in batch.tasks.items()], using)
+            [((task_name, _minute(minute)), tally) for (task_name, minute), tally in batch.tasks.items()], using)
     _upsert(KeyMinute, ("task_name", "key", "minute"),
-            [((task_name, key, minute), tally) for (task_name, key, minute), tally in batch.keys.items()], using)
+            [((task_name, key, _minute(minute)), tally) for (task_name, key, minute), tally in batch.keys.items()],
+            using)
     _upsert(TaskTotal, ("task_name",), [((task_name,), tally) for task_name, tally in batch.totals.items()], using)
 
 

@@ -30,7 +30,7 @@ def test_invocations_read_by_the_statements_equal_the_orms():
     runner = RunnerFactory()
     InvocationFactory(args=[1, "é", {"nested": [None, 2.5]}], kwargs={"b": True}, running_key="k",
                       run_after=timezone.now() - timedelta(seconds=1), runner=runner, runner_thread=3)
-    read = store("default").claimable(None, 1)
+    read = store("default").claimable(None, 1, runner_id=runner.pk)
     assert [fields(inv) for inv in read] == [fields(inv) for inv in Invocation.objects.all()]
 
 

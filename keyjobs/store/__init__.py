@@ -1,9 +1,10 @@
 """The store: the engine's database access, behind one interface, with PostgreSQL's version beside the portable one.
 
 ``store(using)`` is the one place that chooses: ``portable.Store`` (plain SQL
-every database Django supports takes, through Django's cursor) or
-``postgres.PostgresStore`` (the same, plus whole steps in one statement,
-LISTEN/NOTIFY and a one-statement insert). Code outside this package asks the
+every database Django supports takes, through Django's cursor),
+``sqlite.SQLiteStore`` (the same, converting each statement's placeholders
+once) or ``postgres.PostgresStore`` (the same, plus whole steps in one
+statement, LISTEN/NOTIFY and a one-statement insert). Code outside this package asks the
 store what it can do (``store.steps``, ``store.notifies``) and never checks
 the database's vendor. The store depends on the models and the lifecycle
 only, never on the orchestration that calls it.
@@ -13,6 +14,7 @@ from django.db import connections
 
 from .interface import Claimed, KeyAhead, LockedRow, Recorded, Steps, WaitingRow, Woken
 from .portable import Store
+from .sqlite import SQLiteStore
 
 __all__ = ["Claimed", "KeyAhead", "LockedRow", "Recorded", "Steps", "Store", "WaitingRow", "Woken", "store"]
 
@@ -26,6 +28,8 @@ def store(using: str) -> Store:
             from .postgres import PostgresStore
 
             built = PostgresStore(connection)
+        elif connection.vendor == "sqlite":
+            built = SQLiteStore(connection)
         else:
             built = Store(connection)
         connection._keyjobs_store = built  # type: ignore[attr-defined]

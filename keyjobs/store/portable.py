@@ -139,6 +139,8 @@ class Store:
         self._controlled = self.control_in_force(f"{self.invocations}.{quote('task_name')}",
                                                  f"{self.invocations}.{quote('running_key')}")
         self._key_control: str | None = None
+        #: ``ahead``'s renderings, per shape of place (a few: the queue's and the key's orders, by who asks).
+        self._ahead: dict[tuple[Any, ...], tuple[str, list[int]]] = {}
 
     def order(self, order: Sequence[tuple[str, str]], table: str | None = None) -> str:
         """Return an ORDER BY list of ``order``'s columns, of ``table`` if given."""
@@ -239,8 +241,9 @@ class Store:
         """Return whether runner ``runner_id`` may take work (``may_claim_sql``); call it in the claim's transaction."""
         return bool(self._rows(f"SELECT {self.may_claim_sql()}", [runner_id])[0][0])
 
-    def claimable(self, queues: Sequence[str] | None, limit: int) -> list[Invocation]:
-        """Lock (skipping locked ones) and return the first ``limit`` claimable invocations, in claim order.
+    def claimable(self, queues: Sequence[str] | None, limit: int, *, runner_id: int) -> list[Invocation]:
+        """Lock (skipping locked ones) and return the first ``limit`` claimable invocations, in claim order, if runner
+        ``runner_id`` may take work (``may_claim_sql``, in the same statement); none if it may not.
 
         Registered and due, by priority, then by when each entered the queue
         (``registered_at``), not by id: the next invocation of a key that has
@@ -251,7 +254,8 @@ class Store:
         Each is marked ``controlled`` if an operator's control is in force on
         its key (``KeyControl``), read in the same statement.
         """
-        rows = self._rows(*self.claimable_sql(f"{self.columns}, {self._controlled}", queues, limit))
+        rows = self._rows(*self.claimable_sql(f"{self.columns}, {self._controlled}", queues, limit,
+                                              condition=(self.may_claim_sql(), [runner_id])))
         found = self._invocations(row[:-1] for row in rows)
         for invocation, row in zip(found, rows, strict=True):
             invocation.controlled = bool(row[-1])
@@ -309,7 +313,7 @@ class Store:
             ahead = self.ahead(QUEUE_ORDER, [
                 *(Expression(f"(SELECT {q(column)} FROM {self.invocations} WHERE {q('id')} = %s)", (ahead_of,))
                   for column, _ in QUEUE_ORDER[:-1]), ahead_of])
-        return bool(self._rows(*self.claimable_sql("1", queues, 1, lock=False, ordered=False, ahead=ahead)))
+        return bool(self._rows(*self.claimable_sql("1", queues, 1, lock=False, ordered=False, condition=ahead)))
 
     def ahead(
         self, order: Sequence[tuple[str, str]], place: Sequence[Any], *, behind: bool = False
@@ -321,31 +325,52 @@ class Store:
         first columns; given fewer than all, it is the place after every row
         equal to it in those (where a row not yet inserted goes, its id the
         largest). Here, nested comparisons (each value read more than once);
-        a store may render it as one row comparison instead.
+        a store may render it as one row comparison instead. Rendered once
+        per shape of ``place``: its parameters are then laid out by number.
         """
-        condition, params = "", []
-        for number, ((column, direction), value) in reversed(list(enumerate(zip(order[:len(place)], place, strict=True)))):
-            sql, value_params = (value.sql, list(value.params)) if isinstance(value, Expression) else ("%s", [value])
+        shape = (tuple(order), tuple(value.sql if isinstance(value, Expression) else None for value in place), behind)
+        rendered = self._ahead.get(shape)
+        if rendered is None:
+            if len(self._ahead) >= EXPRESSIONS_KEPT:
+                self._ahead.clear()
+            rendered = self._ahead[shape] = self._render_ahead(order, [
+                value.sql if isinstance(value, Expression) else "%s" for value in place], behind)
+        condition, numbers = rendered
+        params: list[Any] = []
+        for number in numbers:
+            value = place[number]
+            if isinstance(value, Expression):
+                params += value.params
+            else:
+                params.append(value)
+        return condition, params
+
+    def _render_ahead(self, order: Sequence[tuple[str, str]], sqls: list[str], behind: bool) -> tuple[str, list[int]]:
+        """Return ``ahead``'s condition for a place whose values are ``sqls``, and which value each of its
+        parameters comes from, in order."""
+        condition, numbers = "", []
+        for number, ((column, direction), sql) in reversed(list(enumerate(zip(order[:len(sqls)], sqls, strict=True)))):
             after = (direction == " DESC") != behind
-            strict = behind or len(place) == len(order) or number < len(place) - 1
+            strict = behind or len(sqls) == len(order) or number < len(sqls) - 1
             operator = (">" if after else "<") + ("" if strict else "=")
             column = self.order_column(column)
             if not condition:
-                condition, params = f"{column} {operator} {sql}", value_params
+                condition, numbers = f"{column} {operator} {sql}", [number]
             else:
                 condition = f"({column} {operator} {sql} OR {column} = {sql} AND {condition})"
-                params = [*value_params, *value_params, *params]
-        return condition, params
+                numbers = [number, number, *numbers]
+        return condition, numbers
 
     def claimable_sql(
         self, columns: str, queues: Sequence[str] | None, limit: int, *, lock: bool = True, ordered: bool = True,
-        ahead: tuple[str, list[Any]] | None = None,
+        condition: tuple[str, list[Any]] | None = None,
     ) -> tuple[str, list[Any]]:
-        """Return the claim's query (see ``claimable``), the one the tests EXPLAIN; ``ahead``: a further condition."""
+        """Return the claim's query (see ``claimable``), the one the tests EXPLAIN; ``condition``: a further one, and
+        its parameters."""
         where, params = f"{self.is_registered} AND {self.due}", []
-        if ahead is not None:
-            where += f" AND {ahead[0]}"
-            params += ahead[1]
+        if condition is not None:
+            where += f" AND {condition[0]}"
+            params += condition[1]
         if queues:
             # A list, not an array: PostgreSQL reads keyjobs_claim_by_queue in order only for `queue IN (...)`.
             where += f" AND {self.quote('queue')} IN ({', '.join(['%s'] * len(queues))})"

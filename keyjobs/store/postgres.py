@@ -201,7 +201,7 @@ class PostgresStore(Store):
             if STAMPS[Status.REGISTERED] not in woken.values:
                 ahead = self.ahead(QUEUE_ORDER, [Expression(f"first.{column}") for column, _ in QUEUE_ORDER])
             claimable_ahead = p.part("ahead", *self.claimable_sql("1", queues, 1, lock=False, ordered=False,
-                                                                 ahead=ahead))
+                                                                 condition=ahead))
             # Never to a runner declared lost (``may_claim_sql``): a recovery would not find it.
             hand = (f"first.place = 1 AND NOT EXISTS ({claimable_ahead}) "
                     f"AND {p('owner', handed.values['runner_id']).join(self.may_claim_sql().split('%s'))}")
