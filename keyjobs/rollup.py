@@ -34,6 +34,7 @@ What is counted, by the minute of the history row (the database's clock):
 """
 
 import time
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -83,11 +84,9 @@ _PER_KIND = {Event.Kind.REUSED: "merged", Event.Kind.DEBOUNCED: "merged", Event.
 
 
 def bucket(ms: float) -> int:
-    """Return the index of the histogram bucket of ``ms`` milliseconds (``BUCKETS_MS``, then the rest)."""
-    for index, bound in enumerate(BUCKETS_MS):
-        if ms <= bound:
-            return index
-    return len(BUCKETS_MS)
+    """Return the index of the histogram bucket of ``ms`` milliseconds (``BUCKETS_MS``, then the rest): the first
+    whose bound is at least ``ms``."""
+    return bisect_left(BUCKETS_MS, ms)
 
 
 @dataclass

@@ -164,3 +164,10 @@ def test_an_event_committed_after_a_later_one_is_counted_when_it_shows() -> None
     rollup.roll_up(using="default")
     assert (total("tests.jobs.add").parked, total("tests.jobs.add").dropped) == (1, 1)
     assert str(slow[0]) not in RollupMark.objects.get(name="events").gaps
+
+
+def test_a_duration_falls_in_the_first_bucket_whose_bound_holds_it() -> None:
+    from keyjobs.models import BUCKETS_MS
+
+    assert [rollup.bucket(ms) for ms in (0, 5, 6, 10, 899_999, 900_000, 900_001)] == [0, 0, 1, 1, 14, 14, 15]
+    assert len(BUCKETS_MS) == 15
