@@ -332,7 +332,7 @@ def _take(
 
 def wake_next(
     task_name: str, running_key: str | None, *, using: str, runner: Runner | None = None,
-    claimer: Claimer | None = None,
+    claimer: Claimer | None = None, take: bool = False,
 ) -> Woken:
     """Give the slots a key has free to its next invocations, in key order.
 
@@ -350,7 +350,10 @@ def wake_next(
     the whole wake-up is one statement, for any limit, for a policy in
     ``admission.FAST_PATH``; a hand-off there may lose a race for its slot to
     another runner's claim (an IntegrityError that undoes the transaction:
-    the caller records again without a claimer, ``execute._record``).
+    the caller records again without a claimer, ``execute._record``). There,
+    with ``take``, a claimer handed nothing is given the queue's next
+    invocation in the same statement, as a record-and-claim gives it
+    (``handed``, RUNNING): the thread that freed a key claims no more apart.
     Call it in the transaction that frees a slot of the key.
     """
     if running_key is None:
@@ -360,14 +363,18 @@ def wake_next(
     woken_change = change(Status.REGISTERED, runner_id=runner.pk if runner is not None else None, note=WOKEN,
                           keep_place=not policy.round_robin)
     if db.steps is not None and admission.in_fast_path(policy):
+        fast_tasks = registry.fast_tasks() if take and claimer is not None else []
         done = db.steps.wake_next(
             task_name, running_key, woken=woken_change,
             handed=claimer.claim(via=(Status.REGISTERED,)) if claimer is not None else None,
             queues=claimer.queues if claimer is not None else None,
+            fast_tasks=fast_tasks, claim=claimer.claim() if claimer is not None and fast_tasks else None,
         )
         if done.handed is not None and claimer is not None:
             done.handed.runner = claimer.runner
         if done.controlled:  # an operator's control on the key, which the statement leaves alone: decided here
+            if done.handed is not None:  # what the statement claimed instead: the thread has its next already
+                return Woken(done.handed, _wake(task_name, running_key, policy, woken_change, None, using).woken)
             return _wake(task_name, running_key, policy, woken_change, claimer, using)
         if not done.missed:
             return done

@@ -102,13 +102,15 @@ class Steps(Protocol):
 
     def wake_next(
         self, task_name: str, running_key: str, *, woken: Change, handed: Change | None,
-        queues: Sequence[str] | None,
+        queues: Sequence[str] | None, fast_tasks: Sequence[str] = (), claim: Change | None = None,
     ) -> Woken:
         """Wake the parked invocations among a key's next ones, one for each free slot (see ``claim.wake_next``).
 
         The key's limit is the one its next invocation stored. With
         ``handed``, the first goes to the freeing thread instead if it is
-        parked and nothing claimable in ``queues`` is ahead of it. A key with
+        parked and nothing claimable in ``queues`` is ahead of it; with
+        ``claim`` too, a thread handed nothing claims the queue's next with it
+        instead, as ``record_and_claim`` does (``Woken.handed``). A key with
         an operator's control in force is left alone (``Woken.controlled``):
         the general path decides it.
         """

@@ -6,13 +6,14 @@ store it extends, never on the orchestration that calls it.
 """
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import psycopg
 from django.db import connections, transaction
-from django.db.backends.postgresql.base import ServerBindingCursor
+from django.db.backends.postgresql.base import CursorMixin
 
 from .. import faults
 from ..conf import conf
@@ -26,9 +27,63 @@ logger = logging.getLogger(__name__)
 #: Runs of one statement on a connection after which psycopg prepares it (psycopg's own default).
 PREPARE_THRESHOLD = 5
 
-#: The longest statement whose parsing psycopg caches (``psycopg._queries.MAX_CACHED_STATEMENT_LENGTH``): a longer
-#: one is parsed again on every run, about 0.1 ms for a claim. The steps' statements stay within it (a test checks).
-PARSE_CACHED_BYTES = 4096
+#: Statement texts whose conversion to PostgreSQL's own placeholders is kept (``NativeCursor``); past it, all are
+#: forgotten at once. A few dozen shapes are expected.
+CONVERSIONS_KEPT = 1000
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%s|%%")
+_converted: dict[str, tuple[str, list[str] | None]] = {}
+
+
+def native(query: str) -> tuple[str, list[str] | None]:
+    """Return ``query`` with PostgreSQL's own placeholders (``$1``...) for psycopg's (``%s`` or ``%(name)s``), and
+    the name of each, in order, if they are named (a name used twice is one placeholder); kept per text."""
+    found = _converted.get(query)
+    if found is None:
+        names: list[str] = []
+        positional = 0
+
+        def placeholder(match: re.Match[str]) -> str:
+            nonlocal positional
+            if match.group(0) == "%%":
+                return "%"
+            if match.group(1) is None:
+                positional += 1
+                return f"${positional}"
+            if match.group(1) not in names:
+                names.append(match.group(1))
+            return f"${names.index(match.group(1)) + 1}"
+
+        text = _PLACEHOLDER.sub(placeholder, query)
+        if names and positional:
+            raise ValueError("a statement mixes named and positional placeholders")
+        if len(_converted) >= CONVERSIONS_KEPT:
+            _converted.clear()
+        found = _converted[query] = (text, names if names else None)
+    return found
+
+
+class NativeCursor(CursorMixin, psycopg.RawCursor):  # type: ignore[misc]
+    """A cursor that binds on the server and hands PostgreSQL its own placeholders, converted once per text.
+
+    psycopg parses a statement's ``%(name)s`` placeholders on every run of
+    a text longer than 4 kB (``psycopg._queries.MAX_CACHED_STATEMENT_LENGTH``):
+    0.1 ms for a step of 6 kB, the wake-up that claims the thread's next. The
+    store's statements are few and run thousands of times a second: their
+    conversion is kept here instead, whatever their length. Django's cursor
+    wrapper sits above it, so execute wrappers see the statement as written.
+    """
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        if params is None or not isinstance(query, str):
+            return super().execute(query, params, **kwargs)
+        text, names = native(query)
+        return super().execute(text, [params[name] for name in names] if names else params, **kwargs)
+
+    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:
+        text, names = native(query)
+        if names:
+            params_seq = [[params[name] for name in names] for params in params_seq]
+        return super().executemany(text, params_seq, **kwargs)
 
 #: The LISTEN/NOTIFY channel; the payload is the queue name.
 CHANNEL = "keyjobs"
@@ -55,7 +110,7 @@ class PostgresStore(Store):
 
     def order_column(self, column: str) -> str:
         # Unquoted (the orders' columns are all lower case): the orders are written many times in the
-        # wake-up and the claim, whose texts stay within psycopg's parse cache (PARSE_CACHED_BYTES).
+        # wake-up and the claim.
         return column
 
     def ahead(
@@ -121,7 +176,7 @@ class PostgresStore(Store):
         if conf.PREPARE_STATEMENTS and raw.prepare_threshold is None:
             raw.prepare_threshold = PREPARE_THRESHOLD
         # django-stubs types these for Django's own cursor wrapper only; psycopg's cursor is what Django wraps.
-        cursor = ServerBindingCursor(raw)  # type: ignore[call-arg]
+        cursor = NativeCursor(raw)
         if connection.queries_logged:
             return connection.make_debug_cursor(cursor)  # type: ignore[arg-type]
         return connection.make_cursor(cursor)  # type: ignore[arg-type]
@@ -187,7 +242,7 @@ class PostgresStore(Store):
 
     def wake_next(
         self, task_name: str, running_key: str, *, woken: Change, handed: Change | None,
-        queues: Sequence[str] | None,
+        queues: Sequence[str] | None, fast_tasks: Sequence[str] = (), claim: Change | None = None,
     ) -> Woken:
         q, inv = self.quote, self.invocations
         p = Named()
@@ -248,10 +303,16 @@ class PostgresStore(Store):
             f"{handed_events}, {woken_events}, "
             f"notified AS (SELECT pg_notify({p('channel', CHANNEL)}, woken.queue) FROM woken WHERE {notify})"
         )
+        picked = "handed"
+        if handed is not None and claim is not None and fast_tasks:
+            # Nothing handed over: the thread's next claim from the queue, in this same statement.
+            sql_text += ", " + self._claim(p, queues, 1, fast_tasks=fast_tasks, claim=claim, controls=False,
+                                           only_if="NOT EXISTS (SELECT 1 FROM handed)", after="woken_recorded")
+            picked = "(SELECT * FROM handed UNION ALL SELECT * FROM taken)"
         # Rows another waker of the key took first (it woke them): the caller looks again.
         sql_text += (" SELECT (SELECT count(*) FROM notified), (SELECT array_agg(id ORDER BY id) FROM woken), "
                      "(SELECT count(*) FROM going_on) - (SELECT count(*) FROM handed) - (SELECT count(*) FROM woken), "
-                     f"{controlled}, handed.* FROM (SELECT 1) AS one LEFT JOIN handed ON true")
+                     f"{controlled}, picked.* FROM (SELECT 1) AS one LEFT JOIN {picked} AS picked ON true")
         with self.cursor() as cursor:
             cursor.execute(sql_text, p.values)
             row = cursor.fetchone()
@@ -367,13 +428,13 @@ class PostgresStore(Store):
 
     def _claim(
         self, p: "Named", queues: Sequence[str] | None, limit: int, *, fast_tasks: Sequence[str], claim: Change,
-        only_if: str = "TRUE", after: str = "",
+        only_if: str = "TRUE", after: str = "", controls: bool = True,
     ) -> str:
         """The CTEs ``controlled`` (the keys under an operator's control), ``candidates``, ``judged``, ``stopped``
         (where the claim stopped, if it did), ``taken`` and their history; parameters in ``p``.
 
         ``after`` names a CTE whose rows the history must follow. Nothing is taken for a runner that may not
-        claim (``may_claim_sql``).
+        claim (``may_claim_sql``). Without ``controls``, the statement has ``controlled`` already.
         """
         q, inv = self.quote, self.invocations
         candidates = p.part("candidate", *self.claimable_sql(
@@ -392,7 +453,7 @@ class PostgresStore(Store):
                                                           order=self._queue_order("taken")))
         may_claim = p("runner", claim.values["runner_id"]).join(self.may_claim_sql().split("%s"))
         return (
-            f"candidates AS ({candidates}), {self._controls()}, "
+            f"candidates AS ({candidates}), {self._controls() + ', ' if controls else ''}"
             # admission.FAST_PATH: a task whose policy this statement implements, and no key, or a key
             # with a slot left once the work due ahead of it takes the first free ones: admission.admit()'s
             # rule and its slot (free.slot), for the first candidate of a key only (two would pick the same
