@@ -62,7 +62,7 @@ def native(query: str) -> tuple[str, list[str] | None]:
     return found
 
 
-class NativeCursor(CursorMixin, psycopg.RawCursor):  # type: ignore[misc]
+class NativeCursor(CursorMixin, psycopg.RawCursor):
     """A cursor that binds on the server and hands PostgreSQL its own placeholders, converted once per text.
 
     psycopg parses a statement's ``%(name)s`` placeholders on every run of
