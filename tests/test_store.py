@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 from django.db import connection, transaction
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from keyjobs import Status
@@ -302,3 +303,22 @@ def test_the_owners_of_a_key_are_read_through_their_partial_index_whatever_its_b
         plan = "\n".join(str(row[-1]) for row in cursor.fetchall())
     assert "keyjobs_one_owner_per_running_key" in plan and "keyjobs_by_key" not in plan, plan
     assert store("default").key_slots(first.task_name, first.running_key) == ({0}, None)
+
+
+@postgres_only
+def test_a_thread_that_frees_a_key_with_nothing_to_hand_over_takes_the_queues_next_in_the_wake_up():
+    """On PostgreSQL the wake-up claims the freeing thread's next (as a record-and-claim does for keyless work): no
+    claim of its own follows each freed key."""
+    from keyjobs.execute import execute
+
+    runner = RunnerFactory()
+    keyed = jobs.keyed.delay("acme", "a")
+    plain = jobs.add.delay(1)
+    (first,) = claim(runner, using="default", queues=None, start=True, thread=0)
+    assert first.pk == keyed.pk
+    handed: list[Invocation] = []
+    with CaptureQueriesContext(connection) as statements:
+        execute(first, runner, using="default", thread=0, claimer=Claimer(runner, 0, None), handed=handed)
+    assert [invocation.pk for invocation in handed] == [plain.pk]
+    assert Invocation.objects.get(pk=plain.pk).status == Status.RUNNING
+    assert not [query for query in statements.captured_queries if query["sql"].startswith("WITH candidates")]
