@@ -61,7 +61,7 @@ from .models import (
     TaskTotal,
 )
 from .status import OWNED, WAITING, Status
-from .store import store
+from .store import raw_rows, store
 
 #: Seconds an id below the mark that is not visible yet is looked for again (a transaction still open).
 GRACE = 120.0
@@ -256,10 +256,7 @@ def _read(mark: RollupMark, table: Any, rows: Any, now: float) -> tuple[list[tup
     if ids:
         query = rows.filter(Q(id__gt=mark.last_id, id__lte=ids[-1])
                             | Q(id__in=[pk for pk in ids if pk <= mark.last_id])).order_by("id")
-        sql, params = query.query.sql_with_params()
-        with connections[query.db].cursor() as cursor:
-            cursor.execute(sql, params)
-            found = cursor.fetchall()
+        found = raw_rows(query)
     # Seen: every id found, counted or not (a row committed between the two statements is read, not a gap).
     seen = {*ids, *(row[0] for row in found)}
     top = max(seen, default=mark.last_id)

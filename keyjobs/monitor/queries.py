@@ -40,7 +40,7 @@ from ..models import (
     TaskTotal,
 )
 from ..status import HANDED, OWNED, WAITING, Status
-from ..store import store
+from ..store import raw_rows, store
 from .display import epoch_ms, natural, runner_label, short_task
 
 #: The timeline reads at most this many events (20,000 invocations of five history rows each, counted per step
@@ -264,7 +264,7 @@ def timeline(
         invocations = invocations.filter(task_name=task)
     if key:
         invocations = invocations.filter(Q(running_key=key) | Q(registration_key=key))
-    rows = _fetch(timeline_events(window, task=task, key=key, using=using)[: limit + 1], using)
+    rows = raw_rows(timeline_events(window, task=task, key=key, using=using)[: limit + 1])
     truncated = len(rows) > limit
     if truncated:
         rows.pop()
@@ -517,21 +517,6 @@ def condense(data: Timeline) -> Timeline:
 
 
 Lane = TypeVar("Lane", ThreadLane, KeyLane)
-
-
-def _fetch(queryset: QuerySet[Any], using: str) -> list[tuple[Any, ...]]:
-    """Return the rows of a ``values_list()`` queryset as the database driver hands them over.
-
-    The timeline's event query returns tens of thousands of rows; on SQLite,
-    Django's per-value converters cost more than running the query, so that
-    one query is read from a cursor and its one datetime column made aware by
-    the caller.
-    """
-    sql, params = queryset.query.sql_with_params()
-    with connections[using].cursor() as cursor:
-        cursor.execute(sql, params)
-        rows: list[tuple[Any, ...]] = cursor.fetchall()
-    return rows
 
 
 def _reorder(items: list[Any], field: str, lanes: list[Lane], order: Callable[[Lane], Any]) -> list[Lane]:

@@ -10,13 +10,16 @@ the database's vendor. The store depends on the models and the lifecycle
 only, never on the orchestration that calls it.
 """
 
+from typing import Any
+
 from django.db import connections
+from django.db.models import QuerySet
 
 from .interface import Claimed, KeyAhead, LockedRow, Recorded, Steps, WaitingRow, Woken
 from .portable import Store
 from .sqlite import SQLiteStore
 
-__all__ = ["Claimed", "KeyAhead", "LockedRow", "Recorded", "Steps", "Store", "WaitingRow", "Woken", "store"]
+__all__ = ["Claimed", "KeyAhead", "LockedRow", "Recorded", "Steps", "Store", "WaitingRow", "Woken", "raw_rows", "store"]
 
 
 def store(using: str) -> Store:
@@ -34,3 +37,17 @@ def store(using: str) -> Store:
             built = Store(connection)
         connection._keyjobs_store = built  # type: ignore[attr-defined]
     return built
+
+
+def raw_rows(queryset: "QuerySet[Any]") -> list[tuple[Any, ...]]:
+    """Return the rows of a ``values_list()`` queryset as the database driver hands them over.
+
+    For the reads of tens of thousands of rows (the timeline's events, the rollup's history): Django's
+    per-value converters cost more than the query there. The caller reads the moments as the driver gives them
+    (text on SQLite, ``datetime`` on PostgreSQL).
+    """
+    sql, params = queryset.query.sql_with_params()
+    with connections[queryset.db].cursor() as cursor:
+        cursor.execute(sql, params)
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+    return rows
