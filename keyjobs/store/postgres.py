@@ -5,6 +5,7 @@ PostgreSQL database; it depends on the models, the lifecycle and the portable
 store it extends, never on the orchestration that calls it.
 """
 
+import functools
 import logging
 import re
 import threading
@@ -27,39 +28,34 @@ logger = logging.getLogger(__name__)
 #: Runs of one statement on a connection after which psycopg prepares it (psycopg's own default).
 PREPARE_THRESHOLD = 5
 
-#: Statement texts whose conversion to PostgreSQL's own placeholders is kept (``NativeCursor``); past it, all are
-#: forgotten at once. A few dozen shapes are expected.
+#: Statement texts whose conversion to PostgreSQL's own placeholders is kept (``NativeCursor``): a few dozen
+#: shapes are expected.
 CONVERSIONS_KEPT = 1000
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%s|%%")
-_converted: dict[str, tuple[str, list[str] | None]] = {}
 
 
-def native(query: str) -> tuple[str, list[str] | None]:
+@functools.lru_cache(maxsize=CONVERSIONS_KEPT)
+def native(query: str) -> tuple[str, tuple[str, ...]]:
     """Return ``query`` with PostgreSQL's own placeholders (``$1``...) for psycopg's (``%s`` or ``%(name)s``), and
     the name of each, in order, if they are named (a name used twice is one placeholder); kept per text."""
-    found = _converted.get(query)
-    if found is None:
-        names: list[str] = []
-        positional = 0
+    names: list[str] = []
+    positional = 0
 
-        def placeholder(match: re.Match[str]) -> str:
-            nonlocal positional
-            if match.group(0) == "%%":
-                return "%"
-            if match.group(1) is None:
-                positional += 1
-                return f"${positional}"
-            if match.group(1) not in names:
-                names.append(match.group(1))
-            return f"${names.index(match.group(1)) + 1}"
+    def placeholder(match: re.Match[str]) -> str:
+        nonlocal positional
+        if match.group(0) == "%%":
+            return "%"
+        if match.group(1) is None:
+            positional += 1
+            return f"${positional}"
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
 
-        text = _PLACEHOLDER.sub(placeholder, query)
-        if names and positional:
-            raise ValueError("a statement mixes named and positional placeholders")
-        if len(_converted) >= CONVERSIONS_KEPT:
-            _converted.clear()
-        found = _converted[query] = (text, names if names else None)
-    return found
+    text = _PLACEHOLDER.sub(placeholder, query)
+    if names and positional:
+        raise ValueError("a statement mixes named and positional placeholders")
+    return text, tuple(names)
 
 
 class NativeCursor(CursorMixin, psycopg.RawCursor):
