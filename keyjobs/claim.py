@@ -332,7 +332,7 @@ def _take(
 
 def wake_next(
     task_name: str, running_key: str | None, *, using: str, runner: Runner | None = None,
-    claimer: Claimer | None = None, take: bool = False,
+    claimer: Claimer | None = None,
 ) -> Woken:
     """Give the slots a key has free to its next invocations, in key order.
 
@@ -351,9 +351,9 @@ def wake_next(
     ``admission.FAST_PATH``; a hand-off there may lose a race for its slot to
     another runner's claim (an IntegrityError that undoes the transaction:
     the caller records again without a claimer, ``execute._record``). There,
-    with ``take``, a claimer handed nothing is given the queue's next
-    invocation in the same statement, as a record-and-claim gives it
-    (``handed``, RUNNING): the thread that freed a key claims no more apart.
+    a claimer handed nothing is given the queue's next invocation in the
+    same statement, as a record-and-claim gives it (``handed``, RUNNING):
+    the thread that freed a key claims no more apart.
     Call it in the transaction that frees a slot of the key.
     """
     if running_key is None:
@@ -363,7 +363,7 @@ def wake_next(
     woken_change = change(Status.REGISTERED, runner_id=runner.pk if runner is not None else None, note=WOKEN,
                           keep_place=not policy.round_robin)
     if db.steps is not None and admission.in_fast_path(policy):
-        fast_tasks = registry.fast_tasks() if take and claimer is not None else []
+        fast_tasks = registry.fast_tasks() if claimer is not None else []
         done = db.steps.wake_next(
             task_name, running_key, woken=woken_change,
             handed=claimer.claim(via=(Status.REGISTERED,)) if claimer is not None else None,

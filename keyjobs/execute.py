@@ -344,7 +344,7 @@ def _record_once(
             # Only the run that moved the invocation fires: a retried recording finds it moved already.
             firing.fire(invocation, outcome.status, outcome.written(), using=using)
             handed = wake_next(invocation.task_name, invocation.running_key, using=using,
-                               runner=runner, claimer=claimer, take=True).handed
+                               runner=runner, claimer=claimer).handed
     return moved, outcome, handed
 
 
